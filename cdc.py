@@ -1,0 +1,609 @@
+"""
+CDC-FM: Stochastic Interpolants via Conditional Dependent Coupling, in one file.
+
+Read it beside the paper (equation numbers in brackets). Code order follows the paper:
+
+    1. Operators            §3.1        D (2x2 block average), U (replication), the pyramid x1^(k)
+    2. Stages and time      §3.2        sigma_k (eq. 20), t -> (stage, tau) (eq. 12), interpolants (Table 5)
+    3. Coupling             eq. 8-11    x0^(1) ~ N(0, s^2 I);  x0^(k) = U(D(x1^(k))) + sigma_k zeta
+    4. Model                App. F      one DiT for every stage, resolution embedding fused by eqs. 41-44
+    5. Loss                 eq. 13, 75  MSE form, class dropout, one training step over all stages (Alg. 1/3)
+    6. Samplers             Alg. 2, 4   Euler / Heun per stage, CFG, and the SDE of App. D (eq. 34)
+
+Conventions. Images are NCHW tensors. Stages are indexed from 0 in code (`stage = k - 1`), so stage 0
+is the paper's k = 1 (noise-to-image) and stage K-1 is the full resolution. A "velocity field" is any
+callable field(x, tau, stage) -> b with x at that stage's resolution and tau a (N,) tensor in [0, 1].
+"""
+
+import math
+from dataclasses import dataclass, asdict
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ------------------------------------------------------------------------------------------------
+#                                   1. Operators (§3.1)
+# ------------------------------------------------------------------------------------------------
+
+def down(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
+    """D applied `levels` times: average over (2^levels x 2^levels) blocks. down(x, K-k) is D_{K->k}.
+
+    One average pool of side 2^L is exactly L nested 2x2 averages (a mean of equal-size means), which
+    is the transitivity D_{k+1->k-1} = D_k o D_{k+1} of §3.1; doing it in one pass is cheaper.
+    """
+    if levels == 0:
+        return x
+    f = 2 ** levels
+    if x.shape[-1] % f or x.shape[-2] % f:
+        raise ValueError(f"cannot downsample {tuple(x.shape[-2:])} by {f}: sides must be divisible by {f}")
+    return F.avg_pool2d(x, f)
+
+
+def up(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
+    """U applied `levels` times: replicate every pixel into a (2^levels x 2^levels) block."""
+    if levels == 0:
+        return x
+    f = 2 ** levels
+    return x.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
+
+
+def pyramid(x: torch.Tensor, K: int) -> list:
+    """[x1^(1), ..., x1^(K)] with x1^(k) = D_{K->k}(x) (§3.1); x is the full-resolution image x^(K)."""
+    return [down(x, K - 1 - s) for s in range(K)]
+
+
+# With these two operators D o U = id exactly, so P = U o D is idempotent (P P = U (D U) D = P) and
+# self-adjoint (<U D a, b> = <a, U D b>, both equal 4 * sum of block means products): an orthogonal
+# projection onto images that are constant on 2x2 blocks. Hence the detail vectors of Definition 4 are
+# orthogonal *exactly* and Assumption 1 / Lemma 1 hold as identities, not assumptions (test_cdc.py).
+
+# ------------------------------------------------------------------------------------------------
+#                                2. Stages and time (§3.2)
+# ------------------------------------------------------------------------------------------------
+
+INTERPOLANTS = ("linear", "trigonometric", "score")
+
+# The score-based interpolant (Table 5) has alpha = sqrt(1 - tau^2), so d(alpha)/d(tau) = -tau/alpha
+# diverges at tau = 1 and the per-sample target I_dot = alpha_dot x0 + x1 has infinite variance
+# (E[alpha_dot^2] = int tau^2/(1-tau^2) dtau = inf). We evaluate alpha_dot at min(tau, SCORE_TAU_MAX):
+# |alpha_dot| <= 22.3, and only targets in the last 0.1% of each stage window change. The *field*
+# E[I_dot | I = x] itself stays finite at tau = 1 (alpha * alpha_dot = -tau), and no sampler evaluates
+# alpha_dot there: Euler and Euler-Maruyama stop at tau = 1 - h, and Heun only queries the field.
+SCORE_TAU_MAX = 1.0 - 1e-3
+
+
+def interpolant_coefficients(kind: str, tau: torch.Tensor):
+    """(alpha, beta, alpha_dot, beta_dot) of I_tau = alpha x0 + beta x1 (eq. 1, 12; Table 5)."""
+    if kind == "linear":  # eq. 12: the paper's default
+        return 1 - tau, tau, -torch.ones_like(tau), torch.ones_like(tau)
+    if kind == "trigonometric":
+        h = math.pi / 2
+        return torch.cos(h * tau), torch.sin(h * tau), -h * torch.sin(h * tau), h * torch.cos(h * tau)
+    if kind == "score":
+        tc = tau.clamp(max=SCORE_TAU_MAX)
+        return torch.sqrt((1 - tau * tau).clamp(min=0)), tau, -tc / torch.sqrt(1 - tc * tc), torch.ones_like(tau)
+    raise ValueError(f"unknown interpolant {kind!r}; choose one of {', '.join(INTERPOLANTS)}")
+
+
+@dataclass(frozen=True)
+class CDCConfig:
+    """Everything that defines the multi-stage interpolant (not the network).
+
+    resolutions: image side of every stage, coarse to fine; each doubles the last (2x2 operators).
+    sigma:       stage-1 source std, x0^(1) ~ N(0, sigma^2 I) (eq. 8).
+    gamma:       diminish factor, sigma_k = gamma^-(k-1) sigma (eq. 20, gamma >= 1).
+    windows:     widths of the stage time windows [t0^k, t1^k] (eq. 12), summing to 1; None = equal.
+                 With t ~ U[0,1] (Alg. 1) a window's width is also that stage's share of every batch.
+    interpolant: 'linear' (eq. 12), 'trigonometric' or 'score' (Table 5).
+    """
+    resolutions: tuple = (32, 64, 128, 256)
+    sigma: float = 1.0
+    gamma: float = 2.0
+    windows: Optional[tuple] = None
+    interpolant: str = "linear"
+
+    def __post_init__(self):
+        res = tuple(int(r) for r in self.resolutions)
+        object.__setattr__(self, "resolutions", res)
+        if len(res) == 0 or res[0] < 1:
+            raise ValueError(f"resolutions must be a non-empty list of positive sides, got {res}")
+        if any(b != 2 * a for a, b in zip(res, res[1:])):
+            raise ValueError(f"resolutions must double from stage to stage (e.g. 32,64,128,256); got {res}")
+        if not self.sigma > 0:
+            raise ValueError(f"sigma must be > 0 (the source must have a density), got {self.sigma}")
+        if not self.gamma >= 1:
+            raise ValueError(f"gamma must be >= 1 (eq. 20: noise diminishes with the stage), got {self.gamma}")
+        if self.interpolant not in INTERPOLANTS:
+            raise ValueError(f"unknown interpolant {self.interpolant!r}; choose one of {', '.join(INTERPOLANTS)}")
+        if self.windows is not None:
+            w = tuple(float(v) for v in self.windows)
+            object.__setattr__(self, "windows", w)
+            if len(w) != len(res) or min(w) <= 0 or abs(sum(w) - 1) > 1e-6:
+                raise ValueError(f"windows must be {len(res)} positive widths summing to 1 "
+                                 f"(one per stage), got {w}")
+
+    @property
+    def K(self) -> int:
+        return len(self.resolutions)
+
+    def sigma_k(self, stage: int) -> float:
+        """eq. 20: sigma_k = gamma^-(k-1) sigma; stage 0 (k = 1) gives sigma itself (eq. 8)."""
+        return self.sigma * self.gamma ** (-stage)
+
+    def boundaries(self) -> torch.Tensor:
+        """t0^1 = 0 < t1^1 = t0^2 < ... < t1^K = 1 (float64, K + 1 values)."""
+        w = torch.tensor(self.windows, dtype=torch.float64) if self.windows else torch.full((self.K,), 1.0 / self.K, dtype=torch.float64)
+        b = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w, 0)])
+        b[-1] = 1.0
+        return b
+
+    def stage_and_tau(self, t: torch.Tensor):
+        """eq. 12, vectorised: k = arg_k {t in [t0^k, t1^k)} (t = 1 belongs to the last stage) and
+        tau = (t - t0^k) / (t1^k - t0^k) in [0, 1]. Returns (stage: long, tau: float32), on t's device."""
+        b = self.boundaries().to(t.device)
+        t64 = t.to(torch.float64)
+        stage = torch.searchsorted(b[1:-1].contiguous(), t64, right=True)
+        tau = (t64 - b[stage]) / (b[stage + 1] - b[stage])
+        return stage, tau.clamp(0, 1).to(torch.float32)
+
+    def interpolate(self, x0: torch.Tensor, x1: torch.Tensor, tau: torch.Tensor):
+        """I_tau and its time derivative I_dot (eq. 1, 12); tau has shape (N,)."""
+        a, b, da, db = (c.view(-1, 1, 1, 1).to(x0.dtype) for c in interpolant_coefficients(self.interpolant, tau))
+        return a * x0 + b * x1, da * x0 + db * x1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+#                              3. Conditional dependent coupling (eq. 8-11)
+# ------------------------------------------------------------------------------------------------
+
+def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise; drawn on the generator's device (so a CPU generator gives the same
+    numbers on any device) and then moved."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device=device, dtype=dtype)
+
+
+def coupling_source(x1: torch.Tensor, stage: int, cdc: CDCConfig, zeta: Optional[torch.Tensor] = None,
+                    generator=None) -> torch.Tensor:
+    """x0^(k) ~ rho_0^(k)(x0 | x1^(k)).
+
+    stage 0 (k = 1): x0 = sigma zeta, independent of x1 (eq. 8).
+    stage > 0:       x0 = m_k(x1) + sigma_k zeta with m_k = U o D (eq. 9, 10). Since D(x1^(k)) = x1^(k-1)
+                     by transitivity, this is U(x1^(k-1)) + sigma_k zeta: the inference prior eq. 17 (App. E.2).
+    """
+    if zeta is None:
+        zeta = randn(x1.shape, generator, x1.device, x1.dtype)
+    if stage == 0:
+        return cdc.sigma * zeta
+    return up(down(x1)) + cdc.sigma_k(stage) * zeta
+
+
+# ------------------------------------------------------------------------------------------------
+#                                      4. Model (App. F)
+# ------------------------------------------------------------------------------------------------
+
+FUSIONS = ("xattn", "add")
+
+
+@dataclass
+class DiTConfig:
+    depth: int = 28
+    width: int = 1152          # d_model
+    heads: int = 16            # head dim d_h = width / heads (72 for XL, Table 7)
+    patch_size: int = 4        # Table 7
+    in_channels: int = 3
+    num_classes: int = 1000    # label `num_classes` is the null class used for CFG
+    mlp_ratio: float = 4.0
+    fusion: str = "xattn"      # 'xattn' (eqs. 41-44) or 'add' (Table 4 ablation)
+    resolutions: tuple = (32, 64, 128, 256)  # stage image sides the model accepts
+    freq_dim: int = 256        # sinusoidal frequency features before the embedding MLPs
+
+    def __post_init__(self):
+        self.resolutions = tuple(int(r) for r in self.resolutions)
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
+        if self.width % self.heads or (self.width // self.heads) % 2:
+            raise ValueError(f"width {self.width} must be divisible by heads {self.heads} into an even head dim")
+        if self.width % 4:
+            raise ValueError(f"width {self.width} must be divisible by 4 (2D sin-cos position embedding)")
+        for r in self.resolutions:
+            if r % self.patch_size:
+                raise ValueError(f"image size {r} is not divisible by patch size {self.patch_size}; "
+                                 f"choose resolutions that are multiples of the patch size")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
+
+
+PRESETS = {  # DiT's widths, depths and heads (Peebles & Xie 2023, Table 1); tiny is for CPU demos
+    "tiny": dict(depth=4, width=192, heads=3, patch_size=2),
+    "S": dict(depth=12, width=384, heads=6),
+    "B": dict(depth=12, width=768, heads=12),
+    "L": dict(depth=24, width=1024, heads=16),
+    "XL": dict(depth=28, width=1152, heads=16),
+}
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sinusoidal_embedding(v: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Transformer sinusoids (Vaswani et al.) of a batch of scalars: (N,) -> (N, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=v.device, dtype=torch.float32) / half)
+    args = v.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def pos_embed_2d(side: int, dim: int) -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding of a side x side token grid: (side^2, dim), rows first."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    pos = torch.arange(side, dtype=torch.float64)
+    emb1d = torch.cat([torch.sin(pos[:, None] * omega), torch.cos(pos[:, None] * omega)], dim=1)  # (side, dim/2)
+    gy, gx = emb1d[:, None, :].expand(side, side, -1), emb1d[None, :, :].expand(side, side, -1)
+    return torch.cat([gy, gx], dim=-1).reshape(side * side, dim).float()
+
+
+class ScalarEmbedder(nn.Module):
+    """Sinusoid + MLP. As Gamma it embeds time (eq. 39); as E it embeds the feature-map side r_k (eq. 40)."""
+
+    def __init__(self, width: int, freq_dim: int = 256, scale: float = 1.0):
+        super().__init__()
+        self.freq_dim, self.scale = freq_dim, scale
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, v):
+        return self.mlp(sinusoidal_embedding(v * self.scale, self.freq_dim))
+
+
+class ResolutionFusion(nn.Module):
+    """c_{k,t} from gamma_t and e_k: cross-attention (eqs. 41-44) or plain addition (Table 4 ablation).
+
+    Eq. 42 is a softmax over a single key and so identically 1: c = gamma_t + W_o W_v e_k (+ biases),
+    a linear map of e_k that does not depend on gamma_t, and W_q, W_k receive zero gradient. We keep
+    the equations as written (they cost 3 d_h d_model parameters, counted in the paper's 677M);
+    test_cdc.py shows the output is unchanged when W_q changes.
+    """
+
+    def __init__(self, width: int, head_dim: int, mode: str):
+        super().__init__()
+        self.mode, self.head_dim = mode, head_dim
+        if mode == "xattn":
+            self.W_q = nn.Linear(width, head_dim)
+            self.W_k = nn.Linear(width, head_dim)
+            self.W_v = nn.Linear(width, head_dim)
+            self.W_o = nn.Linear(head_dim, width)
+
+    def forward(self, gamma_t, e_k):
+        if self.mode == "add":
+            return gamma_t + e_k
+        q, k, v = self.W_q(gamma_t), self.W_k(e_k), self.W_v(e_k)           # eq. 41
+        logits = (q * k).sum(-1, keepdim=True) / math.sqrt(self.head_dim)   # one key per query
+        alpha = logits.softmax(dim=-1)                                      # eq. 42 (== 1)
+        z = self.W_o(alpha * v)                                             # eq. 43
+        return gamma_t + z                                                  # eq. 44
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=True)  # Table 7: attention bias true
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels where available
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block (eq. 45): shift, scale and gate from c; gates start at zero so each block is the
+    identity at initialisation."""
+
+    def __init__(self, width, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width, patch_size, out_channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """b^theta(I_tau^(k), tau, e_k, c): one set of weights for every stage (App. F).
+
+    Tokens are p x p patches of the stage image; the stage is read off the input size, so the
+    feature-map side r_k = H / p is what the resolution embedder sees (§3.2 "absolute resolution of the
+    feature map obtained after patch embedding").
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.null_class = cfg.num_classes
+        self.grad_checkpointing = False
+        D, p = cfg.width, cfg.patch_size
+        self.x_embedder = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
+        self.t_embedder = ScalarEmbedder(D, cfg.freq_dim, scale=1000.0)  # Table 7: 1000 train timesteps
+        self.r_embedder = ScalarEmbedder(D, cfg.freq_dim)
+        self.fusion = ResolutionFusion(D, D // cfg.heads, cfg.fusion)
+        self.y_embedder = nn.Embedding(cfg.num_classes + 1, D)  # +1: the null class for CFG (App. I)
+        self.blocks = nn.ModuleList([DiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(D, p, cfg.in_channels)
+        for r in cfg.resolutions:  # one fixed position table per stage token grid, never recomputed
+            self.register_buffer(f"pos_embed_{r}", pos_embed_2d(r // p, D), persistent=False)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic_init(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.apply(_basic_init)
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        for emb in (self.t_embedder, self.r_embedder):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)  # the field is exactly 0 at initialisation
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x, side):
+        p, C = self.config.patch_size, self.config.in_channels
+        x = x.view(x.shape[0], side, side, p, p, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, side * p, side * p)
+
+    def forward(self, x, tau, y=None):
+        """x: (N, C, H, H) at one stage's resolution, tau: (N,) in [0, 1], y: (N,) labels or None (= null)."""
+        N, C, H, W = x.shape
+        if H != W or H not in self.config.resolutions or C != self.config.in_channels:
+            raise ValueError(f"input {tuple(x.shape[1:])} does not match the model: expected "
+                             f"({self.config.in_channels}, r, r) with r in {self.config.resolutions}")
+        r_k = H // self.config.patch_size
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + getattr(self, f"pos_embed_{H}")
+        gamma_t = self.t_embedder(tau)                     # eq. 39
+        e_k = self.r_embedder(x.new_full((1,), r_k))       # eq. 40, shared by the batch
+        c = self.fusion(gamma_t, e_k)                      # eqs. 41-44
+        if y is None:
+            y = torch.full((N,), self.null_class, device=x.device, dtype=torch.long)
+        c = c + self.y_embedder(y)                         # class condition, added as in DiT
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                h = checkpoint(block, h, c, use_reentrant=False)
+            else:
+                h = block(h, c)
+        return self.unpatchify(self.final_layer(h, c), r_k)
+
+    def flops_per_sample(self, resolution: int) -> int:
+        """Analytic forward FLOPs (2 per multiply-add) for one image at `resolution`: every matmul plus
+        attention's two N^2 products. Training costs 3x this (forward + backward)."""
+        cfg = self.config
+        n, D, p2c = (resolution // cfg.patch_size) ** 2, cfg.width, cfg.patch_size ** 2 * cfg.in_channels
+        hidden = int(D * cfg.mlp_ratio)
+        per_block = 2 * n * D * (3 * D + D + 2 * hidden) + 4 * n * n * D + 2 * D * 6 * D
+        return cfg.depth * per_block + 2 * n * p2c * D * 2 + 2 * D * 2 * D
+
+
+def create_model(name: str = "XL", **overrides) -> DiT:
+    """cdc.create_model('XL', patch_size=4, num_classes=1000) -> the paper's 677M-parameter DiT."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return DiT(DiTConfig(**{**PRESETS[name], **overrides}))
+
+
+# ------------------------------------------------------------------------------------------------
+#                                  5. Loss (eq. 13, 75; Alg. 1, 3)
+# ------------------------------------------------------------------------------------------------
+
+REDUCTIONS = ("mean", "sum")
+
+
+def velocity_loss(b: torch.Tensor, I_dot: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Per-sample loss of eq. 13 in MSE form: ||b - I_dot||^2 = (||b||^2 - 2 I_dot . b) + ||I_dot||^2.
+
+    The added ||I_dot||^2 does not depend on theta, so the gradient is exactly that of eq. 13, but the
+    value never cancels two large numbers and is >= 0 (0 = perfect field). reduction='mean' averages over
+    C*H*W so every sample weighs the same whatever its stage; 'sum' is Alg. 1 taken literally (a 256 px
+    sample then weighs 64x a 32 px one).
+    """
+    sq = (b.float() - I_dot.float()).pow(2).flatten(1)
+    if reduction == "mean":
+        return sq.mean(1)
+    if reduction == "sum":
+        return sq.sum(1)
+    raise ValueError(f"unknown loss reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+
+
+def drop_labels(y: torch.Tensor, p: float, null_class: int, generator=None) -> torch.Tensor:
+    """eq. 74: replace each label by the null class with probability p."""
+    drop = torch.rand(y.shape, generator=generator, device=generator.device if generator else "cpu") < p
+    return torch.where(drop.to(y.device), torch.full_like(y, null_class), y)
+
+
+def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], cdc: CDCConfig,
+                    class_dropout: float = 0.1, reduction: str = "mean", generator=None) -> dict:
+    """One step of Alg. 1 / Alg. 3 for a batch of full-resolution images x^(K) and labels y.
+
+    t ~ U[0,1] per sample picks the stage and tau (eq. 12); samples are grouped by stage and the model
+    runs once per non-empty stage (stages differ in token count). The stage draw happens on the CPU
+    (`generator` is a CPU generator or None), so grouping needs no device-to-host sync.
+
+    Returns {'loss': exact batch mean of per-sample losses (scalar, differentiable),
+             'stage_loss': (K,) mean loss per stage (detached, NaN where a stage got no sample),
+             'stage_count': list of K ints}.
+    """
+    if x.shape[-1] != cdc.resolutions[-1] or x.shape[-2] != cdc.resolutions[-1]:
+        raise ValueError(f"training images must be {cdc.resolutions[-1]}x{cdc.resolutions[-1]} "
+                         f"(the last resolution), got {tuple(x.shape[-2:])}")
+    B, K = x.shape[0], cdc.K
+    t = torch.rand(B, generator=generator)                      # Alg. 1 line 3, on the CPU
+    stage, tau = cdc.stage_and_tau(t)                           # Alg. 1 line 4
+    if y is not None and class_dropout > 0:
+        y = drop_labels(y, class_dropout, model.null_class, generator)  # Alg. 3 line 15
+    counts = torch.bincount(stage, minlength=K).tolist()
+    order = torch.argsort(stage, stable=True)
+    total = x.new_zeros((), dtype=torch.float32)
+    stage_loss = torch.full((K,), float("nan"), device=x.device)
+    start = 0
+    for s, n in enumerate(counts):
+        if n == 0:
+            continue
+        idx_cpu = order[start:start + n]
+        start += n
+        idx = idx_cpu.to(x.device, non_blocking=True)
+        x1 = down(x[idx], K - 1 - s)                            # x1^(k) = D_{K->k}(x^(K)), line 5
+        x0 = coupling_source(x1, s, cdc)                        # lines 6-12 (eq. 8, 9)
+        tau_s = tau[idx_cpu].to(x.device, non_blocking=True)
+        I, I_dot = cdc.interpolate(x0, x1, tau_s)               # lines 13-14
+        b = model(I, tau_s, None if y is None else y[idx])      # line 16-17
+        per_sample = velocity_loss(b, I_dot, reduction)         # line 18
+        total = total + per_sample.sum()
+        stage_loss[s] = per_sample.detach().mean()
+    return {"loss": total / B, "stage_loss": stage_loss, "stage_count": counts}
+
+
+# ------------------------------------------------------------------------------------------------
+#                         6. Samplers (Alg. 2, Alg. 4, App. D eq. 34)
+# ------------------------------------------------------------------------------------------------
+
+SOLVERS = ("euler", "heun", "sde")
+Field = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def guided_field(model: nn.Module, y: Optional[torch.Tensor], cfg_scale: float = 1.0) -> Field:
+    """The DiT as a velocity field, with classifier-free guidance (eq. 77):
+    b_cfg = b_null + S (b_c - b_null) on all channels, the same S for every stage (§3.4).
+    Conditional and unconditional halves run as one batch. y=None samples the unconditional model."""
+    def field(x, tau, stage):
+        if y is None:
+            return model(x, tau, None).float()
+        null = torch.full_like(y, model.null_class)
+        b = model(torch.cat([x, x]), torch.cat([tau, tau]), torch.cat([y, null])).float()
+        b_c, b_null = b.chunk(2)
+        return b_null + cfg_scale * (b_c - b_null)
+    return field
+
+
+def source_noise_estimate(field_value, x, tau, stage, cdc: CDCConfig):
+    """E[sigma_k zeta | I_tau = x] from the velocity b = E[I_dot | I_tau = x], in closed form.
+
+    Write the source as x0 = m + sigma_k zeta with m = P x1, P = U o D for stage > 0 (eq. 9) and P = 0
+    for stage 0 (eq. 8). P is an orthogonal projection, Q = 1 - P its complement. Then
+        P I    = (alpha + beta) P x1 + alpha P n,        Q I    = beta Q x1 + alpha Q n,
+        P Idot = (alpha' + beta') P x1 + alpha' P n,     Q Idot = beta' Q x1 + alpha' Q n,
+    with n = sigma_k zeta: the noise lives in both the coarse subspace and its complement. Taking
+    E[. | I = x] gives two 2x2 linear systems (per subspace) in (E[x1|x], E[n|x]); both have the
+    determinant W = alpha' beta - beta' alpha (W = -1 linear, -pi/2 trigonometric, -1/alpha score), and
+        E[n | x] = (beta b - beta' x + P(alpha b - alpha' x)) / W.
+    For stage 0 this is the familiar x - tau b (linear interpolant).
+    """
+    a, bt, da, db = (c.view(-1, 1, 1, 1) for c in interpolant_coefficients(cdc.interpolant, tau))
+    W = da * bt - db * a
+    est = bt * field_value - db * x
+    if stage > 0:
+        est = est + up(down(a * field_value - da * x))
+    return est / W
+
+
+def score_from_velocity(field_value, x, tau, stage, cdc: CDCConfig):
+    """s_tau(x) = grad log rho_tau(x) (eq. 26). I = (function of x1) + alpha sigma_k zeta with zeta
+    independent of x1, so Tweedie gives s = -E[alpha sigma_k zeta | x] / (alpha sigma_k)^2
+    = -E[n | x] / (alpha sigma_k^2) (eq. 28 with gamma_t -> alpha sigma_k). Finite for tau < 1.
+    Because the map b -> s is affine with weights summing to one, CFG on b is CFG on s (App. I (ii))."""
+    alpha = interpolant_coefficients(cdc.interpolant, tau)[0].view(-1, 1, 1, 1)
+    return -source_noise_estimate(field_value, x, tau, stage, cdc) / (alpha * cdc.sigma_k(stage) ** 2)
+
+
+def _steps_per_stage(steps, K):
+    steps = [int(steps)] * K if isinstance(steps, (int, float)) else [int(s) for s in steps]
+    if len(steps) != K or min(steps) < 1:
+        raise ValueError(f"steps per stage must be a positive int or a list of {K} positive ints, got {steps}")
+    return steps
+
+
+@torch.no_grad()
+def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cdc: CDCConfig,
+                    solver: str = "euler", sde_scale: float = 1.0, generator=None) -> torch.Tensor:
+    """Carry X_0^(k) = x to X_1^(k) along one stage (Alg. 2 lines 9-13, eq. 78-80).
+
+    euler: X += h b(X, tau)                                   (Alg. 2, 1 NFE per step)
+    heun:  2nd-order predictor-corrector                      (2 NFE per step)
+    sde:   Euler-Maruyama on eq. 34, dX = (b + eps s) dtau + sqrt(2 eps) dW, with the score s from
+           `score_from_velocity` and eps_tau = sde_scale * alpha_tau * sigma_k^2: the noise shrinks
+           with the stage's own noise level and vanishes at tau = 1, where s is undefined. Then
+           eps s = -sde_scale * E[sigma_k zeta | x], finite everywhere.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    h = 1.0 / steps
+    ones = torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
+    for n in range(steps):
+        tau = ones * (n * h)
+        b = field(x, tau, stage)
+        if solver == "euler":
+            x = x + h * b
+        elif solver == "heun":
+            x_pred = x + h * b
+            x = x + 0.5 * h * (b + field(x_pred, tau + h, stage))
+        else:
+            noise = source_noise_estimate(b, x, tau, stage, cdc)
+            eps = sde_scale * interpolant_coefficients(cdc.interpolant, tau)[0].view(-1, 1, 1, 1) * cdc.sigma_k(stage) ** 2
+            dW = randn(x.shape, generator, x.device, x.dtype) * math.sqrt(h)
+            x = x + h * (b - sde_scale * noise) + torch.sqrt(2 * eps) * dW
+    return x
+
+
+@torch.no_grad()
+def sample(field: Field, cdc: CDCConfig, n: int, channels: int = 3, steps=24, solver: str = "euler",
+           sde_scale: float = 1.0, generator=None, device=None, return_stages: bool = False):
+    """Multi-stage sampling (Alg. 2 / Alg. 4, eq. 16-17, 79-81).
+
+    x0^(1) ~ N(0, sigma^2 I) at the lowest resolution; each later stage starts from
+    U(x1^(k-1)) + sigma_k zeta. steps: N_k, one int for all stages or a list of K.
+    Returns the final images, or the list of every stage's output if return_stages (Fig. 9).
+    """
+    steps = _steps_per_stage(steps, cdc.K)
+    r = cdc.resolutions[0]
+    x = cdc.sigma * randn((n, channels, r, r), generator, device)          # Alg. 2 line 1
+    outputs = []
+    for s in range(cdc.K):
+        if s > 0:                                                           # lines 4-8, eq. 17
+            x = up(x) + cdc.sigma_k(s) * randn((n, channels) + (cdc.resolutions[s],) * 2, generator, device)
+        x = integrate_stage(field, x, s, steps[s], cdc, solver, sde_scale, generator)
+        outputs.append(x)
+    return outputs if return_stages else x
