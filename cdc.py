@@ -66,13 +66,17 @@ def pyramid(x: torch.Tensor, K: int) -> list:
 
 INTERPOLANTS = ("linear", "trigonometric", "score")
 
-# The score-based interpolant (Table 5) has alpha = sqrt(1 - tau^2), so d(alpha)/d(tau) = -tau/alpha
-# diverges at tau = 1 and the per-sample target I_dot = alpha_dot x0 + x1 has infinite variance
-# (E[alpha_dot^2] = int tau^2/(1-tau^2) dtau = inf). We evaluate alpha_dot at min(tau, SCORE_TAU_MAX):
-# |alpha_dot| <= 22.3, and only targets in the last 0.1% of each stage window change. The *field*
-# E[I_dot | I = x] itself stays finite at tau = 1 (alpha * alpha_dot = -tau), and no sampler evaluates
-# alpha_dot there: Euler and Euler-Maruyama stop at tau = 1 - h, and Heun only queries the field.
-SCORE_TAU_MAX = 1.0 - 1e-3
+# The score-based interpolant (Table 5) has alpha = sqrt(1 - tau^2), so alpha_dot = -tau/alpha diverges
+# at tau = 1. Two consequences, handled separately:
+#  * Training: the target I_dot = alpha_dot x0 + x1 has a log-divergent second moment. We evaluate
+#    alpha_dot at min(tau, SCORE_TAU_MAX): |alpha_dot| <= 70.7, and only the last 0.01% of each stage
+#    window sees a clamped target (it then moves x0's share by 0.007 |x0| instead of 0.014 |x0|).
+#  * Sampling: for stages k > 1 the source has a non-zero mean U(D(x1)), so even the field
+#    E[I_dot | I = x] ~ alpha_dot U(D(x)) blows up like (1 - tau)^-1/2 (it stays finite at stage 1,
+#    where E[x0 | I] = O(alpha)). In u = sqrt(1 - tau) the path is smooth, so for this interpolant the
+#    samplers step uniformly in u (`time_grid`), and Heun takes no corrector at the endpoint tau = 1.
+#    Linear and trigonometric interpolants use the uniform grid of Alg. 2.
+SCORE_TAU_MAX = 1.0 - 1e-4
 
 
 def interpolant_coefficients(kind: str, tau: torch.Tensor):
@@ -556,13 +560,21 @@ def _steps_per_stage(steps, K):
     return steps
 
 
+def time_grid(steps: int, interpolant: str = "linear") -> list:
+    """tau_0 = 0 < ... < tau_N = 1. Uniform (Alg. 2 line 10) except for the score-based interpolant,
+    whose field is singular at tau = 1: there tau_n = 1 - (1 - n/N)^2, uniform in u = sqrt(1 - tau)."""
+    if interpolant == "score":
+        return [1.0 - (1.0 - n / steps) ** 2 for n in range(steps + 1)]
+    return [n / steps for n in range(steps + 1)]
+
+
 @torch.no_grad()
 def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cdc: CDCConfig,
                     solver: str = "euler", sde_scale: float = 1.0, generator=None) -> torch.Tensor:
     """Carry X_0^(k) = x to X_1^(k) along one stage (Alg. 2 lines 9-13, eq. 78-80).
 
     euler: X += h b(X, tau)                                   (Alg. 2, 1 NFE per step)
-    heun:  2nd-order predictor-corrector                      (2 NFE per step)
+    heun:  2nd-order predictor-corrector                      (2 NFE per step; 1 on a singular end)
     sde:   Euler-Maruyama on eq. 34, dX = (b + eps s) dtau + sqrt(2 eps) dW, with the score s from
            `score_from_velocity` and eps_tau = sde_scale * alpha_tau * sigma_k^2: the noise shrinks
            with the stage's own noise level and vanishes at tau = 1, where s is undefined. Then
@@ -570,16 +582,16 @@ def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cdc: 
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    h = 1.0 / steps
+    grid = time_grid(steps, cdc.interpolant)
     ones = torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
-    for n in range(steps):
-        tau = ones * (n * h)
+    for t_n, t_next in zip(grid[:-1], grid[1:]):
+        h, tau = t_next - t_n, ones * t_n
         b = field(x, tau, stage)
-        if solver == "euler":
+        if solver == "euler" or (solver == "heun" and t_next == 1.0 and cdc.interpolant == "score"):
             x = x + h * b
         elif solver == "heun":
             x_pred = x + h * b
-            x = x + 0.5 * h * (b + field(x_pred, tau + h, stage))
+            x = x + 0.5 * h * (b + field(x_pred, ones * t_next, stage))
         else:
             noise = source_noise_estimate(b, x, tau, stage, cdc)
             eps = sde_scale * interpolant_coefficients(cdc.interpolant, tau)[0].view(-1, 1, 1, 1) * cdc.sigma_k(stage) ** 2
