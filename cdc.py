@@ -414,13 +414,17 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(h, c), r_k)
 
     def flops_per_sample(self, resolution: int) -> int:
-        """Analytic forward FLOPs (2 per multiply-add) for one image at `resolution`: every matmul plus
-        attention's two N^2 products. Training costs 3x this (forward + backward)."""
+        """Analytic forward FLOPs (2 per multiply-add) for one image at `resolution`: every matmul
+        (patch embedding, blocks, final layer, the conditioning MLPs) plus attention's two N^2 x D
+        products. Training costs 3x this (forward + backward)."""
         cfg = self.config
         n, D, p2c = (resolution // cfg.patch_size) ** 2, cfg.width, cfg.patch_size ** 2 * cfg.in_channels
-        hidden = int(D * cfg.mlp_ratio)
+        hidden, d_h = int(D * cfg.mlp_ratio), D // cfg.heads
         per_block = 2 * n * D * (3 * D + D + 2 * hidden) + 4 * n * n * D + 2 * D * 6 * D
-        return cfg.depth * per_block + 2 * n * p2c * D * 2 + 2 * D * 2 * D
+        embed = 2 * (2 * (cfg.freq_dim * D + D * D))                    # Gamma(tau) and E(r_k) MLPs
+        fusion = 2 * (3 * D * d_h + d_h * D) if cfg.fusion == "xattn" else 0
+        io = 2 * n * p2c * D * 2 + 2 * D * 2 * D                         # patchify, final adaLN + linear
+        return cfg.depth * per_block + embed + fusion + io
 
 
 def create_model(name: str = "XL", **overrides) -> DiT:

@@ -1,0 +1,535 @@
+"""Property tests for cdc.py: each test names the paper statement it checks.
+
+Exact identities run in float64 with tolerances at rounding level. Distributional checks use a Gaussian
+oracle (the exact velocity field for Gaussian data, theory/prior_equivalence.py) in place of the DiT,
+with tolerances stated as Monte-Carlo standard errors plus the solver's discretisation slack.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import cdc
+from theory.prior_equivalence import GaussianOracle, operator_matrix
+
+f64 = torch.float64
+
+
+def images(seed, n, c, side):
+    return torch.randn(n, c, side, side, dtype=f64, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------
+#                                   1. Operators (§3.1)
+# ------------------------------------------------------------------------------------------------
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2 ** 16))
+
+
+@given(shapes, st.integers(1, 3))
+def test_transitivity_D_K_to_k_equals_repeated_D(shape, levels):
+    n, c, base, seed = shape
+    x = images(seed, n, c, base * 2 ** levels)
+    y = x
+    for _ in range(levels):
+        y = cdc.down(y)
+    torch.testing.assert_close(cdc.down(x, levels), y, rtol=0, atol=1e-12)
+
+
+@given(shapes, st.integers(1, 3))
+def test_D_after_U_is_identity(shape, levels):
+    n, c, side, seed = shape
+    x = images(seed, n, c, side)
+    torch.testing.assert_close(cdc.down(cdc.up(x, levels), levels), x, rtol=0, atol=1e-12)
+    assert cdc.up(x, levels).shape[-1] == side * 2 ** levels
+
+
+@given(shapes)
+def test_U_after_D_is_an_orthogonal_projection(shape):
+    n, c, side, seed = shape
+    x, y = images(seed, n, c, 2 * side), images(seed + 1, n, c, 2 * side)
+    P = lambda v: cdc.up(cdc.down(v))  # noqa: E731
+    torch.testing.assert_close(P(P(x)), P(x), rtol=0, atol=1e-12)                  # idempotent
+    torch.testing.assert_close((P(x) * y).sum(), (x * P(y)).sum(), rtol=1e-12, atol=1e-12)  # self-adjoint
+    torch.testing.assert_close(((x - P(x)) * P(y)).sum(), torch.zeros((), dtype=f64), rtol=0, atol=1e-10)
+
+
+def test_operator_matrices_are_exact():
+    """D is the 2x2 block mean and U the replication: as matrices, D U = 1 and U = 4 D^T."""
+    Dm = operator_matrix(cdc.down, (1, 4, 4))
+    Um = operator_matrix(cdc.up, (1, 2, 2))
+    assert torch.equal(Dm @ Um, torch.eye(4, dtype=f64))
+    assert torch.equal(Um, 4 * Dm.T)
+    assert set(Dm.unique().tolist()) == {0.0, 0.25}
+
+
+@given(shapes, st.integers(2, 4))
+def test_detail_vectors_orthogonal_and_lemma1_energy(shape, K):
+    """Definition 4, Assumption 1 and Lemma 1: with these operators the detail vectors of different levels
+    are orthogonal for every image (not only in expectation), so the energy decomposes exactly."""
+    n, c, base, seed = shape
+    x = images(seed, n, c, base * 2 ** (K - 1))
+    levels = cdc.pyramid(x, K)
+    assert [v.shape[-1] for v in levels] == [base * 2 ** s for s in range(K)]
+    assert torch.equal(levels[-1], x)
+    x_tilde = [torch.zeros_like(x)] + [cdc.up(v, K - 1 - s) for s, v in enumerate(levels)]
+    details = [x_tilde[k] - x_tilde[k - 1] for k in range(1, K + 1)]
+    torch.testing.assert_close(sum(details), x, rtol=0, atol=1e-12)                # eq. 49
+    energy = lambda v: v.pow(2).flatten(1).sum(1)  # noqa: E731
+    for i in range(K):
+        for j in range(i + 1, K):
+            inner = (details[i] * details[j]).flatten(1).sum(1)
+            torch.testing.assert_close(inner, torch.zeros_like(inner), rtol=0, atol=1e-10)  # eq. 48
+    torch.testing.assert_close(energy(x), sum(energy(e) for e in details), rtol=1e-12, atol=1e-10)  # eq. 50
+
+
+@given(st.integers(1, 3), st.integers(0, 2 ** 16), st.floats(0.1, 2.0), st.floats(1.0, 4.0))
+def test_training_source_equals_inference_source_for_same_zeta(stage, seed, sigma, gamma):
+    """App. E.2: x0^(k) = U(D(x1^(k))) + sigma_k zeta equals U(x1^(k-1)) + sigma_k zeta for the same zeta."""
+    K = 4
+    config = cdc.CDCConfig(resolutions=(2, 4, 8, 16), sigma=sigma, gamma=gamma)
+    levels = cdc.pyramid(images(seed, 3, 3, 16), K)
+    zeta = images(seed + 7, 3, 3, config.resolutions[stage])
+    train_x0 = cdc.coupling_source(levels[stage], stage, config, zeta=zeta)
+    infer_x0 = cdc.up(levels[stage - 1]) + config.sigma_k(stage) * zeta          # eq. 17
+    torch.testing.assert_close(train_x0, infer_x0, rtol=0, atol=1e-12)
+    assert config.sigma_k(stage) == pytest.approx(gamma ** -stage * sigma)       # eq. 20
+
+
+def test_stage1_source_is_independent_gaussian():
+    config = cdc.CDCConfig(resolutions=(8, 16), sigma=0.7)
+    x1 = torch.full((4000, 1, 8, 8), 5.0)
+    x0 = cdc.coupling_source(x1, 0, config, generator=torch.Generator().manual_seed(0))
+    assert abs(x0.mean().item()) < 5 * 0.7 / math.sqrt(x0.numel())               # eq. 8: mean 0, not x1
+    assert x0.std().item() == pytest.approx(0.7, rel=0.01)
+
+
+# ------------------------------------------------------------------------------------------------
+#                                2. Stages and time (§3.2)
+# ------------------------------------------------------------------------------------------------
+
+window_lists = st.lists(st.floats(0.05, 1.0), min_size=1, max_size=5).map(lambda w: tuple(v / sum(w) for v in w))
+
+
+@given(window_lists, st.lists(st.floats(0.0, 1.0), min_size=1, max_size=64))
+def test_time_map_windows_cover_unit_interval(windows, ts):
+    config = cdc.CDCConfig(resolutions=tuple(4 * 2 ** s for s in range(len(windows))), windows=windows)
+    b = config.boundaries()
+    assert b[0] == 0 and b[-1] == 1 and torch.all(b[1:] > b[:-1])
+    torch.testing.assert_close(b[1:] - b[:-1], torch.tensor(windows, dtype=f64))
+    t = torch.tensor(ts + [0.0, 1.0], dtype=torch.float32)
+    stage, tau = config.stage_and_tau(t)
+    assert stage.dtype == torch.long and stage.min() >= 0 and stage.max() < config.K
+    assert torch.all((tau >= 0) & (tau <= 1))
+    t64 = t.double()
+    assert torch.all((t64 >= b[stage]) & ((t64 < b[stage + 1]) | (stage == config.K - 1)))
+    torch.testing.assert_close(b[stage] + tau.double() * (b[stage + 1] - b[stage]), t64, rtol=0, atol=1e-6)
+    assert stage[-2] == 0 and tau[-2] == 0                                       # t = 0: start of stage 1
+    assert stage[-1] == config.K - 1 and tau[-1] == 1                            # t = 1: end of stage K
+
+
+def test_stage_boundaries_belong_to_the_next_stage():
+    config = cdc.CDCConfig(resolutions=(8, 16, 32, 64))
+    stage, tau = config.stage_and_tau(torch.tensor([0.25, 0.5, 0.75, 0.2499, 0.9999]))
+    assert stage.tolist() == [1, 2, 3, 0, 3]
+    assert tau[:3].tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("kind", cdc.INTERPOLANTS)
+def test_interpolant_boundary_values(kind):
+    config = cdc.CDCConfig(resolutions=(4,), interpolant=kind)
+    x0, x1 = images(0, 3, 2, 4), images(1, 3, 2, 4)
+    I0, _ = config.interpolate(x0, x1, torch.zeros(3, dtype=f64))
+    I1, _ = config.interpolate(x0, x1, torch.ones(3, dtype=f64))
+    torch.testing.assert_close(I0, x0, rtol=0, atol=1e-12)                       # I_0 = x0
+    torch.testing.assert_close(I1, x1, rtol=0, atol=1e-12)                       # I_1 = x1
+
+
+@pytest.mark.parametrize("kind", cdc.INTERPOLANTS)
+@given(tau=st.floats(0.01, 0.99), seed=st.integers(0, 2 ** 16))
+def test_interpolant_derivative_matches_finite_differences(kind, tau, seed):
+    config = cdc.CDCConfig(resolutions=(4,), interpolant=kind)
+    x0, x1 = images(seed, 2, 1, 4), images(seed + 1, 2, 1, 4)
+    h = 1e-6
+    t = lambda v: torch.full((2,), v, dtype=f64)  # noqa: E731
+    _, I_dot = config.interpolate(x0, x1, t(tau))
+    fd = (config.interpolate(x0, x1, t(tau + h))[0] - config.interpolate(x0, x1, t(tau - h))[0]) / (2 * h)
+    torch.testing.assert_close(I_dot, fd, rtol=1e-5, atol=1e-6)
+
+
+def test_score_interpolant_derivative_is_bounded_near_one():
+    a, b, da, db = cdc.interpolant_coefficients("score", torch.tensor([1.0, 1 - 1e-9], dtype=f64))
+    assert torch.all(torch.isfinite(da)) and da.abs().max() <= 71
+    assert a[0] == 0 and b[0] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+#                              Bad arguments: one clear ValueError
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build, words", [
+    (lambda: cdc.CDCConfig(resolutions=(32, 48, 96)), "double"),
+    (lambda: cdc.CDCConfig(interpolant="cosine"), "choose one of linear"),
+    (lambda: cdc.CDCConfig(gamma=0.5), "gamma must be >= 1"),
+    (lambda: cdc.CDCConfig(sigma=0.0), "sigma must be > 0"),
+    (lambda: cdc.CDCConfig(resolutions=(8, 16), windows=(0.2, 0.2)), "summing to 1"),
+    (lambda: cdc.create_model("XXL"), "choose one of tiny"),
+    (lambda: cdc.create_model("tiny", resolutions=(6, 12), patch_size=4), "not divisible by patch size"),
+    (lambda: cdc.create_model("tiny", fusion="concat"), "choose one of xattn"),
+    (lambda: cdc.velocity_loss(torch.zeros(1, 1), torch.zeros(1, 1), "median"), "choose one of mean"),
+    (lambda: cdc.sample(lambda x, t, s: x, cdc.CDCConfig(resolutions=(4, 8)), 1, steps=[3]), "list of 2"),
+    (lambda: cdc.sample(lambda x, t, s: x, cdc.CDCConfig(resolutions=(4,)), 1, solver="rk4"), "choose one of euler"),
+])
+def test_bad_arguments_raise_one_clear_value_error(build, words):
+    with pytest.raises(ValueError, match=words):
+        build()
+
+
+# ------------------------------------------------------------------------------------------------
+#                                      4. Model (App. F)
+# ------------------------------------------------------------------------------------------------
+
+RES = (8, 16, 32)
+
+
+def small_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return cdc.create_model("tiny", **{**dict(depth=2, width=64, heads=2, num_classes=5, resolutions=RES), **kw})
+
+
+def wake(model):
+    """Random weights where adaLN-Zero put zeros, so that outputs depend on every input."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.weight.abs().sum() == 0:
+                m.weight.normal_(0, 0.05)
+    return model
+
+
+def test_xl_preset_counts_677M_parameters():
+    with torch.device("meta"):
+        model = cdc.create_model("XL", patch_size=4, num_classes=1000)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 676_847_496                                   # stated in README
+    assert abs(n - 677e6) / 677e6 < 0.01                      # paper Table 1: 677M
+    assert model.config.width // model.config.heads == 72     # Table 7: head dim
+
+
+@pytest.mark.parametrize("fusion", cdc.FUSIONS)
+def test_model_output_shape_every_stage_and_zero_at_init(fusion):
+    model = small_model(fusion=fusion)
+    for r in RES:
+        x = torch.randn(3, 3, r, r)
+        out = model(x, torch.rand(3), torch.tensor([0, 4, 5]))
+        assert out.shape == x.shape
+        assert torch.equal(out, torch.zeros_like(out))       # adaLN-Zero + zero final layer
+
+
+def test_model_rejects_a_size_it_was_not_built_for():
+    with pytest.raises(ValueError, match="does not match the model"):
+        small_model()(torch.randn(1, 3, 24, 24), torch.rand(1))
+
+
+def test_xattn_fusion_is_a_linear_map_of_e_k_independent_of_W_q():
+    """Eq. 42 is a softmax over one key, identically 1: changing W_q (or W_k) leaves c_{k,t} unchanged."""
+    fusion = cdc.ResolutionFusion(32, 8, "xattn")
+    g, e = torch.randn(5, 32), torch.randn(1, 32)
+    before = fusion(g, e)
+    with torch.no_grad():
+        fusion.W_q.weight.normal_(0, 3.0)
+        fusion.W_q.bias.normal_(0, 3.0)
+        fusion.W_k.weight.normal_(0, 3.0)
+    after = fusion(g, e)
+    assert torch.equal(before, after)
+    torch.testing.assert_close(after, g + fusion.W_o(fusion.W_v(e)))             # eq. 43-44 with alpha = 1
+    after.pow(2).sum().backward()
+    assert torch.equal(fusion.W_q.weight.grad, torch.zeros_like(fusion.W_q.weight))
+
+
+def test_resolution_embedding_distinguishes_stages():
+    """One set of weights, but the conditioning differs per stage: the same 8x8 content, tiled to another
+    stage's size, gets a different per-pixel output only through e_k."""
+    model = wake(small_model())
+    x = torch.randn(1, 3, 8, 8)
+    out8 = model(x, torch.tensor([0.5]), None)
+    out16 = model(cdc.up(x), torch.tensor([0.5]), None)
+    assert not torch.allclose(cdc.up(out8), out16, atol=1e-3)
+
+
+@pytest.mark.parametrize("fusion", cdc.FUSIONS)
+def test_flops_per_sample_matches_counted_flops(fusion):
+    """The analytic count used for MFU equals torch's FLOP counter. The counter does not see the CPU
+    attention kernel, so attention's 4 N^2 D per block is added back analytically."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = small_model(fusion=fusion)
+    cfg = model.config
+    for r in RES:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.randn(1, 3, r, r), torch.rand(1), torch.tensor([1]))
+        n = (r // cfg.patch_size) ** 2
+        attention = {k: v for k, v in counter.get_flop_counts()["Global"].items() if "attention" in str(k)}
+        counted = counter.get_total_flops() + (0 if attention else cfg.depth * 4 * n * n * cfg.width)
+        assert model.flops_per_sample(r) == counted
+
+
+# ------------------------------------------------------------------------------------------------
+#                                      5. Loss (eq. 13, 75)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", cdc.REDUCTIONS)
+def test_loss_gradient_equals_eq13_gradient(reduction):
+    torch.manual_seed(0)
+    b = torch.randn(4, 3, 8, 8, dtype=f64, requires_grad=True)
+    I_dot = torch.randn(4, 3, 8, 8, dtype=f64)
+    g_mse, = torch.autograd.grad(cdc.velocity_loss(b, I_dot, reduction).double().sum(), b)
+    eq13 = (b.pow(2) - 2 * I_dot * b).flatten(1)                                 # ||b||^2 - 2 I_dot . b
+    eq13 = eq13.mean(1) if reduction == "mean" else eq13.sum(1)
+    g_eq13, = torch.autograd.grad(eq13.sum(), b)
+    torch.testing.assert_close(g_mse.double(), g_eq13, rtol=1e-6, atol=1e-6)
+
+
+def test_loss_reduction_sum_weights_by_pixel_count():
+    b8, b16 = torch.ones(1, 3, 8, 8), torch.ones(1, 3, 16, 16)
+    assert cdc.velocity_loss(b8, 0 * b8, "mean") == cdc.velocity_loss(b16, 0 * b16, "mean")
+    assert cdc.velocity_loss(b16, 0 * b16, "sum") == 4 * cdc.velocity_loss(b8, 0 * b8, "sum")
+
+
+def test_label_dropout_rate_and_extremes():
+    y = torch.randint(0, 5, (20000,))
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(cdc.drop_labels(y, 0.0, 5, g), y)
+    assert torch.all(cdc.drop_labels(y, 1.0, 5, g) == 5)
+    frac = (cdc.drop_labels(y, 0.1, 5, g) == 5).float().mean().item()
+    assert abs(frac - 0.1) < 5 * math.sqrt(0.1 * 0.9 / len(y))
+
+
+class Recorder(torch.nn.Module):
+    """A field that records what the training step feeds it and returns a known function of its input."""
+
+    null_class = 5
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+        self.calls = []
+
+    def forward(self, I, tau, y):
+        self.calls.append((I.shape, tau.clone(), None if y is None else y.clone()))
+        return self.w * I
+
+
+def test_training_step_groups_by_stage_and_returns_exact_batch_mean():
+    config = cdc.CDCConfig(resolutions=RES)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 5, (64,))
+    model = Recorder()
+    out = cdc.training_losses(model, x, y, config, class_dropout=0.0, generator=torch.Generator().manual_seed(3))
+    counts = out["stage_count"]
+    assert sum(counts) == 64 and len(model.calls) == sum(n > 0 for n in counts)   # one forward per stage
+    for (shape, tau, _), s in zip(model.calls, [s for s, n in enumerate(counts) if n]):
+        assert shape == (counts[s], 3, RES[s], RES[s]) and tau.min() >= 0 and tau.max() <= 1
+    weighted = sum(n * out["stage_loss"][s] for s, n in enumerate(counts) if n) / 64
+    torch.testing.assert_close(out["loss"].detach(), weighted)
+    assert sorted(torch.cat([c[2] for c in model.calls]).tolist()) == sorted(y.tolist())
+    out["loss"].backward()
+    assert model.w.grad is not None and model.w.grad != 0
+
+
+def test_training_step_reproduces_a_hand_built_stage_sample():
+    """Every term of Alg. 1, rebuilt by hand from the same random draws, for a batch of one."""
+    config = cdc.CDCConfig(resolutions=RES, sigma=0.8, gamma=3.0)
+    x = torch.randn(1, 3, 32, 32)
+    gen_seed, torch_seed = 11, 5
+    torch.manual_seed(torch_seed)
+    got = cdc.training_losses(Recorder(), x, None, config, generator=torch.Generator().manual_seed(gen_seed))
+    t = torch.rand(1, generator=torch.Generator().manual_seed(gen_seed))
+    stage, tau = config.stage_and_tau(t)
+    s = int(stage)
+    torch.manual_seed(torch_seed)
+    x1 = cdc.down(x, 2 - s)
+    zeta = torch.randn_like(x1)
+    x0 = config.sigma * zeta if s == 0 else cdc.up(cdc.down(x1)) + config.sigma_k(s) * zeta
+    I = (1 - tau) * x0 + tau * x1
+    want = (0.5 * I - (x1 - x0)).pow(2).mean()
+    torch.testing.assert_close(got["loss"].detach(), want)
+
+
+def test_training_step_rejects_wrong_image_size():
+    with pytest.raises(ValueError, match="must be 32x32"):
+        cdc.training_losses(Recorder(), torch.randn(2, 3, 16, 16), None, cdc.CDCConfig(resolutions=RES))
+
+
+def test_training_step_trains_the_dit_end_to_end():
+    """AdamW steps on one fixed draw of (t, zeta) lower the loss: every stage's gradient reaches the shared
+    weights through the grouped forwards."""
+    config = cdc.CDCConfig(resolutions=(4, 8, 16))
+    model = small_model(resolutions=config.resolutions)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x, y = torch.randn(8, 3, 16, 16).clamp(-1, 1), torch.randint(0, 5, (8,))
+    losses = []
+    for step in range(10):
+        torch.manual_seed(0)
+        out = cdc.training_losses(model, x, y, config, generator=torch.Generator().manual_seed(0))
+        assert out["stage_count"] == [3, 3, 2]                 # all three stages in the batch
+        opt.zero_grad()
+        out["loss"].backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if "W_q" not in n and "W_k" not in n)
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.8 * losses[0] and all(b < a for a, b in zip(losses[:3], losses[1:4]))
+
+
+# ------------------------------------------------------------------------------------------------
+#                                6. Samplers and CFG (Alg. 2, 4)
+# ------------------------------------------------------------------------------------------------
+
+def test_cfg_scale_one_is_conditional_zero_is_unconditional_in_one_forward():
+    model = wake(small_model(seed=1))
+    x, tau, y = torch.randn(4, 3, 16, 16), torch.rand(4), torch.tensor([0, 1, 2, 3])
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with torch.no_grad():
+        b_c, b_null = model(x, tau, y), model(x, tau, None)
+        calls.clear()
+        torch.testing.assert_close(cdc.guided_field(model, y, 1.0)(x, tau, 1), b_c, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cdc.guided_field(model, y, 0.0)(x, tau, 1), b_null, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cdc.guided_field(model, y, 3.0)(x, tau, 1), b_null + 3 * (b_c - b_null),
+                                   rtol=1e-4, atol=1e-4)
+    assert calls == [8, 8, 8]                                  # cond and uncond batched: one forward each
+    assert not torch.allclose(b_c, b_null)
+
+
+def gaussian_problem(seed, C=1, R=8, diagonal=True):
+    g = torch.Generator().manual_seed(seed)
+    d = C * R * R
+    if diagonal:
+        Sigma = torch.diag(torch.rand(d, generator=g, dtype=f64) * 1.5 + 0.1)
+    else:
+        L = torch.randn(d, d, generator=g, dtype=f64) * 0.15
+        Sigma = L @ L.T + 0.05 * torch.eye(d, dtype=f64)
+    mu = torch.randn(C, R, R, generator=g, dtype=f64) * 0.5
+    return mu, Sigma
+
+
+def exact_chain_moments(oracle, config, steps, solver):
+    """An ODE stage with an affine field is an affine map F(x) = a + J x: read a and J off
+    cdc.integrate_stage on the zero image and the basis images, then push mean and covariance through
+    every stage and every transition x -> U x + sigma_k zeta. No Monte-Carlo noise."""
+    C = oracle.shape[0]
+    mean, cov = None, None
+    out = []
+    for s, r in enumerate(config.resolutions):
+        d = C * r * r
+        if s == 0:
+            mean, cov = torch.zeros(d, dtype=f64), config.sigma ** 2 * torch.eye(d, dtype=f64)
+        else:
+            Um = operator_matrix(cdc.up, (C, config.resolutions[s - 1], config.resolutions[s - 1]))
+            mean, cov = Um @ mean, Um @ cov @ Um.T + config.sigma_k(s) ** 2 * torch.eye(d, dtype=f64)
+        probe = torch.cat([torch.zeros(1, d, dtype=f64), torch.eye(d, dtype=f64)]).view(d + 1, C, r, r)
+        F = cdc.integrate_stage(oracle, probe, s, steps, config, solver).reshape(d + 1, d)
+        a, J = F[0], (F[1:] - F[0]).T
+        mean, cov = a + J @ mean, J @ cov @ J.T
+        out.append((mean, cov))
+    return out
+
+
+@pytest.mark.parametrize("kind", cdc.INTERPOLANTS)
+@pytest.mark.parametrize("solver, steps, tol", [("euler", 400, 0.02), ("heun", 40, 0.02)])
+def test_ode_chain_transports_exactly_to_every_stage_marginal(kind, solver, steps, tol):
+    """eq. 16 end to end, without sampling noise: the multi-stage ODE with the exact field ends at
+    N(D_{K->k} mu, D_{K->k} Sigma D_{K->k}^T) at every stage, up to the solver's discretisation error
+    (2% of the largest variance; the last stage is the stiffest, its source noise sigma_3 = sigma/4 is small)."""
+    mu, Sigma = gaussian_problem(0, diagonal=False)
+    config = cdc.CDCConfig(resolutions=(2, 4, 8), interpolant=kind)
+    oracle = GaussianOracle(mu, Sigma, config)
+    for s, (mean, cov) in enumerate(exact_chain_moments(oracle, config, steps, solver)):
+        m, S = oracle.marginal(s)
+        scale = S.diag().max().sqrt()
+        assert (mean - m).abs().max() < tol * scale, (s, (mean - m).abs().max())
+        assert (cov - S).abs().max() < tol * scale ** 2, (s, (cov - S).abs().max())
+
+
+def test_heun_is_second_order_and_euler_first_order():
+    mu, Sigma = gaussian_problem(1, diagonal=False)
+    config = cdc.CDCConfig(resolutions=(2, 4, 8))
+    oracle = GaussianOracle(mu, Sigma, config)
+    S = oracle.marginal(2)[1]
+    err = {(solver, n): (exact_chain_moments(oracle, config, n, solver)[-1][1] - S).abs().max().item()
+           for solver, n in (("euler", 100), ("euler", 200), ("heun", 20), ("heun", 40))}
+    assert 1.6 < err["euler", 100] / err["euler", 200] < 2.4                     # O(h)
+    assert 3.2 < err["heun", 20] / err["heun", 40] < 4.8                         # O(h^2)
+
+
+@pytest.mark.parametrize("kind", cdc.INTERPOLANTS)
+@given(stage=st.integers(0, 2), tau=st.floats(0.0, 0.95), seed=st.integers(0, 100))
+def test_sde_score_from_velocity_is_the_exact_score(kind, stage, tau, seed):
+    """App. D, eq. 28/34: the score derived in closed form from the velocity equals grad log rho_tau of the
+    oracle's Gaussian marginal of I_tau, at every stage (stage 1 Gaussian source; k > 1 the coupling)."""
+    mu, Sigma = gaussian_problem(seed % 3, diagonal=False)
+    config = cdc.CDCConfig(resolutions=(2, 4, 8), interpolant=kind, sigma=0.9, gamma=2.5)
+    oracle = GaussianOracle(mu, Sigma, config)
+    r, d = config.resolutions[stage], config.resolutions[stage] ** 2
+    x = images(seed, 4, 1, r)
+    t = torch.full((4,), tau, dtype=f64)
+    score = cdc.score_from_velocity(oracle(x, t, stage), x, t, stage, config).reshape(4, d)
+    m, S = oracle.marginal(stage)
+    a, b, _, _ = (float(v) for v in cdc.interpolant_coefficients(kind, t[:1]))
+    G = a * oracle.M[stage] + b * torch.eye(d, dtype=f64)
+    cov_I = G @ S @ G.T + (a * config.sigma_k(stage)) ** 2 * torch.eye(d, dtype=f64)
+    true = -torch.linalg.solve(cov_I, (x.reshape(4, d) - G @ m).T).T
+    torch.testing.assert_close(score, true, rtol=1e-7, atol=1e-7 * true.abs().max().item())
+
+
+@pytest.mark.parametrize("solver, steps", [("euler", 100), ("heun", 20), ("sde", 100)])
+def test_samplers_reproduce_gaussian_mean_and_variance(solver, steps):
+    """The issue's acceptance test: diagonal-covariance Gaussian data, the exact field, cdc.sample.
+    Tolerance: 5 Monte-Carlo standard errors per coordinate plus 3% of the variance for discretisation."""
+    mu, Sigma = gaussian_problem(2, diagonal=True)
+    config = cdc.CDCConfig(resolutions=(2, 4, 8))
+    oracle = GaussianOracle(mu, Sigma, config)
+    n = 4000
+    outs = cdc.sample(oracle, config, n, channels=1, steps=steps, solver=solver,
+                      generator=torch.Generator().manual_seed(0), return_stages=True)
+    for s, out in enumerate(outs):
+        m, S = oracle.marginal(s)
+        flat = out.reshape(n, -1).double()
+        var = S.diag()
+        assert torch.all((flat.mean(0) - m).abs() < 5 * (var / n).sqrt() + 0.03 * var.sqrt()), (solver, s)
+        assert torch.all((flat.var(0) - var).abs() < 5 * var * math.sqrt(2 / n) + 0.03 * var), (solver, s)
+
+
+@pytest.mark.parametrize("solver", cdc.SOLVERS)
+def test_same_seed_same_samples_and_stage_outputs(solver):
+    model = wake(small_model(seed=2))
+    config = cdc.CDCConfig(resolutions=RES)
+    field = cdc.guided_field(model, torch.tensor([1, 2]), 3.0)
+    run = lambda seed: cdc.sample(field, config, 2, steps=[2, 1, 1], solver=solver,  # noqa: E731
+                                  generator=torch.Generator().manual_seed(seed), return_stages=True)
+    a, b, c = run(0), run(0), run(1)
+    assert [o.shape[-1] for o in a] == list(RES)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[-1], c[-1])
+    final = cdc.sample(field, config, 2, steps=[2, 1, 1], solver=solver, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(final, a[-1])
+
+
+def test_next_stage_starts_from_upsampled_output_plus_sigma_k_noise():
+    """Alg. 2 lines 4-7: with a zero field each stage passes its input through, so the final image is
+    U(U(x0^(1))) plus the stage noises sigma_2 zeta_2 (upsampled) and sigma_3 zeta_3."""
+    config = cdc.CDCConfig(resolutions=(2, 4, 8), sigma=1.0, gamma=2.0)
+    outs = cdc.sample(lambda x, t, s: torch.zeros_like(x), config, 20000, channels=1, steps=1,
+                      generator=torch.Generator().manual_seed(0), return_stages=True)
+    residual = outs[2] - cdc.up(outs[1])
+    assert residual.std().item() == pytest.approx(config.sigma_k(2), rel=0.02)
+    assert (cdc.down(residual)).std().item() == pytest.approx(config.sigma_k(2) / 2, rel=0.02)
+    assert outs[0].std().item() == pytest.approx(1.0, rel=0.02)
+
+
+def test_score_time_grid_is_uniform_in_sqrt_one_minus_tau():
+    g = cdc.time_grid(10, "score")
+    assert g[0] == 0 and g[-1] == 1 and all(b > a for a, b in zip(g, g[1:]))
+    u = [math.sqrt(1 - v) for v in g]
+    assert max(abs((u[i] - u[i + 1]) - 0.1) for i in range(10)) < 1e-12
+    assert cdc.time_grid(4, "linear") == [0, 0.25, 0.5, 0.75, 1.0]
