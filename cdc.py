@@ -16,7 +16,8 @@ callable field(x, tau, stage) -> b with x at that stage's resolution and tau a (
 """
 
 import math
-from dataclasses import dataclass, asdict
+import operator
+from dataclasses import dataclass, asdict, fields
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -28,12 +29,18 @@ from torch.utils.checkpoint import checkpoint
 #                                   1. Operators (§3.1)
 # ------------------------------------------------------------------------------------------------
 
+def _check_levels(levels):
+    if not isinstance(levels, int) or levels < 0:
+        raise ValueError(f"levels must be a non-negative int (how many 2x steps), got {levels!r}")
+
+
 def down(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
     """D applied `levels` times: average over (2^levels x 2^levels) blocks. down(x, K-k) is D_{K->k}.
 
     One average pool of side 2^L is exactly L nested 2x2 averages (a mean of equal-size means), which
     is the transitivity D_{k+1->k-1} = D_k o D_{k+1} of §3.1; doing it in one pass is cheaper.
     """
+    _check_levels(levels)
     if levels == 0:
         return x
     f = 2 ** levels
@@ -44,6 +51,7 @@ def down(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
 
 def up(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
     """U applied `levels` times: replicate every pixel into a (2^levels x 2^levels) block."""
+    _check_levels(levels)
     if levels == 0:
         return x
     f = 2 ** levels
@@ -146,7 +154,10 @@ class CDCConfig:
 
     def stage_and_tau(self, t: torch.Tensor):
         """eq. 12, vectorised: k = arg_k {t in [t0^k, t1^k)} (t = 1 belongs to the last stage) and
-        tau = (t - t0^k) / (t1^k - t0^k) in [0, 1]. Returns (stage: long, tau: float32), on t's device."""
+        tau = (t - t0^k) / (t1^k - t0^k) in [0, 1]. Returns (stage: long, tau: float32), on t's device.
+        t is compared as given: a float32 t that rounds onto a boundary belongs to the later stage."""
+        if t.device.type == "cpu" and not bool(((t >= 0) & (t <= 1)).all()):  # (no check on GPU: a sync)
+            raise ValueError("t must lie in [0, 1] (eq. 12); got values outside it or NaN")
         b = self.boundaries().to(t.device)
         t64 = t.to(torch.float64)
         stage = torch.searchsorted(b[1:-1].contiguous(), t64, right=True)
@@ -210,6 +221,9 @@ class DiTConfig:
 
     def __post_init__(self):
         self.resolutions = tuple(int(r) for r in self.resolutions)
+        for name in ("depth", "width", "heads", "patch_size", "in_channels", "freq_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
         if self.width % self.heads or (self.width // self.heads) % 2:
@@ -263,15 +277,15 @@ class ScalarEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, v):
-        return self.mlp(sinusoidal_embedding(v * self.scale, self.freq_dim))
+        return self.mlp(sinusoidal_embedding(v * self.scale, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class ResolutionFusion(nn.Module):
     """c_{k,t} from gamma_t and e_k: cross-attention (eqs. 41-44) or plain addition (Table 4 ablation).
 
-    Eq. 42 is a softmax over a single key and so identically 1: c = gamma_t + W_o W_v e_k (+ biases),
-    a linear map of e_k that does not depend on gamma_t, and W_q, W_k receive zero gradient. We keep
-    the equations as written (they cost 3 d_h d_model parameters, counted in the paper's 677M);
+    Eq. 42 is a softmax over a single key and so identically 1: c = gamma_t + W_o W_v e_k, a linear map
+    of e_k that does not depend on gamma_t, and W_q, W_k receive zero gradient. We keep the equations as
+    written, bias-free like eqs. 41 and 43 (W_q and W_k cost 2 d_h d_model parameters that never train);
     test_cdc.py shows the output is unchanged when W_q changes.
     """
 
@@ -279,10 +293,10 @@ class ResolutionFusion(nn.Module):
         super().__init__()
         self.mode, self.head_dim = mode, head_dim
         if mode == "xattn":
-            self.W_q = nn.Linear(width, head_dim)
-            self.W_k = nn.Linear(width, head_dim)
-            self.W_v = nn.Linear(width, head_dim)
-            self.W_o = nn.Linear(head_dim, width)
+            self.W_q = nn.Linear(width, head_dim, bias=False)
+            self.W_k = nn.Linear(width, head_dim, bias=False)
+            self.W_v = nn.Linear(width, head_dim, bias=False)
+            self.W_o = nn.Linear(head_dim, width, bias=False)
 
     def forward(self, gamma_t, e_k):
         if self.mode == "add":
@@ -431,6 +445,10 @@ def create_model(name: str = "XL", **overrides) -> DiT:
     """cdc.create_model('XL', patch_size=4, num_classes=1000) -> the paper's 677M-parameter DiT."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    known = {f.name for f in fields(DiTConfig)}
+    if set(overrides) - known:
+        raise ValueError(f"unknown model option(s) {', '.join(sorted(set(overrides) - known))}; "
+                         f"choose from {', '.join(sorted(known))}")
     return DiT(DiTConfig(**{**PRESETS[name], **overrides}))
 
 
@@ -457,10 +475,17 @@ def velocity_loss(b: torch.Tensor, I_dot: torch.Tensor, reduction: str = "mean")
     raise ValueError(f"unknown loss reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
 
 
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host -> device copy that never blocks the host (pinned memory) on CUDA."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def drop_labels(y: torch.Tensor, p: float, null_class: int, generator=None) -> torch.Tensor:
-    """eq. 74: replace each label by the null class with probability p."""
-    drop = torch.rand(y.shape, generator=generator, device=generator.device if generator else "cpu") < p
-    return torch.where(drop.to(y.device), torch.full_like(y, null_class), y)
+    """eq. 74: replace each label by the null class with probability p (coins drawn on the CPU)."""
+    drop = torch.rand(y.shape, generator=generator) < p
+    return torch.where(_to_device(drop, y.device), torch.full_like(y, null_class), y)
 
 
 def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], cdc: CDCConfig,
@@ -468,8 +493,10 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
     """One step of Alg. 1 / Alg. 3 for a batch of full-resolution images x^(K) and labels y.
 
     t ~ U[0,1] per sample picks the stage and tau (eq. 12); samples are grouped by stage and the model
-    runs once per non-empty stage (stages differ in token count). The stage draw happens on the CPU
-    (`generator` is a CPU generator or None), so grouping needs no device-to-host sync.
+    runs once per non-empty stage (stages differ in token count). t and the label-dropout coins come
+    from `generator` (a CPU generator, or None for the global CPU RNG), so the grouping is known on the
+    host and the step needs no device sync; zeta comes from the global RNG of x's device. Pass the bare
+    (or compiled) model: it reads model.null_class. For DDP, wrap a module that calls this function.
 
     Returns {'loss': exact batch mean of per-sample losses (scalar, differentiable),
              'stage_loss': (K,) mean loss per stage (detached, NaN where a stage got no sample),
@@ -478,27 +505,33 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
     if x.shape[-1] != cdc.resolutions[-1] or x.shape[-2] != cdc.resolutions[-1]:
         raise ValueError(f"training images must be {cdc.resolutions[-1]}x{cdc.resolutions[-1]} "
                          f"(the last resolution), got {tuple(x.shape[-2:])}")
-    B, K = x.shape[0], cdc.K
+    if not 0 <= class_dropout <= 1:
+        raise ValueError(f"class_dropout is a probability in [0, 1], got {class_dropout}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown loss reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    B, K, device = x.shape[0], cdc.K, x.device
     t = torch.rand(B, generator=generator)                      # Alg. 1 line 3, on the CPU
     stage, tau = cdc.stage_and_tau(t)                           # Alg. 1 line 4
-    if y is not None and class_dropout > 0:
-        y = drop_labels(y, class_dropout, model.null_class, generator)  # Alg. 3 line 15
     counts = torch.bincount(stage, minlength=K).tolist()
-    order = torch.argsort(stage, stable=True)
-    total = x.new_zeros((), dtype=torch.float32)
-    stage_loss = torch.full((K,), float("nan"), device=x.device)
+    order = torch.argsort(stage, stable=True)                   # samples sorted by stage
+    order_dev = _to_device(order, device)
+    xs, tau = x[order_dev], _to_device(tau[order], device)
+    if y is not None:
+        y = y[order_dev]
+        if class_dropout > 0:
+            y = drop_labels(y, class_dropout, model.null_class, generator)  # Alg. 3 line 15
+    total = torch.zeros((), device=device)
+    stage_loss = torch.full((K,), float("nan"), device=device)
     start = 0
     for s, n in enumerate(counts):
         if n == 0:
             continue
-        idx_cpu = order[start:start + n]
+        part = slice(start, start + n)
         start += n
-        idx = idx_cpu.to(x.device, non_blocking=True)
-        x1 = down(x[idx], K - 1 - s)                            # x1^(k) = D_{K->k}(x^(K)), line 5
+        x1 = down(xs[part], K - 1 - s)                          # x1^(k) = D_{K->k}(x^(K)), line 5
         x0 = coupling_source(x1, s, cdc)                        # lines 6-12 (eq. 8, 9)
-        tau_s = tau[idx_cpu].to(x.device, non_blocking=True)
-        I, I_dot = cdc.interpolate(x0, x1, tau_s)               # lines 13-14
-        b = model(I, tau_s, None if y is None else y[idx])      # line 16-17
+        I, I_dot = cdc.interpolate(x0, x1, tau[part])           # lines 13-14
+        b = model(I, tau[part], None if y is None else y[part]) # lines 16-17
         per_sample = velocity_loss(b, I_dot, reduction)         # line 18
         total = total + per_sample.sum()
         stage_loss[s] = per_sample.detach().mean()
@@ -536,7 +569,8 @@ def source_noise_estimate(field_value, x, tau, stage, cdc: CDCConfig):
         P Idot = (alpha' + beta') P x1 + alpha' P n,     Q Idot = beta' Q x1 + alpha' Q n,
     with n = sigma_k zeta: the noise lives in both the coarse subspace and its complement. Taking
     E[. | I = x] gives two 2x2 linear systems (per subspace) in (E[x1|x], E[n|x]); both have the
-    determinant W = alpha' beta - beta' alpha (W = -1 linear, -pi/2 trigonometric, -1/alpha score), and
+    determinant W = alpha' beta - beta' alpha (W = -1 linear, -pi/2 trigonometric, -1/alpha score
+    for tau <= SCORE_TAU_MAX), and
         E[n | x] = (beta b - beta' x + P(alpha b - alpha' x)) / W.
     For stage 0 this is the familiar x - tau b (linear interpolant).
     """
@@ -558,9 +592,12 @@ def score_from_velocity(field_value, x, tau, stage, cdc: CDCConfig):
 
 
 def _steps_per_stage(steps, K):
-    steps = [int(steps)] * K if isinstance(steps, (int, float)) else [int(s) for s in steps]
-    if len(steps) != K or min(steps) < 1:
-        raise ValueError(f"steps per stage must be a positive int or a list of {K} positive ints, got {steps}")
+    try:
+        steps = [operator.index(s) for s in steps] if isinstance(steps, (list, tuple)) else [operator.index(steps)] * K
+    except TypeError:
+        steps = None
+    if steps is None or len(steps) != K or min(steps) < 1:
+        raise ValueError(f"steps per stage must be a positive int or a list of {K} positive ints")
     return steps
 
 
@@ -582,10 +619,13 @@ def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cdc: 
     sde:   Euler-Maruyama on eq. 34, dX = (b + eps s) dtau + sqrt(2 eps) dW, with the score s from
            `score_from_velocity` and eps_tau = sde_scale * alpha_tau * sigma_k^2: the noise shrinks
            with the stage's own noise level and vanishes at tau = 1, where s is undefined. Then
-           eps s = -sde_scale * E[sigma_k zeta | x], finite everywhere.
+           eps s = -sde_scale * E[sigma_k zeta | x], finite everywhere. The last step adds no noise
+           (a stage output should not carry the sampler's own O(sigma_k / N) jitter).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if not sde_scale >= 0:
+        raise ValueError(f"sde_scale (the diffusion coefficient's scale) must be >= 0, got {sde_scale}")
     grid = time_grid(steps, cdc.interpolant)
     ones = torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
     for t_n, t_next in zip(grid[:-1], grid[1:]):
@@ -599,8 +639,9 @@ def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cdc: 
         else:
             noise = source_noise_estimate(b, x, tau, stage, cdc)
             eps = sde_scale * interpolant_coefficients(cdc.interpolant, tau)[0].view(-1, 1, 1, 1) * cdc.sigma_k(stage) ** 2
-            dW = randn(x.shape, generator, x.device, x.dtype) * math.sqrt(h)
-            x = x + h * (b - sde_scale * noise) + torch.sqrt(2 * eps) * dW
+            x = x + h * (b - sde_scale * noise)
+            if t_next < 1.0:
+                x = x + torch.sqrt(2 * eps * h) * randn(x.shape, generator, x.device, x.dtype)
     return x
 
 
@@ -610,7 +651,8 @@ def sample(field: Field, cdc: CDCConfig, n: int, channels: int = 3, steps=24, so
     """Multi-stage sampling (Alg. 2 / Alg. 4, eq. 16-17, 79-81).
 
     x0^(1) ~ N(0, sigma^2 I) at the lowest resolution; each later stage starts from
-    U(x1^(k-1)) + sigma_k zeta. steps: N_k, one int for all stages or a list of K.
+    U(x1^(k-1)) + sigma_k zeta. steps: N_k, one int for all stages or a list of K. Noise comes from
+    `generator` (drawn on its device: pass one on the sampling device for speed on a GPU).
     Returns the final images, or the list of every stage's output if return_stages (Fig. 9).
     """
     steps = _steps_per_stage(steps, cdc.K)
