@@ -480,10 +480,10 @@ def check_compatible(ckpt, config, path):
 
 # Without --data-path, train.py is the CPU demo: these replace the paper's values for the flags the
 # user did not give (printed at start). Everything else stays Table 7.
-DEMO_DEFAULTS = dict(model="tiny", image_size=32, resolutions="8,16,32", global_batch_size=32, lr=1e-3,
-                     max_steps=1000, log_every=50, ckpt_every=500, sample_every=0, num_workers=0)
+DEMO_DEFAULTS = dict(model="tiny", patch_size=4, image_size=32, resolutions="8,16,32", global_batch_size=32, lr=1e-3,
+                     max_steps=1500, log_every=50, ckpt_every=500, sample_every=0, num_workers=0)
 # With --data-path: the paper's ImageNet 256 recipe (Table 7; 32 GPUs x 8 = 256 images per step).
-RECIPE_DEFAULTS = dict(model="XL", image_size=256, resolutions=None, global_batch_size=256, lr=1e-4,
+RECIPE_DEFAULTS = dict(model="XL", patch_size=None, image_size=256, resolutions=None, global_batch_size=256, lr=1e-4,
                        max_steps=None, log_every=100, ckpt_every=50_000, sample_every=10_000, num_workers=8)
 # Flags that define the network or the interpolant; the rest may change on resume.
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16 (the MFU denominator; --peak-tflops for other hardware)
@@ -694,8 +694,8 @@ def train(args):
 
         # ---- model, EMA, optimiser
         torch.manual_seed(args.global_seed)  # identical initial weights on every rank
-        model = build_model(args, num_classes)
         cdc_cfg = build_cdc_config(args)
+        model = build_model(args, num_classes)
         config = run_config(model, cdc_cfg)
         model.to(device)
         ema = deepcopy(model).requires_grad_(False).eval()
@@ -867,7 +867,63 @@ def _prim(v):
 
 
 def benchmark(args, device, log):
-    raise ConfigError("--benchmark is not implemented yet")
+    """--benchmark: training images/s, MFU (CUDA) and peak memory for the flags' model, per stage mix
+    (the equal mix of training, then each resolution alone), then sampling images/s. Synthetic data,
+    one process, --global-batch-size images per step (e.g. 8 = Table 7's batch per GPU)."""
+    cdc_cfg = build_cdc_config(args)
+    num_classes = 1000 if args.num_classes is None else args.num_classes
+    torch.manual_seed(args.global_seed)
+    model = build_model(args, num_classes).to(device)
+    model.grad_checkpointing = args.grad_checkpointing
+    net = torch.compile(model) if args.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+                            weight_decay=args.weight_decay, fused=device.type == "cuda")
+    B, peak = args.global_batch_size, args.peak_tflops * 1e12
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    log(f"benchmark: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), "
+        f"{B} images/step, {args.precision}, compile={args.compile}, grad_checkpointing={args.grad_checkpointing}, "
+        f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else f"benchmark on {torch.cuda.get_device_name(device)}")
+    mixes = [("equal mix " + "/".join(map(str, cdc_cfg.resolutions)), cdc_cfg)]
+    mixes += [(f"{r}px only", dataclasses.replace(cdc_cfg, resolutions=(r,), windows=None)) for r in cdc_cfg.resolutions]
+    gen = torch.Generator().manual_seed(args.global_seed)
+    for name, cfg in mixes:
+        R = cfg.resolutions[-1]
+        x = torch.rand(B, 3, R, R, device=device) * 2 - 1
+        y = torch.randint(0, max(num_classes, 1), (B,), device=device)
+        objective = Objective(net, cfg, args.class_dropout, args.loss_reduction)
+        flops = 0.0
+        for i in range(args.benchmark_steps + 2):  # 2 warm-up steps (allocator, kernels, compilation)
+            if i == 2:
+                sync()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0, flops = time.time(), 0.0
+            with torch.autocast(**amp):
+                out = objective(x, y, gen)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            flops += 3 * sum(n * model.flops_per_sample(r) for n, r in zip(out["stage_count"], cfg.resolutions))
+        sync()
+        dt = time.time() - t0
+        perf = f"MFU {flops / dt / peak * 100:.1f}%" if device.type == "cuda" else f"{flops / dt / 1e9:.1f} GFLOP/s"
+        log(f"train  {name:>22}: {args.benchmark_steps * B / dt:8.2f} img/s  {perf}  "
+            f"peak mem {peak_memory_gb(device):.2f} GB")
+    model.eval()
+    n = B
+    yv = torch.randint(0, max(num_classes, 1), (n,), device=device) if num_classes else None
+    field = cdc.guided_field(model, yv, args.cfg_scale)
+    with torch.autocast(**amp):
+        cdc.sample(field, cdc_cfg, n, steps=1, generator=gen, device=device)  # warm-up
+        sync()
+        t0 = time.time()
+        cdc.sample(field, cdc_cfg, n, steps=args.sample_steps, generator=gen, device=device)
+        sync()
+    dt = time.time() - t0
+    log(f"sample {n} images, {args.sample_steps} Euler steps/stage, CFG {args.cfg_scale} (2 NFE/step): "
+        f"{n / dt:.2f} img/s, peak mem {peak_memory_gb(device):.2f} GB")
 
 
 def main(argv=None):
