@@ -83,14 +83,22 @@ def int_list(s: str) -> tuple:
     return tuple(int(v) for v in str(s).replace(" ", "").split(",") if v)
 
 
-def add_common_args(p: argparse.ArgumentParser, n_images: int = 1000, data: bool = True) -> argparse.ArgumentParser:
+def add_common_args(p: argparse.ArgumentParser, n_images: int = 1000, data: bool = True,
+                    threads: int = 0) -> argparse.ArgumentParser:
     if data:
         p.add_argument("--data-path", default=None,
                        help="an .npz (arr_0 uint8 NHWC) or an image folder; default: the built-in shapes")
         p.add_argument("--n-images", type=int, default=n_images, help="how many images to use")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=threads,
+                   help="torch CPU threads (0: torch's default); small-matrix work runs best on 1")
     p.add_argument("--json", action="store_true", help="print JSON only")
     return p
+
+
+def apply_threads(args) -> None:
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
 
 
 def jsonable(v):

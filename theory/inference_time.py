@@ -166,6 +166,7 @@ def main(argv=None):
     p.add_argument("--scaling-steps", type=int, default=1, help="steps per stage for the scaling runs")
     common.add_common_args(p, data=False)
     a = p.parse_args(argv)
+    common.apply_threads(a)
     res = a.resolutions or tuple(a.image_size >> (3 - s) for s in range(4))
     if res[-1] != a.image_size:
         p.error(f"--resolutions must end at --image-size {a.image_size}, got {res}")

@@ -122,6 +122,7 @@ def main(argv=None):
                    help="stage sides, coarse to fine; images are loaded at the last one")
     common.add_common_args(p, n_images=1000)
     a = p.parse_args(argv)
+    common.apply_threads(a)
     res = cdc.CDCConfig(resolutions=a.resolutions).resolutions  # validates the doubling
     x = common.load_images(a.data_path, res[-1], a.n_images, a.seed)
     r = operator_checks(x, len(res))

@@ -7,8 +7,8 @@ oracle shows cdc.py's multi-stage samplers reproduce every stage's true marginal
 
 (a) For every refinement stage, the training source cdc.coupling_source(x1^(k)) and the inference prior
     U(x1^(k-1)) + sigma_k zeta are compared with the same zeta (they must be equal) and, drawn from two
-    disjoint halves of the data, with a two-sample Kolmogorov-Smirnov test on random projections
-    (Bonferroni-combined p-value). A deliberately wrong prior (sigma_k doubled) shows the test has power.
+    disjoint halves of the data, with a two-sample Kolmogorov-Smirnov test on random projections and
+    on the squared norm (Bonferroni-combined p-value). A deliberately wrong prior (sigma_k doubled) shows the test has power.
 (b) Data x ~ N(mu, Sigma), mu and Sigma the mean and (ridged) covariance of the data at --oracle-size
     pixels. GaussianOracle is the exact field E[I_dot | I_tau = x]; cdc.sample runs the whole chain with
     it. Each stage's samples are tested against the true marginal N(D mu, D Sigma D^T): the mean by
@@ -102,13 +102,15 @@ class GaussianOracle:
 
 
 def ks_projections(a: torch.Tensor, b: torch.Tensor, n_proj: int, generator) -> tuple:
-    """Two-sample KS test of a (n, d) against b (m, d) on n_proj random unit directions.
-    Returns (largest KS statistic, Bonferroni p-value = min(1, n_proj * smallest p))."""
+    """Two-sample KS tests of a (n, d) against b (m, d) on n_proj random unit directions plus the squared
+    norm (a scale-sensitive statistic: a wrong noise level shows there first). Returns (largest KS
+    statistic, Bonferroni p-value = min(1, (n_proj + 1) * smallest p))."""
     u = torch.randn(a.shape[1], n_proj, generator=generator, dtype=torch.float64)
     u = u / u.norm(dim=0, keepdim=True)
-    pa, pb = (a.double() @ u).numpy(), (b.double() @ u).numpy()
-    res = [stats.ks_2samp(pa[:, j], pb[:, j]) for j in range(n_proj)]
-    return max(r.statistic for r in res), min(1.0, n_proj * min(r.pvalue for r in res))
+    feats = lambda v: torch.cat([v.double() @ u, v.double().pow(2).sum(1, keepdim=True)], 1).numpy()  # noqa: E731
+    pa, pb = feats(a), feats(b)
+    res = [stats.ks_2samp(pa[:, j], pb[:, j]) for j in range(n_proj + 1)]
+    return max(r.statistic for r in res), min(1.0, (n_proj + 1) * min(r.pvalue for r in res))
 
 
 def source_equivalence(x: torch.Tensor, config: "cdc.CDCConfig", n_proj: int = 16, seed: int = 0) -> list:
@@ -283,8 +285,9 @@ def main(argv=None):
     p.add_argument("--euler-steps", type=int, default=100)
     p.add_argument("--heun-steps", type=int, default=20)
     p.add_argument("--sde-steps", type=int, default=200)
-    common.add_common_args(p, n_images=2000)
+    common.add_common_args(p, n_images=2000, threads=1)
     a = p.parse_args(argv)
+    common.apply_threads(a)
     config = cdc.CDCConfig(resolutions=a.resolutions, sigma=a.sigma, gamma=a.gamma)
     oracle_config = cdc.CDCConfig(resolutions=a.oracle_resolutions, sigma=a.sigma, gamma=a.gamma,
                                   interpolant=a.interpolant)

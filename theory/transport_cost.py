@@ -140,6 +140,7 @@ def main(argv=None):
     p.add_argument("--draws", type=int, default=4, help="coupling draws per image for the Monte Carlo")
     common.add_common_args(p, n_images=1000)
     a = p.parse_args(argv)
+    common.apply_threads(a)
     config = cdc.CDCConfig(resolutions=a.resolutions, sigma=a.sigma, gamma=a.gamma)
     x = common.load_images(a.data_path, config.resolutions[-1], a.n_images, a.seed)
     r = transport_costs(x, config, a.draws, a.seed)
