@@ -132,6 +132,13 @@ def test_gamma_one_noise_part_fails_but_signal_saves_the_inequality(shapes16):
     assert r["L_A"] > r["L_B"]
 
 
+def test_theorem2_fails_without_diminishing_noise(shapes16):
+    """Theorem 2 is stated for every gamma >= 1 (eq. 20) but proved for gamma = 2. At gamma = 1 with a
+    larger source (sigma = 2) the noise deficit outweighs the signal gap: L_A < L_B on real images."""
+    r = tc.transport_costs(shapes16, cdc.CDCConfig(resolutions=(2, 4, 8, 16), sigma=2.0, gamma=1.0), draws=4)
+    assert r["L_A"] < r["L_B"] and r["L_A_mc"] < r["L_B_mc"]
+
+
 # ------------------------------------------------------------------------------------------------
 #                      prior_equivalence.py (App. E.2 and the oracle, eq. 16)
 # ------------------------------------------------------------------------------------------------
