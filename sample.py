@@ -21,7 +21,6 @@ import os
 import pickle
 import sys
 import time
-import zipfile
 
 import numpy as np
 import scipy.linalg
@@ -68,7 +67,9 @@ def load_detector(path, device):
         raise ConfigError(f"--detector {path} does not exist (download the Inception pickle yourself; "
                           f"this code never downloads)")
     try:
-        if zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            is_archive = f.read(4) == b"PK\x03\x04"  # torch.jit.save writes a zip; a pickle may embed one
+        if is_archive:
             det = torch.jit.load(path, map_location=device)
         else:
             with open(path, "rb") as f:

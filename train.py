@@ -382,7 +382,8 @@ def setup_distributed():
 
 def die(msg, code=1):
     """A user error: one line on stderr, no traceback, non-zero exit. Nothing already saved is touched."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank stops, rank 0 says why
+        print(f"error: {msg}", file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()
@@ -481,10 +482,13 @@ def check_compatible(ckpt, config, path):
 # Without --data-path, train.py is the CPU demo: these replace the paper's values for the flags the
 # user did not give (printed at start). Everything else stays Table 7.
 DEMO_DEFAULTS = dict(model="tiny", patch_size=4, image_size=32, resolutions="8,16,32", global_batch_size=32, lr=1e-3,
-                     max_steps=1500, log_every=50, ckpt_every=500, sample_every=0, num_workers=0)
+                     max_steps=1500, log_every=50, ckpt_every=500, sample_every=0, num_workers=0, time_limit=8.0)
+# The demo's step budget fits 10 minutes on an idle 2-core machine; the time limit keeps a loaded one
+# (other jobs fighting for the cores) under 10 minutes too, at the price of fewer steps.
 # With --data-path: the paper's ImageNet 256 recipe (Table 7; 32 GPUs x 8 = 256 images per step).
 RECIPE_DEFAULTS = dict(model="XL", patch_size=None, image_size=256, resolutions=None, global_batch_size=256, lr=1e-4,
-                       max_steps=None, log_every=100, ckpt_every=50_000, sample_every=10_000, num_workers=8)
+                       max_steps=None, log_every=100, ckpt_every=50_000, sample_every=10_000, num_workers=8,
+                       time_limit=None)
 # Flags that define the network or the interpolant; the rest may change on resume.
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16 (the MFU denominator; --peak-tflops for other hardware)
 
@@ -540,6 +544,7 @@ def get_parser():
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     a("--epochs", type=int, default=200)
     a("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs; demo 1000)")
+    a("--time-limit", type=float, default=None, help="stop training (checkpoint, grid) after this many minutes (demo 8)")
     a("--global-seed", type=int, default=0)
     # bookkeeping
     a("--results-dir", type=str, default="results")
@@ -780,6 +785,7 @@ def train(args):
     # Running sums stay on the device; one all-reduce and one host sync per log interval.
     stats = torch.zeros(4 + 2 * K, dtype=torch.float64, device=device)  # loss, gnorm, steps, nonfinite, stage sums, counts
     flops, t_last, step_last = 0.0, time.time(), step
+    t_start = t_last
     last_ckpt = None
     epoch = step // steps_per_epoch
     while step < total_steps:
@@ -804,13 +810,19 @@ def train(args):
 
             counts = out["stage_count"]
             flops += 3 * sum(n * flops_of[r] for n, r in zip(counts, cdc_cfg.resolutions))
-            cnt = torch.tensor(counts, dtype=torch.float64)
+            # non_blocking: a pageable host-to-device copy would otherwise wait for the GPU every step
+            cnt = torch.tensor([1.0] + counts, dtype=torch.float64).to(device, non_blocking=True)
             sl = out["stage_loss"].detach().double().nan_to_num(0.0)
-            stats += torch.cat([torch.stack([loss.detach().double(), gnorm.detach().double(),
-                                             torch.ones((), dtype=torch.float64, device=device),
-                                             (~torch.isfinite(loss.detach())).double()]),
-                                sl * cnt.to(device), cnt.to(device)])
+            stats += torch.cat([torch.stack([loss.detach().double(), gnorm.detach().double()]), cnt[:1],
+                                (~torch.isfinite(loss.detach())).double().view(1), sl * cnt[1:], cnt[1:]])
 
+            if args.time_limit and step % args.log_every == 0:  # rank 0's clock decides for everyone
+                stop = torch.tensor([float(time.time() - t_start > 60 * args.time_limit)], device=device)
+                if distributed:
+                    dist.broadcast(stop, src=0)
+                if stop.item() and step < total_steps:
+                    log(f"--time-limit {args.time_limit} min reached: stopping at step {step} of {total_steps}")
+                    total_steps = step
             is_log = step % args.log_every == 0 or step == total_steps
             is_ckpt = step % args.ckpt_every == 0 or step == total_steps
             if is_log or is_ckpt:
