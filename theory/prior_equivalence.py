@@ -118,6 +118,7 @@ def source_equivalence(x: torch.Tensor, config: "cdc.CDCConfig", n_proj: int = 1
     two-sample test of training sources (first half of x) against inference priors (second half)."""
     g = torch.Generator().manual_seed(seed)
     K, half = config.K, x.shape[0] // 2
+    x = x[torch.randperm(x.shape[0], generator=g)]  # halves must be exchangeable (data files are often sorted)
     rows = []
     for s in range(1, K):
         x1 = cdc.down(x, K - 1 - s)            # x1^(k)
