@@ -429,7 +429,8 @@ def list_checkpoints(run_dir):
 
 
 def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # mmap: 8 processes resuming an XL run do not each read the ~10 GB file into memory first
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def find_resume(resume, results_dir, run_suffix):
