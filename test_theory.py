@@ -22,16 +22,6 @@ from theory import common, inference_time, operators, prior_equivalence as pe, t
 TOL = 1e-12  # float64 round-off, relative
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These checks multiply many small matrices; one thread avoids OpenMP overhead (and contention on a
-    busy 2-core runner, where it is ~10x faster). Restored afterwards for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def shapes16():
     """48 built-in images at 16 px (float64, [-1, 1]), via train.build_dataset."""
