@@ -223,7 +223,7 @@ def render_shape(shape: str, image_size: int, rng: np.random.Generator) -> Image
     fg = rng.uniform(0, 255, 3)
     for _ in range(100):
         bg0 = rng.uniform(0, 255, 3)
-        bg1 = np.clip(bg0 + rng.uniform(-70, 70, 3), 0, 255)
+        bg1 = np.clip(bg0 + rng.uniform(-50, 50, 3), 0, 255)
         if min(np.linalg.norm(fg - bg0), np.linalg.norm(fg - bg1)) > 140:
             break
     a = rng.uniform(0, 2 * math.pi)
@@ -231,7 +231,7 @@ def render_shape(shape: str, image_size: int, rng: np.random.Generator) -> Image
     t = np.clip((xx * math.cos(a) + yy * math.sin(a)) + 0.5, 0, 1)[..., None]
     img = Image.fromarray(((1 - t) * bg0 + t * bg1).astype(np.uint8), "RGB")
     d = ImageDraw.Draw(img)
-    r = rng.uniform(0.2, 0.32) * S
+    r = rng.uniform(0.24, 0.36) * S
     cx, cy = rng.uniform(r + 0.04 * S, S - r - 0.04 * S, 2)
     rot = rng.uniform(0, 2 * math.pi)
     color = tuple(int(c) for c in fg)
