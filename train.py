@@ -483,13 +483,16 @@ def check_compatible(ckpt, config, path):
 # Without --data-path, train.py is the CPU demo: these replace the paper's values for the flags the
 # user did not give (printed at start). Everything else stays Table 7.
 DEMO_DEFAULTS = dict(model="tiny", patch_size=4, image_size=32, resolutions="8,16,32", global_batch_size=32, lr=1e-3,
-                     max_steps=1500, log_every=50, ckpt_every=500, sample_every=0, num_workers=0, time_limit=8.0)
+                     max_steps=1500, log_every=50, ckpt_every=500, sample_every=0, num_workers=0, time_limit=8.0,
+                     threads=1)
 # The demo's step budget fits 10 minutes on an idle 2-core machine; the time limit keeps a loaded one
-# (other jobs fighting for the cores) under 10 minutes too, at the price of fewer steps.
+# (other jobs fighting for the cores) under 10 minutes too, at the price of fewer steps. One CPU thread:
+# on a shared 2-core machine we measured 2 OpenMP threads running this tiny model 3-6x *slower* than
+# one (each op waits for the thread whose core is busy); --threads 2 is faster only on an idle machine.
 # With --data-path: the paper's ImageNet 256 recipe (Table 7; 32 GPUs x 8 = 256 images per step).
 RECIPE_DEFAULTS = dict(model="XL", patch_size=None, image_size=256, resolutions=None, global_batch_size=256, lr=1e-4,
                        max_steps=None, log_every=100, ckpt_every=50_000, sample_every=10_000, num_workers=8,
-                       time_limit=None)
+                       time_limit=None, threads=None)
 # Flags that define the network or the interpolant; the rest may change on resume.
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16 (the MFU denominator; --peak-tflops for other hardware)
 
@@ -545,6 +548,7 @@ def get_parser():
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     a("--epochs", type=int, default=200)
     a("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs; demo 1000)")
+    a("--threads", type=int, default=None, help="CPU only: intra-op threads (default: torch's, one per core; demo 1)")
     a("--time-limit", type=float, default=None, help="stop training (checkpoint, grid) after this many minutes (demo 8)")
     a("--global-seed", type=int, default=0)
     # bookkeeping
@@ -676,6 +680,8 @@ def train(args):
         if args.global_batch_size % world:
             raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
         local_batch = args.global_batch_size // world
+        if args.threads and device.type == "cpu":
+            torch.set_num_threads(args.threads)
         if args.precision is None:
             args.precision = "bf16" if device.type == "cuda" else "fp32"
         if args.benchmark:
