@@ -346,7 +346,7 @@ def update_ema(ema, model, decay):
 
 def ema_decay_at(step, decay, warmup):
     """Table 7's EMA is 0.9999. Departure (--ema-warmup, on by default): decay_t = min(decay,
-    (1 + t) / (10 + t)), the usual warm-up, so that a short run (the CPU demo: ~1000 steps, where a
+    (1 + t) / (10 + t)), the usual warm-up, so that a short run (the CPU demo: ~2000 steps, where a
     0.9999 EMA would still be 90% initial weights) has a usable EMA. It reaches 0.9999 at step 90k
     and changes nothing after, so a 1M-step ImageNet run is the paper's recipe."""
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
@@ -527,16 +527,16 @@ def get_parser():
     a("--heads", type=int, default=None, help="override the preset")
     a("--patch-size", type=int, default=None, help="default: the preset's (4 as in Table 7; tiny 2)")
     a("--fusion", type=str, default="xattn", choices=cdc.FUSIONS)
-    a("--image-size", type=int, default=None, help="demo 32, recipe 256")
-    a("--resolutions", type=str, default=None, help="stage sides, e.g. 32,64,128,256 (default: halve down to 32; demo 8,16,32)")
+    a("--image-size", type=int, default=None, help="demo 16, recipe 256")
+    a("--resolutions", type=str, default=None, help="stage sides, e.g. 32,64,128,256 (default: halve down to 32; demo 8,16)")
     a("--sigma", type=float, default=1.0)
     a("--gamma", type=float, default=2.0)
     a("--interpolant", type=str, default="linear", choices=cdc.INTERPOLANTS)
     a("--loss-reduction", type=str, default="mean", choices=cdc.REDUCTIONS)
     a("--class-dropout", type=float, default=0.1)
     # optimisation
-    a("--global-batch-size", type=int, default=None, help="demo 32, recipe 256")
-    a("--lr", type=float, default=None, help="demo 1e-3, recipe 1e-4")
+    a("--global-batch-size", type=int, default=None, help="demo 16, recipe 256")
+    a("--lr", type=float, default=None, help="demo 2e-3, recipe 1e-4")
     a("--beta1", type=float, default=0.9)
     a("--beta2", type=float, default=0.95)
     a("--eps", type=float, default=1e-6)
@@ -548,7 +548,7 @@ def get_parser():
     a("--compile", action="store_true", help="torch.compile the network")
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     a("--epochs", type=int, default=200)
-    a("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs; demo 1000)")
+    a("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs; demo 4000, or the time limit)")
     a("--threads", type=int, default=None, help="CPU only: intra-op threads (default: torch's, one per core; demo 1)")
     a("--time-limit", type=float, default=None, help="stop training (checkpoint, grid) after this many minutes (demo 8)")
     a("--global-seed", type=int, default=0)
