@@ -115,11 +115,17 @@ def test_gamma_threshold_is_where_the_noise_parts_cross(K):
 
 def test_gamma_one_noise_part_fails_but_signal_saves_the_inequality(shapes16):
     """With gamma = 1 (no diminishing) the multi-stage noise part exceeds d_K sigma^2, so the paper's
-    argument does not apply; L_A > L_B then rests on the signal part being measured at lower resolution."""
-    r = tc.transport_costs(shapes16, cdc.CDCConfig(resolutions=(2, 4, 8, 16), gamma=1.0), draws=1)
+    argument does not apply; L_A > L_B then rests on the signal part being measured at lower resolution,
+    which outweighs the noise deficit only for a small enough source: sigma < sigma* with
+    sigma*^2 = signal gap / ((noise_B - noise_A) / sigma^2). The built-in shapes (plain backgrounds, little
+    signal) sit near sigma* = 1 (0.98 for these 16 px images, 1.005 at 32 px): test well below it."""
+    sigma = 0.5
+    r = tc.transport_costs(shapes16, cdc.CDCConfig(resolutions=(2, 4, 8, 16), sigma=sigma, gamma=1.0), draws=1)
     assert not r["noise_alone_guarantees"] and r["noise_B"] > r["noise_A"]
     assert r["signal_A"] - r["signal_B"] > r["noise_B"] - r["noise_A"]
     assert r["L_A"] > r["L_B"]
+    sigma_star = math.sqrt((r["signal_A"] - r["signal_B"]) / ((r["noise_B"] - r["noise_A"]) / sigma ** 2))
+    assert sigma < sigma_star < 2.0  # sigma = 2 lies beyond it: the next test's counterexample
 
 
 def test_theorem2_fails_without_diminishing_noise(shapes16):
