@@ -591,7 +591,7 @@ def score_from_velocity(field_value, x, tau, stage, cdc: CDCConfig):
     return -source_noise_estimate(field_value, x, tau, stage, cdc) / (alpha * cdc.sigma_k(stage) ** 2)
 
 
-def _steps_per_stage(steps, K):
+def steps_per_stage(steps, K):
     try:
         steps = [operator.index(s) for s in steps] if isinstance(steps, (list, tuple)) else [operator.index(steps)] * K
     except TypeError:
@@ -655,7 +655,7 @@ def sample(field: Field, cdc: CDCConfig, n: int, channels: int = 3, steps=24, so
     `generator` (drawn on its device: pass one on the sampling device for speed on a GPU).
     Returns the final images, or the list of every stage's output if return_stages (Fig. 9).
     """
-    steps = _steps_per_stage(steps, cdc.K)
+    steps = steps_per_stage(steps, cdc.K)
     r = cdc.resolutions[0]
     x = cdc.sigma * randn((n, channels, r, r), generator, device)          # Alg. 2 line 1
     outputs = []

@@ -191,7 +191,7 @@ def generate(args, rank, world, device, distributed):
     steps = parse_ints(args.steps_per_stage, "--steps-per-stage")
     steps = steps[0] if len(steps) == 1 else steps
     try:
-        cdc._steps_per_stage(steps, cdc_cfg.K)
+        cdc.steps_per_stage(steps, cdc_cfg.K)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     num_classes = model.config.num_classes
