@@ -485,11 +485,12 @@ def check_compatible(ckpt, config, path):
 # also trains a K = 2 hierarchy) with a small batch and a high learning rate: ~2000 updates in 8 minutes.
 DEMO_DEFAULTS = dict(model="tiny", patch_size=2, image_size=16, resolutions="8,16", global_batch_size=16, lr=2e-3,
                      max_steps=4000, log_every=100, ckpt_every=500, sample_every=0, num_workers=0, time_limit=8.0,
-                     threads=1)
+                     threads=None)
 # The time limit keeps the demo under 10 minutes on any 2-core machine, loaded or idle (it stops at
-# whichever of max_steps and the limit comes first, then writes a checkpoint and the grid). One CPU thread:
-# on a shared 2-core machine we measured 2 OpenMP threads running this tiny model 3-6x *slower* than
-# one (each op waits for the thread whose core is busy); --threads 2 is faster only on an idle machine.
+# whichever of max_steps and the limit comes first, then writes a checkpoint and the grid). Threads: on an
+# idle 2-core machine torch's default (2) ran the demo 1.54x faster than 1 thread (6.2 vs 4.0 steps/s);
+# on a machine whose other core is busy, 2 OpenMP threads ran 3-6x *slower* (each op waits for the thread
+# whose core is taken): pass --threads 1 there.
 # With --data-path: the paper's ImageNet 256 recipe (Table 7; 32 GPUs x 8 = 256 images per step).
 RECIPE_DEFAULTS = dict(model="XL", patch_size=None, image_size=256, resolutions=None, global_batch_size=256, lr=1e-4,
                        max_steps=None, log_every=100, ckpt_every=50_000, sample_every=10_000, num_workers=8,
@@ -549,7 +550,7 @@ def get_parser():
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     a("--epochs", type=int, default=200)
     a("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs; demo 4000, or the time limit)")
-    a("--threads", type=int, default=None, help="CPU only: intra-op threads (default: torch's, one per core; demo 1)")
+    a("--threads", type=int, default=None, help="CPU only: intra-op threads (default: torch's, one per core; 1 on a busy machine)")
     a("--time-limit", type=float, default=None, help="stop training (checkpoint, grid) after this many minutes (demo 8)")
     a("--global-seed", type=int, default=0)
     # bookkeeping
