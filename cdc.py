@@ -15,10 +15,11 @@ is the paper's k = 1 (noise-to-image) and stage K-1 is the full resolution. A "v
 callable field(x, tau, stage) -> b with x at that stage's resolution and tau a (N,) tensor in [0, 1].
 """
 
+import functools
 import math
 import operator
 from dataclasses import dataclass, asdict, fields
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -59,7 +60,8 @@ def up(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
 
 
 def pyramid(x: torch.Tensor, K: int) -> list:
-    """[x1^(1), ..., x1^(K)] with x1^(k) = D_{K->k}(x) (§3.1); x is the full-resolution image x^(K)."""
+    """[x1^(1), ..., x1^(K)] with x1^(k) = D_{K->k}(x) (§3.1) for sides that double from stage to stage;
+    x is the full-resolution image x^(K). (Any path: [down(x, cdc.levels_below_top(s)) for s ...].)"""
     return [down(x, K - 1 - s) for s in range(K)]
 
 
@@ -104,11 +106,13 @@ def interpolant_coefficients(kind: str, tau: torch.Tensor):
 class CDCConfig:
     """Everything that defines the multi-stage interpolant (not the network).
 
-    resolutions: image side of every stage, coarse to fine; each doubles the last (2x2 operators).
+    resolutions: image side of every stage, coarse to fine; each a power-of-two multiple of the last
+                 (2x each is §3.1's 2x2 operators; Table 6's 64 -> 256 is a 4x step: D and U then act on
+                 4x4 blocks, i.e. two 2x2 levels, and sigma_k is unchanged).
     sigma:       stage-1 source std, x0^(1) ~ N(0, sigma^2 I) (eq. 8).
     gamma:       diminish factor, sigma_k = gamma^-(k-1) sigma (eq. 20, gamma >= 1).
     windows:     widths of the stage time windows [t0^k, t1^k] (eq. 12), summing to 1; None = equal.
-                 With t ~ U[0,1] (Alg. 1) a window's width is also that stage's share of every batch.
+                 A window's width is also that stage's share of every batch (Alg. 1; `stage_quotas`).
     interpolant: 'linear' (eq. 12), 'trigonometric' or 'score' (Table 5).
     """
     resolutions: tuple = (32, 64, 128, 256)
@@ -122,8 +126,9 @@ class CDCConfig:
         object.__setattr__(self, "resolutions", res)
         if len(res) == 0 or res[0] < 1:
             raise ValueError(f"resolutions must be a non-empty list of positive sides, got {res}")
-        if any(b != 2 * a for a, b in zip(res, res[1:])):
-            raise ValueError(f"resolutions must double from stage to stage (e.g. 32,64,128,256); got {res}")
+        if any(b <= a or b % a or (b // a) & (b // a - 1) for a, b in zip(res, res[1:])):
+            raise ValueError(f"each resolution must be a power-of-two multiple (2x, 4x, ...) of the one before, "
+                             f"e.g. 32,64,128,256 or 64,256; got {res}")
         if not self.sigma > 0:
             raise ValueError(f"sigma must be > 0 (the source must have a density), got {self.sigma}")
         if not self.gamma >= 1:
@@ -141,14 +146,28 @@ class CDCConfig:
     def K(self) -> int:
         return len(self.resolutions)
 
+    def levels(self, stage: int) -> int:
+        """How many 2x2 levels separate stage `stage` from the one before (1 for a 2x step, 2 for 4x):
+        D and U of that stage's coupling (eq. 9) and inference prior (eq. 17) act on 2^levels blocks."""
+        return (self.resolutions[stage] // self.resolutions[stage - 1]).bit_length() - 1 if stage > 0 else 0
+
+    def levels_below_top(self, stage: int) -> int:
+        """Levels of D_{K->k}: from the full resolution down to stage `stage`."""
+        return (self.resolutions[-1] // self.resolutions[stage]).bit_length() - 1
+
     def sigma_k(self, stage: int) -> float:
         """eq. 20: sigma_k = gamma^-(k-1) sigma; stage 0 (k = 1) gives sigma itself (eq. 8)."""
         return self.sigma * self.gamma ** (-stage)
 
+    def widths(self) -> torch.Tensor:
+        """Window widths t1^k - t0^k (float64, K values summing to 1)."""
+        if self.windows:
+            return torch.tensor(self.windows, dtype=torch.float64)
+        return torch.full((self.K,), 1.0 / self.K, dtype=torch.float64)
+
     def boundaries(self) -> torch.Tensor:
         """t0^1 = 0 < t1^1 = t0^2 < ... < t1^K = 1 (float64, K + 1 values)."""
-        w = torch.tensor(self.windows, dtype=torch.float64) if self.windows else torch.full((self.K,), 1.0 / self.K, dtype=torch.float64)
-        b = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w, 0)])
+        b = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(self.widths(), 0)])
         b[-1] = 1.0
         return b
 
@@ -191,12 +210,14 @@ def coupling_source(x1: torch.Tensor, stage: int, cdc: CDCConfig, zeta: Optional
     stage 0 (k = 1): x0 = sigma zeta, independent of x1 (eq. 8).
     stage > 0:       x0 = m_k(x1) + sigma_k zeta with m_k = U o D (eq. 9, 10). Since D(x1^(k)) = x1^(k-1)
                      by transitivity, this is U(x1^(k-1)) + sigma_k zeta: the inference prior eq. 17 (App. E.2).
+                     D and U act on the stage's own factor (cdc.levels: 2x2 blocks, or 4x4 for a 4x step).
     """
     if zeta is None:
         zeta = randn(x1.shape, generator, x1.device, x1.dtype)
     if stage == 0:
         return cdc.sigma * zeta
-    return up(down(x1)) + cdc.sigma_k(stage) * zeta
+    L = cdc.levels(stage)
+    return up(down(x1, L), L) + cdc.sigma_k(stage) * zeta
 
 
 # ------------------------------------------------------------------------------------------------
@@ -488,17 +509,71 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int, generator=None) -> t
     return torch.where(_to_device(drop, y.device), torch.full_like(y, null_class), y)
 
 
+STAGE_SAMPLINGS = ("stratified", "iid")
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+@functools.lru_cache(maxsize=64)
+def _quota_wheel(widths: tuple, batch: int):
+    q = [batch * w for w in widths]
+    base = [math.floor(v + 1e-9) for v in q]
+    frac = [max(v - b, 0.0) for v, b in zip(q, base)]
+    starts = [sum(frac[:k]) for k in range(len(frac))]
+    # the smallest period P that puts every arc start on the grid k / P (K for equal windows)
+    period = next((P for P in range(1, 10_001) if all(abs(P * F - round(P * F)) < 1e-6 for F in starts)), None)
+    return base, frac, starts, period
+
+
+def stage_quotas(cdc: CDCConfig, batch: int, step: Optional[int] = None, generator=None) -> list:
+    """Samples per stage in one stratified step: floor(B w_k) each (w_k = window widths), and the
+    r = B - sum of floors left over dealt by a wheel. Lay the fractional parts f_k = B w_k - floor(B w_k)
+    end to end as arcs [F_k, F_k + f_k) on a circle of circumference 1 (they wind r times around it):
+    stage k gets one more sample when a pointer theta lies in its arc. Each f_k < 1, so every theta is
+    covered exactly r times and no stage gets two. theta = (step mod P + 1/2) / P turns with the step
+    (P = the smallest period with every F_k P an integer, K for equal windows): over any P consecutive
+    steps stage k gets exactly P f_k extras, so the long-run mix is exactly B w_k, and every rank, which
+    passes the same step, has the same counts. step=None draws theta ~ U[0, 1) from `generator`
+    instead: E[count_k] = B w_k at every step (randomised systematic sampling)."""
+    base, frac, starts, period = _quota_wheel(tuple(cdc.widths().tolist()), int(batch))
+    if sum(base) == batch:
+        return list(base)
+    if step is None:
+        theta = float(torch.rand((), generator=generator))
+    elif period is not None:
+        theta = (step % period + 0.5) / period
+    else:  # windows with no small rational period: an equidistributed sequence (exact in the limit)
+        theta = ((step + 0.5) * _GOLDEN) % 1.0
+    counts = [b + int((theta - F) % 1.0 < f) for b, F, f in zip(base, starts, frac)]
+    if sum(counts) != batch:  # cannot happen for valid windows; never train on a wrong mix silently
+        raise RuntimeError(f"stage quotas {counts} do not add up to the batch {batch}")
+    return counts
+
+
 def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], cdc: CDCConfig,
-                    class_dropout: float = 0.1, reduction: str = "mean", generator=None) -> dict:
+                    class_dropout: float = 0.1, reduction: str = "mean", generator=None,
+                    stage_sampling: str = "stratified", step: Optional[int] = None) -> dict:
     """One step of Alg. 1 / Alg. 3 for a batch of full-resolution images x^(K) and labels y.
 
-    t ~ U[0,1] per sample picks the stage and tau (eq. 12); samples are grouped by stage and the model
-    runs once per non-empty stage (stages differ in token count). t and the label-dropout coins come
-    from `generator` (a CPU generator, or None for the global CPU RNG), so the grouping is known on the
-    host and the step needs no device sync; zeta comes from the global RNG of x's device. Pass the bare
-    (or compiled) model: it reads model.null_class. For DDP, wrap a module that calls this function.
+    Each sample gets a stage k and a tau (eq. 12):
+      'iid' (Alg. 1 literally): t ~ U[0,1] per sample, so a stage's count is Binomial(B, w_k).
+      'stratified' (default): fixed quotas n_k = `stage_quotas(cdc, B, step)` ~ B w_k, and tau ~ U[0,1]
+        inside each stage, i.e. t uniform in its window. Why the expected loss is Alg. 1's: Alg. 1's
+        per-sample loss has expectation E_t[l] = sum_k w_k E[l | k], because t ~ U[0,1] falls in window
+        k with probability w_k and is then uniform in it, i.e. tau ~ U[0,1]. The stratified batch mean
+        (1/B) sum_k sum_{j in k} l_j has expectation sum_k (n_k / B) E[l | k]: equal when n_k = B w_k
+        (e.g. B divisible by K for equal windows), and otherwise equal on average over the steps,
+        since the quotas' long-run mix is exactly B w_k. The data are i.i.d. either way. Its variance
+        is never larger: stratification with proportional allocation removes the between-stage term
+        (1/B) sum_k w_k (E[l | k] - E[l])^2 of the i.i.d. variance and keeps the within-stage one.
+        Every rank (same step) carries the same stage mix, and shapes repeat: see the issue of load
+        balance and compilation in the README.
+    Samples are grouped by stage and the model runs once per non-empty stage (stages differ in token
+    count). t and the label-dropout coins come from `generator` (a CPU generator, or None for the global
+    CPU RNG), so the grouping is known on the host and the step needs no device sync; zeta comes from the
+    global RNG of x's device. Pass the bare (or compiled) model: it reads model.null_class. For DDP, wrap
+    a module that calls this function.
 
-    Returns {'loss': exact batch mean of per-sample losses (scalar, differentiable),
+    Returns {'loss': batch mean of per-sample losses (scalar, differentiable),
              'stage_loss': (K,) mean loss per stage (detached, NaN where a stage got no sample),
              'stage_count': list of K ints}.
     """
@@ -509,17 +584,21 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
         raise ValueError(f"class_dropout is a probability in [0, 1], got {class_dropout}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown loss reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    if stage_sampling not in STAGE_SAMPLINGS:
+        raise ValueError(f"unknown stage sampling {stage_sampling!r}; choose one of {', '.join(STAGE_SAMPLINGS)}")
     B, K, device = x.shape[0], cdc.K, x.device
-    t = torch.rand(B, generator=generator)                      # Alg. 1 line 3, on the CPU
-    stage, tau = cdc.stage_and_tau(t)                           # Alg. 1 line 4
-    counts = torch.bincount(stage, minlength=K).tolist()
-    order = torch.argsort(stage, stable=True)                   # samples sorted by stage
-    order_dev = _to_device(order, device)
-    xs, tau = x[order_dev], _to_device(tau[order], device)
-    if y is not None:
-        y = y[order_dev]
-        if class_dropout > 0:
-            y = drop_labels(y, class_dropout, model.null_class, generator)  # Alg. 3 line 15
+    if stage_sampling == "iid":
+        t = torch.rand(B, generator=generator)                  # Alg. 1 line 3, on the CPU
+        stage, tau = cdc.stage_and_tau(t)                       # Alg. 1 line 4
+        counts = torch.bincount(stage, minlength=K).tolist()
+        order = _to_device(torch.argsort(stage, stable=True), device)  # samples sorted by stage
+        xs, tau = x[order], _to_device(tau[order], device)
+        y = None if y is None else y[order]
+    else:                                                       # the data are already in random order
+        counts = stage_quotas(cdc, B, step, generator)
+        xs, tau = x, _to_device(torch.rand(B, generator=generator), device)
+    if y is not None and class_dropout > 0:
+        y = drop_labels(y, class_dropout, model.null_class, generator)  # Alg. 3 line 15
     total = torch.zeros((), device=device)
     stage_loss = torch.full((K,), float("nan"), device=device)
     start = 0
@@ -528,7 +607,7 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
             continue
         part = slice(start, start + n)
         start += n
-        x1 = down(xs[part], K - 1 - s)                          # x1^(k) = D_{K->k}(x^(K)), line 5
+        x1 = down(xs[part], cdc.levels_below_top(s))            # x1^(k) = D_{K->k}(x^(K)), line 5
         x0 = coupling_source(x1, s, cdc)                        # lines 6-12 (eq. 8, 9)
         I, I_dot = cdc.interpolate(x0, x1, tau[part])           # lines 13-14
         b = model(I, tau[part], None if y is None else y[part]) # lines 16-17
@@ -551,8 +630,8 @@ def guided_field(model: nn.Module, y: Optional[torch.Tensor], cfg_scale: float =
     b_cfg = b_null + S (b_c - b_null) on all channels, the same S for every stage (§3.4).
     Conditional and unconditional halves run as one batch. y=None samples the unconditional model."""
     def field(x, tau, stage):
-        if y is None:
-            return model(x, tau, None).float()
+        if y is None or cfg_scale == 1:  # b_cfg = b_c: one network evaluation, not two
+            return model(x, tau, y).float()
         null = torch.full_like(y, model.null_class)
         b = model(torch.cat([x, x]), torch.cat([tau, tau]), torch.cat([y, null])).float()
         b_c, b_null = b.chunk(2)
@@ -578,7 +657,8 @@ def source_noise_estimate(field_value, x, tau, stage, cdc: CDCConfig):
     W = da * bt - db * a
     est = bt * field_value - db * x
     if stage > 0:
-        est = est + up(down(a * field_value - da * x))
+        L = cdc.levels(stage)
+        est = est + up(down(a * field_value - da * x, L), L)
     return est / W
 
 
@@ -661,7 +741,7 @@ def sample(field: Field, cdc: CDCConfig, n: int, channels: int = 3, steps=24, so
     outputs = []
     for s in range(cdc.K):
         if s > 0:                                                           # lines 4-8, eq. 17
-            x = up(x) + cdc.sigma_k(s) * randn((n, channels) + (cdc.resolutions[s],) * 2, generator, device)
+            x = up(x, cdc.levels(s)) + cdc.sigma_k(s) * randn((n, channels) + (cdc.resolutions[s],) * 2, generator, device)
         x = integrate_stage(field, x, s, steps[s], cdc, solver, sde_scale, generator)
         outputs.append(x)
     return outputs if return_stages else x

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import pickle
-import sys
 import time
 
 import numpy as np
@@ -29,7 +28,9 @@ import torch.distributed as dist
 from PIL import Image
 
 import cdc
-from train import ConfigError, DataError, build_dataset, die, list_checkpoints, load_checkpoint, save_grid, setup_distributed
+from data import DataError, build_dataset, save_stage_sheet, to_uint8
+from runs import ConfigError, die, list_checkpoints, load_checkpoint, setup_distributed
+from train import compile_model
 
 # ------------------------------------------------------------------------------------------------
 #                                        FID
@@ -160,11 +161,13 @@ def parse_ints(text, name):
         raise ConfigError(f"{name} must be an int or comma-separated ints, got {text!r}") from None
 
 
-def batch_generator(seed, batch_index):
+def batch_generator(seed, batch_index, device="cpu"):
     """The noise of global batch b depends only on (seed, b): the same images whatever the number of
-    processes, and any batch can be regenerated alone."""
+    processes, and any batch can be regenerated alone. The generator lives on the sampling device, so
+    noise is drawn where it is used (no host draw and blocking copy per stage); images from the same
+    seed therefore depend on the device type (CPU vs CUDA), not on the number of processes."""
     s = int(np.random.SeedSequence((seed, batch_index)).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(s)
+    return torch.Generator(device).manual_seed(s)
 
 
 def batch_labels(b, n, num_classes, class_labels, gen):
@@ -172,22 +175,13 @@ def batch_labels(b, n, num_classes, class_labels, gen):
         return None
     if class_labels:
         return torch.tensor([class_labels[(b * n + j) % len(class_labels)] for j in range(n)])
-    return torch.randint(num_classes, (n,), generator=gen)
-
-
-def stage_sheet(stages, path):
-    """Fig. 9: per sample (row), each stage's output upsampled to full size, then the detail each
-    stage added (output_k - U(output_{k-1}), x2, grey = nothing added)."""
-    K, full = len(stages), stages[-1].shape[-1]
-    cols = [cdc.up(s, int(math.log2(full // s.shape[-1]))) for s in stages]
-    details = [(cdc.up(stages[k] - cdc.up(stages[k - 1]), K - 1 - k) * 2).clamp(-1, 1) for k in range(1, K)]
-    tiles = torch.stack(cols + details, dim=1)  # (n, 2K-1, C, H, W)
-    save_grid(tiles.flatten(0, 1), path, nrow=2 * K - 1)
+    return torch.randint(num_classes, (n,), generator=gen, device=gen.device)
 
 
 def generate(args, rank, world, device, distributed):
     model, cdc_cfg, train_args, ckpt_path = load_model(args.ckpt, use_ema=not args.no_ema)
     model.to(device)
+    net = compile_model(model) if args.compile else model
     steps = parse_ints(args.steps_per_stage, "--steps-per-stage")
     steps = steps[0] if len(steps) == 1 else steps
     try:
@@ -214,18 +208,17 @@ def generate(args, rank, world, device, distributed):
     n = args.per_proc_batch_size
     n_batches = math.ceil(args.num_fid_samples / n)
     t0, made = time.time(), 0
-    all_labels = {}
     for b in range(rank, n_batches, world):  # batch b holds images b*n ... b*n + n - 1
-        gen = batch_generator(args.seed, b)
+        gen = batch_generator(args.seed, b, device)
         y = batch_labels(b, n, num_classes, class_labels, gen)
-        field = cdc.guided_field(model, None if y is None else y.to(device), args.cfg_scale)
+        field = cdc.guided_field(net, None if y is None else y.to(device), args.cfg_scale)
         with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
             out = cdc.sample(field, cdc_cfg, n, channels=model.config.in_channels, steps=steps, solver=args.solver,
                              sde_scale=args.sde_scale, generator=gen, device=device, return_stages=args.save_stages and b == 0)
         if args.save_stages and b == 0:
-            stage_sheet([s[:8].float().cpu() for s in out], folder + "_stages.png")
+            save_stage_sheet([s[:8].float().cpu() for s in out], folder + "_stages.png")
             out = out[-1]
-        x = ((out.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        x = to_uint8(out).numpy()
         for j in range(n):
             i = b * n + j
             if i < args.num_fid_samples:
@@ -246,7 +239,7 @@ def generate(args, rank, world, device, distributed):
                        for i in range(args.num_fid_samples)])
     extra = {}
     if num_classes:
-        extra["labels"] = np.concatenate([batch_labels(b, n, num_classes, class_labels, batch_generator(args.seed, b)).numpy()
+        extra["labels"] = np.concatenate([batch_labels(b, n, num_classes, class_labels, batch_generator(args.seed, b, device)).cpu().numpy()
                                           for b in range(n_batches)])[:args.num_fid_samples]
     np.savez(folder + ".npz", arr_0=images, **extra)
     print(f"saved {folder}.npz: arr_0 {images.dtype} {images.shape}", flush=True)
@@ -274,6 +267,7 @@ def get_parser():
     a("--seed", type=int, default=0)
     a("--save-stages", action="store_true", help="also save a Fig. 9 sheet of every stage and its added detail")
     a("--precision", type=str, default=None, choices=["bf16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
+    a("--compile", action="store_true", help="torch.compile the network (static shapes: one graph per stage)")
     # FID
     a("--fid-ref", type=str, default=None, help="reference statistics .npz (mu, sigma)")
     a("--detector", type=str, default=None, help="feature detector: pickled or saved TorchScript (e.g. Inception)")

@@ -170,7 +170,9 @@ def test_score_interpolant_derivative_is_bounded_near_one():
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("build, words", [
-    (lambda: cdc.CDCConfig(resolutions=(32, 48, 96)), "double"),
+    (lambda: cdc.CDCConfig(resolutions=(32, 48, 96)), "power-of-two multiple"),
+    (lambda: cdc.CDCConfig(resolutions=(32, 96)), "power-of-two multiple"),
+    (lambda: cdc.CDCConfig(resolutions=(64, 32)), "power-of-two multiple"),
     (lambda: cdc.CDCConfig(interpolant="cosine"), "choose one of linear"),
     (lambda: cdc.CDCConfig(gamma=0.5), "gamma must be >= 1"),
     (lambda: cdc.CDCConfig(sigma=0.0), "sigma must be > 0"),
@@ -357,18 +359,26 @@ def test_training_step_groups_by_stage_one_forward_each():
 
 @pytest.mark.parametrize("kind", cdc.INTERPOLANTS)
 @pytest.mark.parametrize("reduction", cdc.REDUCTIONS)
-def test_training_step_equals_alg1_rebuilt_by_hand_per_sample(kind, reduction):
+@pytest.mark.parametrize("sampling", cdc.STAGE_SAMPLINGS)
+def test_training_step_equals_alg1_rebuilt_by_hand_per_sample(kind, reduction, sampling):
     """Every line of Alg. 1/3 rebuilt per sample from the same random draws: stage and tau from t
-    (eq. 12), x1 = D_{K->k} x, the coupling (eq. 8, 9), I and I_dot, the model call, the loss; the
-    result is the exact batch mean, and each stage's logged loss is the mean over its samples."""
-    B = 24
+    (eq. 12; stratified: fixed quotas in batch order and tau ~ U[0,1]), x1 = D_{K->k} x, the coupling
+    (eq. 8, 9), I and I_dot, the model call, the loss; the result is the exact batch mean, and each
+    stage's logged loss is the mean over its samples. B = 25 is not divisible by K = 3."""
+    B, step = 25, 7
     config = cdc.CDCConfig(resolutions=RES, sigma=0.8, gamma=3.0, interpolant=kind)
     x, y = torch.randn(B, 3, 32, 32), torch.randint(0, 5, (B,))
     torch.manual_seed(5)
     got = cdc.training_losses(Recorder(), x, y, config, class_dropout=0.0, reduction=reduction,
-                              generator=torch.Generator().manual_seed(11))
-    stage, tau = config.stage_and_tau(torch.rand(B, generator=torch.Generator().manual_seed(11)))
+                              generator=torch.Generator().manual_seed(11), stage_sampling=sampling, step=step)
+    if sampling == "iid":
+        stage, tau = config.stage_and_tau(torch.rand(B, generator=torch.Generator().manual_seed(11)))
+    else:
+        counts = cdc.stage_quotas(config, B, step)
+        stage = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
+        tau = torch.rand(B, generator=torch.Generator().manual_seed(11))
     assert set(stage.tolist()) == {0, 1, 2}
+    assert got["stage_count"] == torch.bincount(stage, minlength=3).tolist()
     torch.manual_seed(5)
     zeta = {s: torch.randn(int((stage == s).sum()), 3, RES[s], RES[s]) for s in range(3)}  # drawn stage by stage
     per_sample = torch.zeros(B)
@@ -439,7 +449,7 @@ def test_cfg_scale_one_is_conditional_zero_is_unconditional_in_one_forward():
         torch.testing.assert_close(cdc.guided_field(model, y, 0.0)(x, tau, 1), b_null, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cdc.guided_field(model, y, 3.0)(x, tau, 1), b_null + 3 * (b_c - b_null),
                                    rtol=1e-4, atol=1e-4)
-    assert calls == [8, 8, 8]                                  # cond and uncond batched: one forward each
+    assert calls == [4, 8, 8]  # S = 1: b_c alone, one evaluation of N; else cond + uncond in one forward of 2N
     assert not torch.allclose(b_c, b_null)
 
 

@@ -24,7 +24,7 @@ TOL = 1e-12  # float64 round-off, relative
 
 @pytest.fixture(scope="module")
 def shapes16():
-    """48 built-in images at 16 px (float64, [-1, 1]), via train.build_dataset."""
+    """48 built-in images at 16 px (float64, [-1, 1]), via data.build_dataset."""
     return common.load_images(None, 16, 48, seed=0)
 
 

@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 
 import sample
-import train
+import data
+import runs
+import train  # noqa: F401  (the script under test)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A network of a few thousand parameters on 16 px images with 3 stages: seconds per run.
@@ -59,16 +61,16 @@ def load(path):
 
 
 def test_procedural_shapes_deterministic_and_in_range():
-    ds = train.ProceduralShapes(size=20, image_size=24, num_classes=5, seed=3)
+    ds = data.ProceduralShapes(size=20, image_size=24, num_classes=5, seed=3)
     x, y = ds[7]
     assert x.shape == (3, 24, 24) and x.dtype == torch.float32
     assert -1 <= x.min() and x.max() <= 1 and x.std() > 0.05  # not a blank image
     assert 0 <= y < 5 and isinstance(y, int)
-    x2, y2 = train.ProceduralShapes(size=20, image_size=24, num_classes=5, seed=3)[7]
+    x2, y2 = data.ProceduralShapes(size=20, image_size=24, num_classes=5, seed=3)[7]
     assert torch.equal(x, x2) and y == y2
-    assert not torch.equal(x, train.ProceduralShapes(size=20, image_size=24, num_classes=5, seed=4)[7][0])
+    assert not torch.equal(x, data.ProceduralShapes(size=20, image_size=24, num_classes=5, seed=4)[7][0])
     assert {ds[i][1] for i in range(20)} == set(range(5))  # every class appears
-    assert ds.num_classes == 5 and train.build_dataset(None, 8, num_classes=2).num_classes == 2
+    assert ds.num_classes == 5 and data.build_dataset(None, 8, num_classes=2).num_classes == 2
 
 
 def make_folder(root, corrupt=True):
@@ -87,31 +89,31 @@ def make_folder(root, corrupt=True):
 
 def test_image_folder_labels_modes_and_skips(tmp_path):
     make_folder(tmp_path / "data")
-    ds = train.build_dataset(str(tmp_path / "data"), 16)
+    ds = data.build_dataset(str(tmp_path / "data"), 16)
     assert len(ds) == 16 and ds.num_classes == 2
     items = [ds[i] for i in range(len(ds))]
     assert all(x.shape == (3, 16, 16) and -1 <= x.min() and x.max() <= 1 for x, _ in items)
     assert [y for _, y in items] == [0] * 8 + [1] * 8  # labels from the sorted class names
     assert ds.num_skipped == 2  # the truncated png and the junk jpg, each replaced by a readable image
-    ev = train.build_dataset(str(tmp_path / "data"), 16, train=False)
+    ev = data.build_dataset(str(tmp_path / "data"), 16, train=False)
     assert torch.equal(ev[3][0], ev[3][0])
 
 
 def test_npz_dataset_and_errors(tmp_path):
     imgs = np.random.default_rng(0).integers(0, 256, (5, 20, 18, 3), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", arr_0=imgs, labels=np.array([0, 2, 1, 2, 0]))
-    ds = train.build_dataset(str(tmp_path / "d.npz"), 16)
+    ds = data.build_dataset(str(tmp_path / "d.npz"), 16)
     assert len(ds) == 5 and ds.num_classes == 3 and ds[1][1] == 2 and ds[1][0].shape == (3, 16, 16)
     # a 16x16 image at 16 px, evaluation view: exactly the stored pixels
     np.savez(tmp_path / "e.npz", arr_0=imgs[:, :16, :16])
-    ev = train.build_dataset(str(tmp_path / "e.npz"), 16, train=False)
+    ev = data.build_dataset(str(tmp_path / "e.npz"), 16, train=False)
     assert ev.num_classes == 0
     assert torch.equal(((ev[0][0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0), torch.from_numpy(imgs[0, :16, :16]))
     (tmp_path / "bad.npz").write_bytes(b"garbage")
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
     for bad in ("missing", "bad.npz", "float.npz"):
-        with pytest.raises(train.DataError):
-            train.build_dataset(str(tmp_path / bad), 16)
+        with pytest.raises(data.DataError):
+            data.build_dataset(str(tmp_path / bad), 16)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,7 +144,7 @@ def test_train_runs_and_resume_is_bit_exact(tmp_path):
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     good = str(tmp_path / "run" / "checkpoints" / "0000004.pt")
-    train.save_checkpoint({"step": 4, "w": torch.ones(3)}, good)
+    runs.save_checkpoint({"step": 4, "w": torch.ones(3)}, good)
 
     def dying_save(obj, f):  # the process is killed half-way through writing
         f.write(b"PK\x03\x04 partial")
@@ -150,16 +152,16 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"step": 8}, str(tmp_path / "run" / "checkpoints" / "0000008.pt"))
+        runs.save_checkpoint({"step": 8}, str(tmp_path / "run" / "checkpoints" / "0000008.pt"))
     monkeypatch.undo()
-    assert train.list_checkpoints(str(tmp_path / "run")) == [good]
+    assert runs.list_checkpoints(str(tmp_path / "run")) == [good]
     assert load(good)["step"] == 4
     # A SIGKILL leaves the temporary file behind (no finally runs): it is never taken for a checkpoint.
     (tmp_path / "run" / "checkpoints" / "0000012.pt.tmp999").write_bytes(b"partial")
     # A damaged newest checkpoint (e.g. full disk) is skipped by --resume auto, with a warning.
     (tmp_path / "run" / "checkpoints" / "0000016.pt").write_bytes(b"PK\x03\x04 partial")
     os.rename(tmp_path / "run", tmp_path / "000-tiny-16")
-    ckpt, path = train.find_resume("auto", str(tmp_path), "tiny-16")
+    ckpt, path = runs.find_resume("auto", str(tmp_path), "tiny-16")
     assert path.endswith("0000004.pt") and ckpt["step"] == 4
 
 
@@ -178,7 +180,7 @@ def test_bad_inputs_give_one_error_line(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"garbage")
     one_line_error(run("train.py", *TINY, "--data-path", tmp_path / "bad.npz", cwd=tmp_path), "npz")
     one_line_error(run("train.py", *TINY, "--image-size", "24", cwd=tmp_path), "--image-size")
-    one_line_error(run("train.py", *TINY, "--resolutions", "4,9,16", cwd=tmp_path), "double")
+    one_line_error(run("train.py", *TINY, "--resolutions", "4,9,16", cwd=tmp_path), "power-of-two")
     one_line_error(run("train.py", *TINY[:4], "--patch-size", "3", *TINY[6:], cwd=tmp_path), "patch size")
     one_line_error(run("sample.py", "--ckpt", tmp_path / "none.pt", cwd=tmp_path), "does not exist")
 

@@ -4,344 +4,60 @@ Train CDC-FM (cdc.py) on one CPU, one GPU, or many GPUs on many nodes.
     python train.py                                            # CPU demo: tiny DiT on built-in shapes
     torchrun --nnodes 4 --nproc_per_node 8 train.py --data-path /imagenet/train --model XL --image-size 256
 
-The script reads top to bottom like DiT's train.py: data, then the objective, then checkpoints and
-logging, then main(). Every flag defaults to the paper's recipe (Table 7) except where the CPU demo has
-to differ; those demo values are listed in DEMO_DEFAULTS and printed at start.
+Reads top to bottom like DiT's train.py: the training step and EMA, the log meter, the flags, set-up
+and resume, then train(): one loop. Every flag defaults to the paper's recipe (Table 7) except where
+the CPU demo has to differ; those demo values are in DEMO_DEFAULTS and printed at start. Data sets and
+transforms live in data.py; processes, errors, the log and checkpoints in runs.py; the speed benchmark
+in bench/speed.py.
 """
 
 import argparse
 import dataclasses
 import glob
 import json
-import math
 import os
-import re
-import sys
 import time
-import zipfile
 from copy import deepcopy
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from PIL import Image, ImageDraw
 
 import cdc
+from runs import (ConfigError, Logger, check_compatible, die, find_resume, find_runs, list_checkpoints,
+                  peak_memory_gb, save_checkpoint, setup_distributed)
+from data import DataError, DataOrder, build_dataset, save_grid, save_stage_sheet
 
 # ------------------------------------------------------------------------------------------------
-#                                             Data
+#                                  Training step, EMA, seeding
 # ------------------------------------------------------------------------------------------------
-
-
-class DataError(ValueError):
-    """A problem with --data-path that the user has to fix (reported as one line, no traceback)."""
-
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-EXPAND_RATIO = 1.125  # Table 7: resize the shorter side to 1.125 x image size, then crop
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Grayscale, palette, CMYK... -> RGB. Transparent pixels are composited onto white: a plain
-    convert('RGB') would expose whatever colour the encoder left under alpha = 0 (often black)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
-    return img.convert("RGB")
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """uint8 RGB image -> float32 (3, H, W) in [-1, 1] (Table 7: normalise with mean = std = 0.5)."""
-    a = np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], 3)
-    return torch.from_numpy(a.astype(np.float32)).permute(2, 0, 1).div_(127.5).sub_(1.0)
-
-
-def random_crop_arr(img: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
-    """Table 7: shorter side -> 1.125 x size (LANCZOS), then a uniformly random size x size crop."""
-    target = round(size * EXPAND_RATIO)
-    w, h = img.size
-    s = target / min(w, h)
-    img = img.resize((max(target, round(w * s)), max(target, round(h * s))), Image.LANCZOS)
-    w, h = img.size
-    x, y = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
-    return img.crop((x, y, x + size, y + size))
-
-
-def center_crop_arr(img: Image.Image, size: int) -> Image.Image:
-    """ADM's centre crop (what DiT uses): halve with BOX while the image is >= 2x too large (cheap
-    antialiasing), BICUBIC to the final scale, then crop the centre."""
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(x // 2 for x in img.size), Image.BOX)
-    s = size / min(img.size)
-    img = img.resize(tuple(max(size, round(x * s)) for x in img.size), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-def resize_center(img: Image.Image, size: int) -> Image.Image:
-    """Deterministic evaluation view: shorter side -> size (LANCZOS), centre crop."""
-    w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.LANCZOS)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-class _ImageDataset(torch.utils.data.Dataset):
-    """Shared transform for folder and npz data.
-
-    Augmentation randomness comes from a generator seeded by (seed, epoch, index), never from a
-    global RNG: the same sample gets the same crop and flip whichever worker loads it, which is what
-    makes a resumed run bit-identical to an uninterrupted one. Call set_epoch() like the sampler's.
-    """
-
-    def __init__(self, image_size, train, center_crop, seed):
-        self.image_size, self.train, self.center_crop, self.seed = image_size, train, center_crop, seed
-        self.epoch = 0
-        # Shared memory, so that DataLoader workers' increments are visible to the main process.
-        self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
-
-    @property
-    def num_skipped(self) -> int:
-        """How many unreadable or truncated images were skipped so far (by this process's loaders)."""
-        return int(self._skipped.item())
-
-    def set_epoch(self, epoch: int):
-        self.epoch = int(epoch)
-
-    def transform(self, img: Image.Image, index: int) -> torch.Tensor:
-        img = to_rgb(img)
-        if not self.train:
-            return to_tensor(resize_center(img, self.image_size))
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        img = center_crop_arr(img, self.image_size) if self.center_crop else random_crop_arr(img, self.image_size, rng)
-        if rng.random() < 0.5:  # Table 7: RandomHorizontalFlip
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(img)
-
-
-class ImageFolderDataset(_ImageDataset):
-    """ImageFolder layout: root/<class>/**/<image>; labels are the sorted class-directory names.
-    A folder of images with no class sub-directories is one unlabelled class."""
-
-    def __init__(self, root, image_size, train=True, center_crop=False, seed=0):
-        super().__init__(image_size, train, center_crop, seed)
-        self.root = root
-        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-        self.samples = []
-        for label, name in enumerate(classes):
-            for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
-                dirnames.sort()
-                self.samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
-                                 if f.lower().endswith(IMG_EXTENSIONS)]
-        self.classes = classes
-        self.num_classes = len(classes)
-        if not self.samples:  # no class directories with images: a flat folder, unconditional
-            self.samples = [(os.path.join(root, f), 0) for f in sorted(os.listdir(root))
-                            if f.lower().endswith(IMG_EXTENSIONS) and os.path.isfile(os.path.join(root, f))]
-            self.classes, self.num_classes = [], 0  # label 0 is then the model's null class
-        if not self.samples:
-            raise DataError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root}")
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        # A broken file must not kill a multi-day run: count it and serve the next readable image.
-        for attempt in range(len(self.samples)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                with Image.open(path) as img:
-                    img.load()  # decode now, so truncated files fail here and not later
-                    return self.transform(img, index), label
-            except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-                self._skipped += 1
-        raise DataError(f"no readable image in {self.root}")
-
-
-class NpzDataset(_ImageDataset):
-    """arr_0: uint8 (N, H, W, C) with C in {1, 3, 4} (the ADM / DiT sample format); optional labels."""
-
-    def __init__(self, path, image_size, train=True, center_crop=False, seed=0):
-        super().__init__(image_size, train, center_crop, seed)
-        if not zipfile.is_zipfile(path):
-            raise DataError(f"{path} is not an .npz archive (expected np.savez output with arr_0)")
-        try:
-            with np.load(path) as f:
-                if "arr_0" not in f.files:
-                    raise DataError(f"{path} has no 'arr_0' array (found: {', '.join(f.files) or 'nothing'})")
-                self.images = f["arr_0"]
-                labels = f["labels"] if "labels" in f.files else None
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(f"cannot read {path} as an .npz file ({type(e).__name__}: {e})") from None
-        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] not in (1, 3, 4):
-            raise DataError(f"{path}: arr_0 must be uint8 of shape (N, H, W, C) with C in 1, 3, 4; "
-                            f"got {self.images.dtype} {self.images.shape}")
-        if len(self.images) == 0:
-            raise DataError(f"{path}: arr_0 holds no images")
-        if labels is None:
-            self.labels, self.num_classes = np.zeros(len(self.images), np.int64), 0  # 0 = null class
-        else:
-            self.labels = np.asarray(labels).astype(np.int64).reshape(-1)
-            if len(self.labels) != len(self.images) or self.labels.min() < 0:
-                raise DataError(f"{path}: 'labels' must hold one non-negative int per image "
-                                f"({len(self.labels)} labels for {len(self.images)} images)")
-            self.num_classes = int(self.labels.max()) + 1
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        a = self.images[index]
-        img = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
-        return self.transform(img, index), int(self.labels[index])
-
-
-SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "bar")
-
-
-def _polygon(cx, cy, radii, angle0):
-    """Vertices of a star-shaped polygon: radii[j] at equally spaced angles starting at angle0."""
-    n = len(radii)
-    return [(cx + r * math.cos(angle0 + 2 * math.pi * j / n), cy + r * math.sin(angle0 + 2 * math.pi * j / n))
-            for j, r in enumerate(radii)]
-
-
-def render_shape(shape: str, image_size: int, rng: np.random.Generator) -> Image.Image:
-    """One RGB image: a `shape` in a random colour, near the centre, on a random plain background.
-    Shapes keep one orientation and stay near the centre so that each class is one silhouette: a model
-    small enough for the CPU demo learns it in minutes, while colours (the varied part) and sizes still
-    make a distribution. Drawn at 4x (2x above 64 px) and LANCZOS-downsampled: antialiased at any size."""
-    ss = 4 if image_size <= 64 else 2
-    S = image_size * ss
-    fg = rng.uniform(0, 255, 3)
-    for _ in range(100):  # a background far enough from the shape colour to stay readable
-        bg = rng.uniform(0, 255, 3)
-        if np.linalg.norm(fg - bg) > 140:
-            break
-    img = Image.new("RGB", (S, S), tuple(int(c) for c in bg))
-    d = ImageDraw.Draw(img)
-    r = rng.uniform(0.28, 0.36) * S
-    cx, cy = S / 2 + rng.uniform(-0.06, 0.06, 2) * S
-    rot = {"square": math.pi / 4, "triangle": -math.pi / 2, "star": -math.pi / 2}.get(shape, 0.0)  # upright
-    color = tuple(int(c) for c in fg)
-    if shape == "circle":
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
-    elif shape == "ring":
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), outline=color, width=max(1, int(0.35 * r)))
-    elif shape == "square":
-        d.polygon(_polygon(cx, cy, [r] * 4, rot), fill=color)
-    elif shape == "triangle":
-        d.polygon(_polygon(cx, cy, [r * 1.1] * 3, rot), fill=color)
-    elif shape == "diamond":
-        d.polygon(_polygon(cx, cy, [r * 1.1, r * 0.6] * 2, rot), fill=color)
-    elif shape == "star":
-        d.polygon(_polygon(cx, cy, [r * 1.1, r * 0.45] * 5, rot), fill=color)
-    elif shape == "cross":  # two bars: 12 vertices
-        w = 0.33 * r
-        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
-        c, s = math.cos(rot), math.sin(rot)
-        d.polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts], fill=color)
-    elif shape == "bar":
-        w = 0.3 * r
-        pts = [(r, w), (r, -w), (-r, -w), (-r, w)]
-        c, s = math.cos(rot), math.sin(rot)
-        d.polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts], fill=color)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-    return img.resize((image_size, image_size), Image.LANCZOS)
-
-
-class ProceduralShapes(torch.utils.data.Dataset):
-    """Built-in class-conditional data: class c is SHAPES[c] (circle, square, triangle, cross, ...),
-    drawn in random colours and sizes, upright and near the centre, on random plain backgrounds.
-
-    Item i is a pure function of (seed, i): no files, no download, the same on every machine, at
-    any resolution. Items are drawn on the fly (about a millisecond each at 32 px)."""
-
-    def __init__(self, size=50_000, image_size=32, num_classes=4, seed=0):
-        if not 1 <= num_classes <= len(SHAPES):
-            raise DataError(f"the built-in shapes data has 1 to {len(SHAPES)} classes, got {num_classes}")
-        self.size, self.image_size, self.num_classes, self.seed = int(size), int(image_size), int(num_classes), int(seed)
-        self.classes = list(SHAPES[:num_classes])
-        self.num_skipped = 0
-
-    def __len__(self):
-        return self.size
-
-    def set_epoch(self, epoch: int):
-        pass  # no augmentation: the data set is already random
-
-    def __getitem__(self, index):
-        if not 0 <= index < self.size:
-            raise IndexError(index)
-        rng = np.random.default_rng((self.seed, 0x5A9E5, index))
-        label = int(rng.integers(self.num_classes))
-        return to_tensor(render_shape(SHAPES[label], self.image_size, rng)), label
-
-
-def build_dataset(data_path, image_size, *, train=True, center_crop=False, seed=0, **kw):
-    """data_path None -> ProceduralShapes (kw: size, num_classes); a directory -> ImageFolder-style;
-    a .npz -> arr_0 uint8 NHWC (+ optional labels). Items are (float32 (3, H, W) in [-1, 1], int label);
-    every dataset has .num_classes and .num_skipped. Raises DataError with a readable message."""
-    if data_path is None:
-        return ProceduralShapes(image_size=image_size, seed=seed, **kw)
-    if not os.path.exists(data_path):
-        raise DataError(f"--data-path {data_path} does not exist")
-    if os.path.isdir(data_path):
-        return ImageFolderDataset(data_path, image_size, train=train, center_crop=center_crop, seed=seed)
-    if data_path.endswith(".npz"):
-        return NpzDataset(data_path, image_size, train=train, center_crop=center_crop, seed=seed)
-    raise DataError(f"--data-path {data_path} is neither a directory of images nor an .npz file")
-
-
-
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that can start part-way into an epoch: a resumed run skips the batches the
-    interrupted run already consumed (by index, without loading them) and sees the same data order."""
-
-    start = 0  # number of this rank's indices to skip in the current epoch
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
-
-    def __len__(self):
-        return self.num_samples - self.start
-
-
-# ------------------------------------------------------------------------------------------------
-#                                 Objective, EMA, distributed set-up
-# ------------------------------------------------------------------------------------------------
-
-
-class ConfigError(ValueError):
-    """Inconsistent flags, or flags that disagree with a checkpoint (one line, no traceback)."""
 
 
 class Objective(nn.Module):
     """The whole training loss as one module, so that DDP sees exactly one forward per backward even
-    though cdc.training_losses calls the network once per non-empty stage."""
+    though cdc.training_losses calls the network once per stage."""
 
-    def __init__(self, model, cdc_cfg, class_dropout, reduction):
+    def __init__(self, model, cdc_cfg, class_dropout, reduction, stage_sampling):
         super().__init__()
-        self.model, self.cdc_cfg, self.class_dropout, self.reduction = model, cdc_cfg, class_dropout, reduction
+        self.model, self.cdc_cfg = model, cdc_cfg
+        self.kw = dict(class_dropout=class_dropout, reduction=reduction, stage_sampling=stage_sampling)
 
-    def forward(self, x, y, generator):
-        return cdc.training_losses(self.model, x, y, self.cdc_cfg, class_dropout=self.class_dropout,
-                                   reduction=self.reduction, generator=generator)
+    def forward(self, x, y, generator, step):
+        return cdc.training_losses(self.model, x, y, self.cdc_cfg, generator=generator, step=step, **self.kw)
+
+
+def make_optimizer(model, args):
+    # fused: one kernel per step, and it honours `found_inf` (train_step) without a host sync
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+                             weight_decay=args.weight_decay, fused=True)
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay):
-    ema_params, params = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema = decay * ema + (1 - decay) * param
+def update_ema(ema, model, decay, apply=None):
+    """ema = decay * ema + (1 - decay) * param; where the 0-dim bool tensor `apply` is False, unchanged."""
+    w = 1.0 - decay if apply is None else (1.0 - decay) * apply.float()
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), w)
 
 
 def ema_decay_at(step, decay, warmup):
@@ -352,6 +68,23 @@ def ema_decay_at(step, decay, warmup):
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
+def train_step(objective, model, ema, opt, x, y, gen, step, args):
+    """One update. Returns (losses, grad norm, ok). ok (a device bool) is False when the loss or the
+    gradient norm is not finite; then the weights, the optimiser state and the EMA do not move: fused
+    AdamW skips the update on the device when found_inf = 1 (as under GradScaler), so no step waits for
+    the host. The loop stops at its next check, before anything is saved."""
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+        out = objective(x, y, gen, step)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    ok = torch.isfinite(out["loss"].detach()) & torch.isfinite(gnorm)
+    opt.found_inf = (~ok).float()
+    opt.step()
+    update_ema(ema, model, ema_decay_at(step, args.ema_decay, args.ema_warmup), ok)
+    return out, gnorm, ok
+
+
 def step_seed(global_seed, rank, step):
     """Seed of every random draw of one rank at one step (timesteps, coupling noise, label dropout).
 
@@ -360,121 +93,60 @@ def step_seed(global_seed, rank, step):
     return int(np.random.SeedSequence((global_seed, rank, step)).generate_state(1, np.uint64)[0] >> 1)
 
 
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python train.py` is one process.
-    The device comes from LOCAL_RANK (the rank on this node), which is what multi-node needs."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl")
-        else:
-            device = torch.device("cpu")
-            dist.init_process_group("gloo")
-        return rank, world, device, True
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    return 0, 1, device, False
+def compile_model(model):
+    """torch.compile with static shapes: each stage (one token count, one per-stage batch under
+    stratified sampling) compiles once, train and no-grad separately, and never again. The default
+    recompile limit (8) would silently fall back to eager beyond 2 stages x 2 modes x 2 batch sizes."""
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    return torch.compile(model, dynamic=False)
 
 
-def die(msg, code=1):
-    """A user error: one line on stderr, no traceback, non-zero exit. Nothing already saved is touched."""
-    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank stops, rank 0 says why
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:
-            pass
-    sys.exit(code)
+class Meter:
+    """Running sums of the log, kept on the device (no host sync per step) and all-reduced once per
+    log interval: loss, grad norm, steps, non-finite steps, training FLOPs (3 x the analytic forward
+    FLOPs of the stage mix actually drawn), per-stage loss sums and sample counts."""
 
+    def __init__(self, model, cdc_cfg, device, distributed):
+        self.res, self.device, self.distributed, K = cdc_cfg.resolutions, device, distributed, cdc_cfg.K
+        self.flops_of = torch.tensor([3.0 * model.flops_per_sample(r) for r in self.res], dtype=torch.float64)
+        self.world = dist.get_world_size() if distributed else 1
+        self.sums = torch.zeros(5 + 2 * K, dtype=torch.float64, device=device)
 
-# ------------------------------------------------------------------------------------------------
-#                                       Checkpoints
-# ------------------------------------------------------------------------------------------------
+    def add(self, out, gnorm, ok):
+        cnt = torch.tensor(out["stage_count"], dtype=torch.float64)
+        host = torch.cat([torch.ones(1), (cnt * self.flops_of).sum().view(1), cnt])
+        host = host.to(self.device, non_blocking=True)  # a pageable copy would wait for the GPU every step
+        sl = out["stage_loss"].detach().double().nan_to_num(0.0)
+        self.sums += torch.cat([out["loss"].detach().double().view(1), gnorm.detach().double().view(1),
+                                (~ok).double().view(1), host[:2], sl * host[2:], host[2:]])
 
-CKPT_RE = re.compile(r"^(\d+)\.pt$")
+    def reduce(self):
+        s = self.sums.clone()
+        if self.distributed:
+            dist.all_reduce(s)
+        s, K = s.tolist(), len(self.res)
+        return dict(loss=s[0], gnorm=s[1], nonfinite=s[2], steps=s[3], flops=s[4], stage_loss=s[5:5 + K], count=s[5 + K:])
 
+    def reset(self):
+        self.sums.zero_()
 
-def save_checkpoint(obj, path):
-    """Atomic: write a temporary file in the same directory, fsync, then os.replace. A kill at any
-    instant leaves either the old set of checkpoints or the old set plus this complete one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    try:  # make the rename itself durable
-        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def list_checkpoints(run_dir):
-    """Complete checkpoints of a run, newest (highest step) first. Temporary files never match."""
-    d = os.path.join(run_dir, "checkpoints")
-    found = [(int(m.group(1)), os.path.join(d, n)) for n in (os.listdir(d) if os.path.isdir(d) else [])
-             if (m := CKPT_RE.match(n))]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def load_checkpoint(path):
-    # mmap: 8 processes resuming an XL run do not each read the ~10 GB file into memory first
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
-def find_resume(resume, results_dir, run_suffix):
-    """--resume PATH (a checkpoint file or a run directory) or 'auto': the newest loadable checkpoint
-    of the newest run named *-<run_suffix> under results_dir. Returns (checkpoint dict, path) or None.
-    A damaged newest file (e.g. a disk that filled up) falls back to the one before, with a note."""
-    if resume == "auto":
-        runs = sorted(glob.glob(os.path.join(results_dir, f"[0-9][0-9][0-9]-{glob.escape(run_suffix)}")))
-        candidates = [p for run in reversed(runs) for p in list_checkpoints(run)]
-        if not candidates:
-            return None
-    elif os.path.isdir(resume):
-        candidates = list_checkpoints(resume)
-        if not candidates:
-            raise ConfigError(f"--resume {resume}: no checkpoints/NNNNNNN.pt in that run directory")
-    elif os.path.isfile(resume):
-        candidates = [resume]
-    else:
-        raise ConfigError(f"--resume {resume}: no such file or directory")
-    for path in candidates:
-        try:
-            return load_checkpoint(path), path
-        except Exception as e:
-            if len(candidates) == 1 or resume != "auto":
-                raise ConfigError(f"cannot load checkpoint {path} ({type(e).__name__}: {e})") from None
-            print(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__})", file=sys.stderr)
-    raise ConfigError(f"--resume auto: no loadable checkpoint among {len(candidates)} found")
-
-
-def check_compatible(ckpt, config, path):
-    """The checkpoint must describe the same network and interpolant as the flags."""
-    diffs = []
-    for section in ("model", "cdc"):
-        old, new = ckpt["config"][section], config[section]
-        for k in sorted(set(old) | set(new)):
-            a, b = old.get(k), new.get(k)
-            if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-                a, b = list(a), list(b)
-            if a != b:
-                diffs.append(f"{k}={a} (checkpoint) vs {b} (flags)")
-    if diffs:
-        raise ConfigError(f"checkpoint {path} does not match the flags: {'; '.join(diffs)}. "
-                          f"Pass the flags it was trained with, or start a new run without --resume")
+    def line(self, s, dt, args, skipped):
+        if self.distributed:
+            t = torch.tensor([skipped], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            skipped = int(t.item())
+        steps = s["steps"] / self.world
+        per_stage = " ".join(f"{r}px {l / n:.4f}" if n else f"{r}px -" for r, l, n in zip(self.res, s["stage_loss"], s["count"]))
+        perf = (f"MFU {s['flops'] / dt / self.world / (args.peak_tflops * 1e12) * 100:.1f}%"
+                if self.device.type == "cuda" else f"{s['flops'] / dt / 1e9:.1f} GFLOP/s")
+        return (f"loss {s['loss'] / s['steps']:.4f} ({per_stage}) grad_norm {s['gnorm'] / s['steps']:.3f} "
+                f"{steps / dt:.2f} steps/s {steps * args.global_batch_size / dt:.1f} img/s {perf} "
+                f"mem {peak_memory_gb(self.device):.2f}GB" + (f" skipped_images {skipped}" if skipped else ""))
 
 
 # ------------------------------------------------------------------------------------------------
-#                                        Arguments
+#                                             Flags
 # ------------------------------------------------------------------------------------------------
 
 # Without --data-path, train.py is the CPU demo: these replace the paper's values for the flags the
@@ -483,32 +155,31 @@ def check_compatible(ckpt, config, path):
 # patch 2 does not; 3 stages at 16 px (4, 8, 16) learn slower than 2 (8, 16); 32 px (8, 16, 32) gets only
 # ~900 steps, too few for recognisable shapes. So the demo is a 2-stage, 16 px, patch-2 model (Table 6
 # also trains a K = 2 hierarchy) with a small batch and a high learning rate: ~2000 updates in 8 minutes.
+# The time limit keeps it under 10 minutes on a 2-core machine (it stops at whichever of max_steps and
+# the limit comes first, then checkpoints and draws). Threads: on an idle 2-core machine torch's default
+# (2) was 1.54x faster than 1; on one whose other core is busy, 2 threads were 3-6x slower: --threads 1.
 DEMO_DEFAULTS = dict(model="tiny", patch_size=2, image_size=16, resolutions="8,16", global_batch_size=16, lr=2e-3,
-                     max_steps=4000, log_every=100, ckpt_every=500, sample_every=0, num_workers=0, time_limit=8.0,
-                     threads=None)
-# The time limit keeps the demo under 10 minutes on any 2-core machine, loaded or idle (it stops at
-# whichever of max_steps and the limit comes first, then writes a checkpoint and the grid). Threads: on an
-# idle 2-core machine torch's default (2) ran the demo 1.54x faster than 1 thread (6.2 vs 4.0 steps/s);
-# on a machine whose other core is busy, 2 OpenMP threads ran 3-6x *slower* (each op waits for the thread
-# whose core is taken): pass --threads 1 there.
+                     max_steps=4000, log_every=100, ckpt_every=500, sample_every=0, num_workers=0, time_limit=8.0)
 # With --data-path: the paper's ImageNet 256 recipe (Table 7; 32 GPUs x 8 = 256 images per step).
 RECIPE_DEFAULTS = dict(model="XL", patch_size=None, image_size=256, resolutions=None, global_batch_size=256, lr=1e-4,
-                       max_steps=None, log_every=100, ckpt_every=50_000, sample_every=10_000, num_workers=8,
-                       time_limit=None, threads=None)
-# Flags that define the network or the interpolant; the rest may change on resume.
+                       max_steps=None, log_every=100, ckpt_every=50_000, sample_every=10_000, num_workers=8, time_limit=None)
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16 (the MFU denominator; --peak-tflops for other hardware)
 
 
-def parse_resolutions(text, image_size):
-    if text is None:  # halve down to 32 (4 stages at 256, Table 7); images <= 32 px are one stage
-        res = [image_size]
-        while res[0] // 2 >= 32 and res[0] % 2 == 0:
-            res.insert(0, res[0] // 2)
-        return tuple(res)
+def parse_list(text, name, kind=int):
     try:
-        return tuple(int(v) for v in str(text).replace(" ", "").split(",") if v)
+        return tuple(kind(v) for v in str(text).replace(" ", "").split(",") if v)
     except ValueError:
-        raise ConfigError(f"--resolutions must be comma-separated ints such as 32,64,128,256, got {text!r}") from None
+        raise ConfigError(f"{name} must be a comma-separated list such as 32,64,128,256, got {text!r}") from None
+
+
+def parse_resolutions(text, image_size):
+    if text is not None:
+        return parse_list(text, "--resolutions")
+    res = [image_size]  # halve down to 32 (4 stages at 256, Table 7); images <= 32 px are one stage
+    while res[0] // 2 >= 32 and res[0] % 2 == 0:
+        res.insert(0, res[0] // 2)
+    return tuple(res)
 
 
 def get_parser():
@@ -529,11 +200,15 @@ def get_parser():
     a("--patch-size", type=int, default=None, help="default: the preset's (4 as in Table 7; tiny 2)")
     a("--fusion", type=str, default="xattn", choices=cdc.FUSIONS)
     a("--image-size", type=int, default=None, help="demo 16, recipe 256")
-    a("--resolutions", type=str, default=None, help="stage sides, e.g. 32,64,128,256 (default: halve down to 32; demo 8,16)")
+    a("--resolutions", type=str, default=None, help="stage sides, each a power-of-two multiple of the last, e.g. "
+      "32,64,128,256 or Table 6's 64,256 (default: halve down to 32; demo 8,16)")
+    a("--windows", type=str, default=None, help="stage time-window widths summing to 1, e.g. 0.2,0.3,0.5 (default equal)")
     a("--sigma", type=float, default=1.0)
     a("--gamma", type=float, default=2.0)
     a("--interpolant", type=str, default="linear", choices=cdc.INTERPOLANTS)
     a("--loss-reduction", type=str, default="mean", choices=cdc.REDUCTIONS)
+    a("--stage-sampling", type=str, default="stratified", choices=cdc.STAGE_SAMPLINGS,
+      help="stratified: fixed per-stage quotas, the same on every rank; iid: t ~ U[0,1] per sample (Alg. 1)")
     a("--class-dropout", type=float, default=0.1)
     # optimisation
     a("--global-batch-size", type=int, default=None, help="demo 16, recipe 256")
@@ -546,7 +221,7 @@ def get_parser():
     a("--ema-decay", type=float, default=0.9999)
     a("--ema-warmup", action=argparse.BooleanOptionalAction, default=True, help="decay min(ema, (1+t)/(10+t))")
     a("--precision", type=str, default=None, choices=["bf16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
-    a("--compile", action="store_true", help="torch.compile the network")
+    a("--compile", action="store_true", help="torch.compile the network (static shapes: one graph per stage)")
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     a("--epochs", type=int, default=200)
     a("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs; demo 4000, or the time limit)")
@@ -562,21 +237,18 @@ def get_parser():
     a("--cfg-scale", type=float, default=3.0, help="CFG scale of the sample grids")
     a("--sample-steps", type=int, default=24, help="steps per stage of the sample grids")
     a("--peak-tflops", type=float, default=PEAK_FLOPS / 1e12, help="accelerator peak for MFU (H100 bf16 dense: 989)")
-    a("--benchmark", action="store_true", help="time training and sampling on synthetic data and exit")
-    a("--benchmark-steps", type=int, default=10)
     return p
 
 
-def resolve_args(args):
+def resolve_args(args, demo):
     """Fill the flags the user left at None from the demo or the recipe defaults; validate."""
-    demo = args.data_path is None and not args.benchmark
-    defaults = DEMO_DEFAULTS if demo else RECIPE_DEFAULTS
     filled = []
-    for k, v in defaults.items():
+    for k, v in (DEMO_DEFAULTS if demo else RECIPE_DEFAULTS).items():
         if getattr(args, k) is None and v is not None:
             setattr(args, k, v)
             filled.append(f"{k}={v}")
     args.resolutions = parse_resolutions(args.resolutions, args.image_size)
+    args.windows = None if args.windows is None else parse_list(args.windows, "--windows", float)
     if args.image_size != args.resolutions[-1]:
         raise ConfigError(f"--image-size {args.image_size} must equal the last of --resolutions {args.resolutions}")
     for name in ("global_batch_size", "log_every", "ckpt_every", "epochs"):
@@ -587,9 +259,7 @@ def resolve_args(args):
 
 def build_model(args, num_classes):
     overrides = dict(num_classes=num_classes, resolutions=args.resolutions, fusion=args.fusion)
-    for k in ("depth", "width", "heads", "patch_size"):
-        if getattr(args, k) is not None:
-            overrides[k] = getattr(args, k)
+    overrides.update({k: getattr(args, k) for k in ("depth", "width", "heads", "patch_size") if getattr(args, k) is not None})
     try:
         return cdc.create_model(args.model, **overrides)
     except ValueError as e:
@@ -598,191 +268,156 @@ def build_model(args, num_classes):
 
 def build_cdc_config(args):
     try:
-        return cdc.CDCConfig(resolutions=args.resolutions, sigma=args.sigma, gamma=args.gamma, interpolant=args.interpolant)
+        return cdc.CDCConfig(resolutions=args.resolutions, sigma=args.sigma, gamma=args.gamma,
+                             windows=args.windows, interpolant=args.interpolant)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
-def run_config(model, cdc_cfg):
-    return {"model": dataclasses.asdict(model.config), "cdc": cdc_cfg.to_dict()}
+def _prim(v):
+    """Flag values as JSON/weights_only-safe primitives."""
+    return list(v) if isinstance(v, tuple) else v
 
 
 # ------------------------------------------------------------------------------------------------
-#                                          Sampling
+#                                             Set-up
 # ------------------------------------------------------------------------------------------------
 
 
-def grid_labels(num_classes, per_class=8, max_classes=8):
-    """Labels of a sample grid: one row per class (ImageNet: DiT's favourite classes)."""
-    if num_classes == 0:
-        return None, per_class * 4
-    classes = [207, 360, 387, 974, 88, 979, 417, 279] if num_classes == 1000 else list(range(min(num_classes, max_classes)))
-    return torch.tensor([c for c in classes for _ in range(per_class)]), per_class
+def build_data(args, world, rank):
+    kw = dict(size=args.dataset_size, num_classes=args.num_classes or 4) if args.data_path is None else {}
+    dataset = build_dataset(args.data_path, args.image_size, center_crop=args.center_crop, seed=args.global_seed, **kw)
+    num_classes = dataset.num_classes if args.num_classes is None else args.num_classes
+    if num_classes < dataset.num_classes:
+        raise ConfigError(f"--num-classes {num_classes} is smaller than the {dataset.num_classes} classes in the data")
+    order = DataOrder(len(dataset), world, rank, args.global_batch_size, seed=args.global_seed)
+    if order.steps_per_epoch == 0:
+        raise ConfigError(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.global_batch_size // world, sampler=order, num_workers=args.num_workers,
+        drop_last=True, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator())  # else every new iterator draws its seed from the global RNG
+    return dataset, num_classes, order, loader
 
 
-def save_grid(images, path, nrow):
-    """(N, 3, H, W) in [-1, 1] -> one PNG, nrow images per row, 2 px gaps."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    n, c, h, w = x.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.full((c, rows * (h + 2) + 2, nrow * (w + 2) + 2), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = x[i]
-    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    if h < 64:  # upscale tiny grids so that they can be looked at
-        img = img.resize((img.width * (64 // h), img.height * (64 // h)), Image.NEAREST)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    img.save(path)
+def open_run(args, config, model, ema, opt, rank, world, distributed):
+    """Resume (weights, EMA, optimiser, step, data position) or choose a new numbered run directory
+    (DiT's results/000-XL-256 layout). --resume auto with no checkpoint yet reuses the newest run
+    if it has none either (a run killed before its first save), instead of leaving empty runs behind."""
+    suffix = f"{args.model}-{args.image_size}"
+    found = find_resume(args.resume, args.results_dir, suffix) if args.resume else None
+    notes, step, epoch, pos = [], 0, 0, 0
+    if found is not None:
+        ckpt, path = found
+        check_compatible(ckpt, config, path)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step = int(ckpt["step"])
+        epoch, pos = ckpt["data"]["epoch"], ckpt["data"]["pos"]
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        old = ckpt["args"]
+        changed = [f"{k}: {old[k]} -> {_prim(v)}" for k, v in vars(args).items()
+                   if k in old and k not in ("resume", "max_steps", "epochs") and _prim(v) != old[k]]
+        notes.append(f"resumed from {path} at step {step} (epoch {epoch}, image {pos} of the epoch)"
+                     + (f"; changed flags: {', '.join(changed)}" if changed else ""))
+        if ckpt["rng"]["world_size"] != world:
+            notes.append(f"the checkpoint was written by {ckpt['rng']['world_size']} process(es), this run has {world}: "
+                         f"the data continues where it stopped, but per-rank noise differs; bit-exact resume needs the same world size")
+    elif rank == 0:
+        runs = find_runs(args.results_dir, suffix)
+        if args.resume == "auto" and runs and not list_checkpoints(runs[-1]):
+            run_dir = runs[-1]
+            notes.append(f"--resume auto: no checkpoint yet; reusing the empty run {run_dir}")
+        else:
+            idx = max([int(os.path.basename(r)[:3]) for r in glob.glob(os.path.join(args.results_dir, "[0-9]" * 3 + "-*"))] + [-1]) + 1
+            run_dir = os.path.join(args.results_dir, f"{idx:03d}-{suffix}")
+    else:
+        run_dir = None
+    if distributed:  # every rank needs rank 0's choice of directory
+        holder = [run_dir]
+        dist.broadcast_object_list(holder, src=0)
+        run_dir = holder[0]
+    if rank == 0:
+        for sub in ("checkpoints", "samples"):
+            os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
+    return run_dir, step, epoch, pos, notes
 
 
 @torch.no_grad()
-def sample_grid(ema, cdc_cfg, args, device, path):
-    y, nrow = grid_labels(ema.config.num_classes)
-    n = len(y) if y is not None else nrow
-    gen = torch.Generator().manual_seed(args.global_seed)  # the same noise every time: grids compare across steps
-    field = cdc.guided_field(ema, None if y is None else y.to(device), args.cfg_scale)
+def sample_grid(ema, cdc_cfg, args, device, path, stages_path=None):
+    """EMA samples, one row per class (ImageNet: DiT's favourite classes), the same noise every time so
+    grids compare across steps; optionally the Fig. 9 stage sheet of the first two rows."""
+    nc, per = ema.config.num_classes, 8
+    classes = [207, 360, 387, 974, 88, 979, 417, 279] if nc == 1000 else list(range(min(nc, 8)))
+    y = torch.tensor([c for c in classes for _ in range(per)], device=device) if nc else None
+    gen = torch.Generator(device).manual_seed(args.global_seed)
     with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-        images = cdc.sample(field, cdc_cfg, n, channels=ema.config.in_channels, steps=args.sample_steps,
-                            generator=gen, device=device)
-    save_grid(images, path, nrow)
+        stages = cdc.sample(cdc.guided_field(ema, y, args.cfg_scale), cdc_cfg, per * len(classes) if nc else 4 * per,
+                            channels=ema.config.in_channels, steps=args.sample_steps, generator=gen, device=device,
+                            return_stages=True)
+    save_grid(stages[-1], path, per)
+    if stages_path:
+        save_stage_sheet([s[::per // 2][:8] for s in stages], stages_path)
 
 
 # ------------------------------------------------------------------------------------------------
-#                                          Training
+#                                            Training
 # ------------------------------------------------------------------------------------------------
-
-
-class Logger:
-    def __init__(self, path, active):
-        self.path, self.active = path, active
-
-    def __call__(self, msg):
-        if not self.active:
-            return
-        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource  # CPU: peak resident set of this process (KiB on Linux)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def train(args):
     rank, world, device, distributed = setup_distributed()
     log = Logger(None, rank == 0)
-    try:
-        note = resolve_args(args)
-        if args.global_batch_size % world:
-            raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
-        local_batch = args.global_batch_size // world
-        if args.threads and device.type == "cpu":
-            torch.set_num_threads(args.threads)
-        if args.precision is None:
-            args.precision = "bf16" if device.type == "cuda" else "fp32"
-        if args.benchmark:
-            return benchmark(args, device, log)
+    note = resolve_args(args, demo=args.data_path is None)
+    if args.global_batch_size % world:
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    dataset, num_classes, order, loader = build_data(args, world, rank)
+    total_steps = args.max_steps if args.max_steps is not None else args.epochs * order.steps_per_epoch
 
-        # ---- data
-        kw = dict(size=args.dataset_size, num_classes=args.num_classes or 4) if args.data_path is None else {}
-        dataset = build_dataset(args.data_path, args.image_size, center_crop=args.center_crop, seed=args.global_seed, **kw)
-        num_classes = dataset.num_classes if args.num_classes is None else args.num_classes
-        if num_classes < dataset.num_classes:
-            raise ConfigError(f"--num-classes {num_classes} is smaller than the {dataset.num_classes} classes in the data")
-        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.global_seed, drop_last=True)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers, drop_last=True,
-            pin_memory=device.type == "cuda", persistent_workers=False,
-            generator=torch.Generator(),  # else every new iterator draws its seed from the global RNG
-        )
-        steps_per_epoch = len(dataset) // world // local_batch
-        if steps_per_epoch == 0:
-            raise ConfigError(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
-        total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
-
-        # ---- model, EMA, optimiser
-        torch.manual_seed(args.global_seed)  # identical initial weights on every rank
-        cdc_cfg = build_cdc_config(args)
-        model = build_model(args, num_classes)
-        config = run_config(model, cdc_cfg)
-        model.to(device)
-        ema = deepcopy(model).requires_grad_(False).eval()
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
-                                weight_decay=args.weight_decay, fused=device.type == "cuda")
-
-        # ---- resume, or a new numbered run directory (DiT's results/000-XL-256 layout)
-        run_suffix = f"{args.model}-{args.image_size}"
-        found = find_resume(args.resume, args.results_dir, run_suffix) if args.resume else None
-        step = 0
-        if found is not None:
-            ckpt, ckpt_path = found
-            check_compatible(ckpt, config, ckpt_path)
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["opt"])
-            step = int(ckpt["step"])
-            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
-            old = ckpt["args"]
-            changed = [f"{k}: {old[k]} -> {v}" for k, v in vars(args).items()
-                       if k in old and k not in ("resume", "max_steps", "epochs") and _prim(v) != old[k]]
-            del ckpt
-        else:
-            if rank == 0:
-                os.makedirs(args.results_dir, exist_ok=True)
-                idx = len(glob.glob(os.path.join(args.results_dir, "[0-9][0-9][0-9]-*")))
-                run_dir = os.path.join(args.results_dir, f"{idx:03d}-{run_suffix}")
-            else:
-                run_dir = None
-            if distributed:  # every rank needs rank 0's choice of directory
-                holder = [run_dir]
-                dist.broadcast_object_list(holder, src=0)
-                run_dir = holder[0]
-            changed = []
-        if rank == 0:
-            os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-            os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        log.path = os.path.join(run_dir, "log.txt")
-    except (DataError, ConfigError) as e:
-        die(str(e))
+    torch.manual_seed(args.global_seed)  # identical initial weights on every rank
+    cdc_cfg, model = build_cdc_config(args), build_model(args, num_classes)
+    config = {"model": dataclasses.asdict(model.config), "cdc": cdc_cfg.to_dict()}
+    model.to(device)
+    ema = deepcopy(model).requires_grad_(False).eval()
+    opt = make_optimizer(model, args)
+    run_dir, step, epoch, pos, notes = open_run(args, config, model, ema, opt, rank, world, distributed)
+    log.path = os.path.join(run_dir, "log.txt")
 
     log(f"run directory {run_dir}; {world} process(es) on {device.type}; {note}")
-    if found is not None:
-        log(f"resumed from {ckpt_path} at step {step}" + (f"; changed flags: {', '.join(changed)}" if changed else ""))
+    for n in notes:
+        log(n)
     log(f"data: {args.data_path or 'built-in shapes'}: {len(dataset)} images, {num_classes} classes; "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+        f"{order.steps_per_epoch} steps/epoch, {total_steps} steps")
     log(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{json.dumps(config['model'])}; stages {cdc_cfg.resolutions}; precision {args.precision}")
+        f"{json.dumps(config['model'])}; stages {cdc_cfg.resolutions}, {args.stage_sampling} stage sampling; "
+        f"precision {args.precision}")
     if rank == 0:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump({k: _prim(v) for k, v in vars(args).items()}, f, indent=1)
 
-    # ---- the network as it runs: compiled and/or checkpointed, inside the DDP-wrapped objective
+    # The network as it runs: compiled and/or checkpointed, inside the DDP-wrapped objective.
     model.grad_checkpointing = args.grad_checkpointing
-    net = torch.compile(model) if args.compile else model
-    objective = Objective(net, cdc_cfg, args.class_dropout, args.loss_reduction)
+    net = compile_model(model) if args.compile else model
+    objective = Objective(net, cdc_cfg, args.class_dropout, args.loss_reduction, args.stage_sampling)
     if distributed:
         objective = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)  # the only buffers are fixed position tables
     model.train()
     gen = torch.Generator()  # CPU generator of training_losses (timesteps, label dropout)
-    flops_of = {r: model.flops_per_sample(r) for r in cdc_cfg.resolutions}
-    K = cdc_cfg.K
 
-    def checkpoint(step):
+    def save(step):
         path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
         if rank == 0:
             save_checkpoint({
                 "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                 "args": {k: _prim(v) for k, v in vars(args).items()}, "config": config, "step": step,
-                # No RNG state: every draw of step s is seeded by step_seed(seed, rank, s), and the data
-                # order by (seed, epoch) plus the position in the epoch, which is step itself.
+                "data": {"epoch": epoch, "pos": pos},  # images of this epoch already consumed (all ranks)
+                # No RNG state: every draw of step s is seeded by step_seed(seed, rank, s).
                 "rng": {"scheme": "step_seed", "global_seed": args.global_seed, "world_size": world},
             }, path)
             log(f"saved checkpoint {path}")
@@ -790,40 +425,20 @@ def train(args):
             dist.barrier()
         return path
 
-    # ---- loop
-    # Running sums stay on the device; one all-reduce and one host sync per log interval.
-    stats = torch.zeros(4 + 2 * K, dtype=torch.float64, device=device)  # loss, gnorm, steps, nonfinite, stage sums, counts
-    flops, t_last, step_last = 0.0, time.time(), step
-    t_start = t_last
+    meter = Meter(model, cdc_cfg, device, distributed)
+    t_start = t_last = time.time()
     last_ckpt = None
-    epoch = step // steps_per_epoch
     while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        sampler.start = skip * local_batch
+        order.set_position(epoch, pos)
         dataset.set_epoch(epoch)
         for x, y in loader:
             seed = step_seed(args.global_seed, rank, step)
             torch.manual_seed(seed)  # coupling noise (global RNG, on the device)
             gen.manual_seed(seed)    # timesteps and label dropout
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-                out = objective(x, y, gen)
-            loss = out["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            update_ema(ema, model, ema_decay_at(step, args.ema_decay, args.ema_warmup))
-            step += 1
-
-            counts = out["stage_count"]
-            flops += 3 * sum(n * flops_of[r] for n, r in zip(counts, cdc_cfg.resolutions))
-            # non_blocking: a pageable host-to-device copy would otherwise wait for the GPU every step
-            cnt = torch.tensor([1.0] + counts, dtype=torch.float64).to(device, non_blocking=True)
-            sl = out["stage_loss"].detach().double().nan_to_num(0.0)
-            stats += torch.cat([torch.stack([loss.detach().double(), gnorm.detach().double()]), cnt[:1],
-                                (~torch.isfinite(loss.detach())).double().view(1), sl * cnt[1:], cnt[1:]])
+            out, gnorm, ok = train_step(objective, model, ema, opt, x, y, gen, step, args)
+            meter.add(out, gnorm, ok)
+            step, pos = step + 1, pos + args.global_batch_size
 
             if args.time_limit and step % args.log_every == 0:  # rank 0's clock decides for everyone
                 stop = torch.tensor([float(time.time() - t_start > 60 * args.time_limit)], device=device)
@@ -835,116 +450,31 @@ def train(args):
             is_log = step % args.log_every == 0 or step == total_steps
             is_ckpt = step % args.ckpt_every == 0 or step == total_steps
             if is_log or is_ckpt:
-                s = stats.clone()
-                if distributed:
-                    dist.all_reduce(s)
-                s = s.tolist()
-                if s[3] > 0:  # checked before any save: a checkpoint never holds a diverged model
-                    die(f"the loss is not finite (NaN or inf) at or before step {step}; stopping. "
+                sums = meter.reduce()
+                if sums["nonfinite"] > 0:  # checked before any save: a checkpoint never holds a diverged model
+                    die(f"the loss or the gradient is not finite (NaN or inf) at or before step {step}; stopping. "
                         f"The last good checkpoint is {last_ckpt or 'none (no checkpoint was written)'}")
                 if is_log:
-                    dt = time.time() - t_last
-                    steps_done = step - step_last
-                    n_img = steps_done * args.global_batch_size
-                    tot_flops = torch.tensor(flops, dtype=torch.float64)
-                    if distributed:
-                        tot_flops = tot_flops.to(device)
-                        dist.all_reduce(tot_flops)
-                    tot_flops = float(tot_flops)
-                    per_stage = " ".join(f"{r}px {s[4 + k] / s[4 + K + k]:.4f}" if s[4 + K + k] else f"{r}px -"
-                                         for k, r in enumerate(cdc_cfg.resolutions))
-                    perf = (f"MFU {tot_flops / dt / world / (args.peak_tflops * 1e12) * 100:.1f}%"
-                            if device.type == "cuda" else f"{tot_flops / dt / 1e9:.1f} GFLOP/s")
-                    skipped = dataset.num_skipped
-                    if distributed:
-                        t = torch.tensor([skipped], dtype=torch.float64, device=device)
-                        dist.all_reduce(t)
-                        skipped = int(t.item())
-                    log(f"step {step:07d} loss {s[0] / s[2]:.4f} ({per_stage}) grad_norm {s[1] / s[2]:.3f} "
-                        f"{steps_done / dt:.2f} steps/s {n_img / dt:.1f} img/s {perf} "
-                        f"mem {peak_memory_gb(device):.2f}GB" + (f" skipped_images {skipped}" if skipped else ""))
-                    stats.zero_()
-                    flops, t_last, step_last = 0.0, time.time(), step
+                    log(f"step {step:07d} " + meter.line(sums, time.time() - t_last, args, dataset.num_skipped))
+                    meter.reset()
+                    t_last = time.time()
                 if is_ckpt:
-                    last_ckpt = checkpoint(step)
+                    last_ckpt = save(step)
             if args.sample_every and step % args.sample_every == 0 and step != total_steps and rank == 0:
                 sample_grid(ema, cdc_cfg, args, device, os.path.join(run_dir, "samples", f"{step:07d}.png"))
             if step >= total_steps:
                 break
+        else:  # the epoch is exhausted
+            epoch, pos = epoch + 1, 0
 
     if rank == 0:
-        path = os.path.join(run_dir, "samples", f"{step:07d}.png")
+        grid, sheet = (os.path.join(run_dir, "samples", f"{step:07d}{s}.png") for s in ("", "_stages"))
         t0 = time.time()
-        sample_grid(ema, cdc_cfg, args, device, path)
-        log(f"EMA sample grid {path} ({time.time() - t0:.1f}s); done at step {step}")
+        sample_grid(ema, cdc_cfg, args, device, grid, sheet)
+        log(f"EMA sample grid {grid}, Fig. 9 stage sheet {sheet} ({time.time() - t0:.1f}s); done at step {step}")
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
-
-
-def _prim(v):
-    """Flag values as JSON/weights_only-safe primitives."""
-    return list(v) if isinstance(v, tuple) else v
-
-
-def benchmark(args, device, log):
-    """--benchmark: training images/s, MFU (CUDA) and peak memory for the flags' model, per stage mix
-    (the equal mix of training, then each resolution alone), then sampling images/s. Synthetic data,
-    one process, --global-batch-size images per step (e.g. 8 = Table 7's batch per GPU)."""
-    cdc_cfg = build_cdc_config(args)
-    num_classes = 1000 if args.num_classes is None else args.num_classes
-    torch.manual_seed(args.global_seed)
-    model = build_model(args, num_classes).to(device)
-    model.grad_checkpointing = args.grad_checkpointing
-    net = torch.compile(model) if args.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
-                            weight_decay=args.weight_decay, fused=device.type == "cuda")
-    B, peak = args.global_batch_size, args.peak_tflops * 1e12
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    log(f"benchmark: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), "
-        f"{B} images/step, {args.precision}, compile={args.compile}, grad_checkpointing={args.grad_checkpointing}, "
-        f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else f"benchmark on {torch.cuda.get_device_name(device)}")
-    mixes = [("equal mix " + "/".join(map(str, cdc_cfg.resolutions)), cdc_cfg)]
-    mixes += [(f"{r}px only", dataclasses.replace(cdc_cfg, resolutions=(r,), windows=None)) for r in cdc_cfg.resolutions]
-    gen = torch.Generator().manual_seed(args.global_seed)
-    for name, cfg in mixes:
-        R = cfg.resolutions[-1]
-        x = torch.rand(B, 3, R, R, device=device) * 2 - 1
-        y = torch.randint(0, max(num_classes, 1), (B,), device=device)
-        objective = Objective(net, cfg, args.class_dropout, args.loss_reduction)
-        flops = 0.0
-        for i in range(args.benchmark_steps + 2):  # 2 warm-up steps (allocator, kernels, compilation)
-            if i == 2:
-                sync()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                t0, flops = time.time(), 0.0
-            with torch.autocast(**amp):
-                out = objective(x, y, gen)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            flops += 3 * sum(n * model.flops_per_sample(r) for n, r in zip(out["stage_count"], cfg.resolutions))
-        sync()
-        dt = time.time() - t0
-        perf = f"MFU {flops / dt / peak * 100:.1f}%" if device.type == "cuda" else f"{flops / dt / 1e9:.1f} GFLOP/s"
-        log(f"train  {name:>22}: {args.benchmark_steps * B / dt:8.2f} img/s  {perf}  "
-            f"peak mem {peak_memory_gb(device):.2f} GB")
-    model.eval()
-    n = B
-    yv = torch.randint(0, max(num_classes, 1), (n,), device=device) if num_classes else None
-    field = cdc.guided_field(model, yv, args.cfg_scale)
-    with torch.autocast(**amp):
-        cdc.sample(field, cdc_cfg, n, steps=1, generator=gen, device=device)  # warm-up
-        sync()
-        t0 = time.time()
-        cdc.sample(field, cdc_cfg, n, steps=args.sample_steps, generator=gen, device=device)
-        sync()
-    dt = time.time() - t0
-    log(f"sample {n} images, {args.sample_steps} Euler steps/stage, CFG {args.cfg_scale} (2 NFE/step): "
-        f"{n / dt:.2f} img/s, peak mem {peak_memory_gb(device):.2f} GB")
 
 
 def main(argv=None):

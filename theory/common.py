@@ -1,5 +1,5 @@
 """
-Shared plumbing for the theory/ scripts: the data (through train.build_dataset, never a second loader),
+Shared plumbing for the theory/ scripts: the data (through data.build_dataset, never a second loader),
 the common CLI flags, plain-text tables and JSON output.
 
 Also a converter for MNIST's idx files, so the README's MNIST numbers can be reproduced anywhere:
@@ -40,13 +40,13 @@ def load_images(data_path, image_size: int, n: int, seed: int = 0) -> torch.Tens
     an .npz (arr_0 uint8 NHWC) or an image folder -> a random subset of n images (all if fewer), viewed
     deterministically: shorter side resized to image_size, centre crop, no flip (train=False).
     """
-    import train  # the project's data pipeline (imported lazily: it pulls in PIL and friends)
+    import data  # the project's data pipeline (imported lazily: it pulls in PIL and friends)
 
     if data_path is None:
-        ds = train.build_dataset(None, image_size, train=False, seed=seed, size=n)
+        ds = data.build_dataset(None, image_size, train=False, seed=seed, size=n)
         idx = range(n)
     else:
-        ds = train.build_dataset(data_path, image_size, train=False, center_crop=True, seed=seed)
+        ds = data.build_dataset(data_path, image_size, train=False, center_crop=True, seed=seed)
         total = len(ds)
         idx = np.sort(np.random.default_rng(seed).choice(total, n, replace=False)) if n < total else range(total)
     return torch.stack([ds[int(i)][0] for i in idx]).double()

@@ -17,7 +17,6 @@ Benchmarks: warm-up calls, then the median of --repeats timed rounds, the sample
 """
 
 import argparse
-import math
 import os
 import statistics
 import sys

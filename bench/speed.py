@@ -1,0 +1,140 @@
+"""
+Speed of CDC-FM training and sampling on synthetic data, with train.py's flags and training step.
+
+    python bench/speed.py --model XL --image-size 256 --batch 8 --precision bf16 [--compile]   # Table 7, per GPU
+    python bench/speed.py --model tiny --patch-size 4 --image-size 32 --resolutions 8,16,32 --batch 32 --num-classes 4
+
+Prints, for one process:
+  1. load balance of data-parallel training: the expected slowest-rank / mean FLOPs of one step over
+     --world-size ranks of --batch images each, for i.i.d. stage draws (Alg. 1) and stratified quotas;
+  2. training images/s, MFU (CUDA, from the analytic FLOPs of the stage mix actually drawn) and peak
+     memory: the equal stage mix (stratified, then i.i.d.), then each resolution alone;
+  3. sampling images/s (Euler, --sample-steps per stage, CFG --cfg-scale);
+  4. with --max-batch on CUDA: the largest per-GPU batch of the stratified mix that fits in memory.
+"""
+
+import dataclasses
+import os
+import sys
+import time
+from copy import deepcopy
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cdc  # noqa: E402
+import train  # noqa: E402
+from runs import ConfigError, die, peak_memory_gb  # noqa: E402
+
+
+def load_balance(cdc_cfg, flops_of, world, batch, steps=2000, seed=0):
+    """E[max over ranks of a step's FLOPs] / E[FLOPs of one rank's step], by simulating `steps` steps.
+    DDP waits for the slowest rank, so this is the time a step takes relative to a perfectly balanced
+    one (if time is proportional to FLOPs); 1.0 = no rank ever waits."""
+    rng = np.random.default_rng(seed)
+    w, f = cdc_cfg.widths().numpy(), np.asarray(flops_of, dtype=np.float64)
+    mean_load = batch * float(w @ f)
+    iid = rng.multinomial(batch, w, size=(steps, world)) @ f                       # (steps, world)
+    strat = np.array([cdc.stage_quotas(cdc_cfg, batch, s) for s in range(steps)]) @ f  # same on every rank
+    return iid.max(1).mean() / mean_load, strat.mean() / mean_load
+
+
+def time_training(model, cdc_cfg, args, device, sampling, batch):
+    """Images/s, FLOP/s and peak memory of train.train_step (the exact step train.py runs)."""
+    net = train.compile_model(model) if args.compile else model
+    objective = train.Objective(net, cdc_cfg, args.class_dropout, args.loss_reduction, sampling)
+    ema, opt = deepcopy(model).requires_grad_(False), train.make_optimizer(model, args)
+    R, nc = cdc_cfg.resolutions[-1], model.config.num_classes
+    x = torch.rand(batch, model.config.in_channels, R, R, device=device) * 2 - 1
+    y = torch.randint(0, max(nc, 1), (batch,), device=device)
+    gen, flops = torch.Generator().manual_seed(args.global_seed), 0.0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i in range(args.benchmark_steps + args.warmup_steps):  # warm-up: allocator, kernels, compilation
+        if i == args.warmup_steps:
+            sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0, flops = time.time(), 0.0
+        out, _, _ = train.train_step(objective, model, ema, opt, x, y, gen, i, args)
+        flops += 3 * sum(n * model.flops_per_sample(r) for n, r in zip(out["stage_count"], cdc_cfg.resolutions))
+    sync()
+    dt = time.time() - t0
+    return args.benchmark_steps * batch / dt, flops / dt, peak_memory_gb(device)
+
+
+def main():
+    p = train.get_parser()
+    p.description = "Speed of training and sampling (synthetic data, one process)."
+    p.add_argument("--batch", type=int, default=8, help="images per step of this process (Table 7: 8 per GPU)")
+    p.add_argument("--world-size", type=int, default=32, help="ranks for the load-balance estimate (Table 7: 32)")
+    p.add_argument("--benchmark-steps", type=int, default=10)
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--max-batch", action="store_true", help="CUDA: also find the largest per-GPU batch that fits")
+    args = p.parse_args()
+    try:
+        train.resolve_args(args, demo=False)
+        cdc_cfg = train.build_cdc_config(args)
+        model = train.build_model(args, 1000 if args.num_classes is None else args.num_classes)
+    except ConfigError as e:
+        die(str(e))
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    torch.manual_seed(args.global_seed)
+    model.to(device).grad_checkpointing = args.grad_checkpointing
+    flops_of = [model.flops_per_sample(r) for r in cdc_cfg.resolutions]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.model}: {sum(q.numel() for q in model.parameters()) / 1e6:.1f}M parameters, stages "
+          f"{cdc_cfg.resolutions}, training GFLOP per image {', '.join(f'{3 * f / 1e9:.2f}' for f in flops_of)}; "
+          f"{args.batch} images/step, {args.precision}, compile={args.compile}, "
+          f"grad_checkpointing={args.grad_checkpointing}; {where}")
+
+    for world, batch in sorted({(args.world_size, args.batch), (32, 8), (8, 32)}):
+        iid, strat = load_balance(cdc_cfg, flops_of, world, batch)
+        print(f"load balance {world:>3} ranks x {batch:>3} images: slowest rank / mean FLOPs per step: "
+              f"iid {iid:.2f}x, stratified {strat:.2f}x")
+
+    mixes = [(f"equal mix {'/'.join(map(str, cdc_cfg.resolutions))}, {s}", cdc_cfg, s) for s in cdc.STAGE_SAMPLINGS]
+    mixes += [(f"{r}px only", dataclasses.replace(cdc_cfg, resolutions=(r,), windows=None), "stratified")
+              for r in cdc_cfg.resolutions]
+    peak = args.peak_tflops * 1e12
+    for name, cfg, sampling in mixes:
+        img_s, flop_s, mem = time_training(model, cfg, args, device, sampling, args.batch)
+        perf = f"MFU {flop_s / peak * 100:5.1f}%" if device.type == "cuda" else f"{flop_s / 1e9:7.1f} GFLOP/s"
+        print(f"train  {name:>34}: {img_s:8.2f} img/s  {perf}  peak mem {mem:.2f} GB", flush=True)
+
+    model.eval()
+    n, nc = args.batch, model.config.num_classes
+    y = torch.randint(0, max(nc, 1), (n,), device=device) if nc else None
+    net = train.compile_model(model) if args.compile else model
+    field, gen = cdc.guided_field(net, y, args.cfg_scale), torch.Generator(device).manual_seed(0)
+    nfe = 1 if y is None or args.cfg_scale == 1 else 2
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+        cdc.sample(field, cdc_cfg, n, steps=1, generator=gen, device=device)  # warm-up
+        t0 = time.time()
+        cdc.sample(field, cdc_cfg, n, steps=args.sample_steps, generator=gen, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    dt = time.time() - t0
+    print(f"sample {n} images, {args.sample_steps} Euler steps/stage, CFG {args.cfg_scale} ({nfe} NFE/step): "
+          f"{n / dt:.2f} img/s, peak mem {peak_memory_gb(device):.2f} GB")
+
+    if args.max_batch and device.type == "cuda":
+        model.train()
+        fits, b = args.batch, args.batch
+        while True:
+            b *= 2
+            try:
+                time_training(model, cdc_cfg, args, device, "stratified", b)
+                fits = b
+            except torch.OutOfMemoryError:
+                break
+            finally:
+                torch.cuda.empty_cache()
+        print(f"largest per-GPU batch (powers of two from {args.batch}) that fits: {fits}")
+
+
+if __name__ == "__main__":
+    main()
