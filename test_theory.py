@@ -204,11 +204,29 @@ def test_exact_discretisation_error_orders(small_oracle, interpolant):
         assert torch.allclose(pe.exact_chain_moments(o, 3, "euler")[-1][0], m, atol=1e-9)
 
 
-def test_affine_map_of_a_stage_matches_integrate_stage(small_oracle):
-    c, A = pe.stage_affine_map(small_oracle, 1, 7, "heun")
-    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    y = cdc.integrate_stage(small_oracle, x, 1, 7, small_oracle.cdc, "heun").reshape(4, -1)
-    assert torch.allclose(y, c + x.reshape(4, -1) @ A.T, atol=1e-10)
+def test_one_euler_step_affine_map_is_the_oracle_field(small_oracle):
+    """stage_affine_map read off cdc.integrate_stage, against the closed form: one Euler step of size 1
+    from tau = 0 is x + b_0(x) = c_0 + (1 + B_0) x with (c_0, B_0) the oracle's field at tau = 0."""
+    for stage in range(3):
+        c, A = pe.stage_affine_map(small_oracle, stage, 1, "euler")
+        c0, B0 = small_oracle.affine(stage, 0.0)
+        assert torch.allclose(c, c0, atol=1e-12)
+        assert torch.allclose(A, torch.eye(len(c0), dtype=torch.float64) + B0, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver, steps", [("euler", 2), ("heun", 1)])
+def test_exact_chain_moments_are_the_moments_of_cdc_sample(small_oracle, solver, steps):
+    """exact_chain_moments (which test_cdc.py uses for eq. 16 and the solver orders) against the real
+    chain: 4000 runs of cdc.sample with the same solver and so few steps that the discretisation error
+    is large. Every stage's sample moments agree with the exact ones (chi2 and Bonferroni p-values),
+    and the same test rejects the true marginal (so agreement is not the test being blind)."""
+    exact = pe.exact_chain_moments(small_oracle, steps, solver)
+    outs = cdc.sample(small_oracle, small_oracle.cdc, 4000, channels=3, steps=steps, solver=solver,
+                      generator=torch.Generator().manual_seed(1), return_stages=True)
+    for s, out in enumerate(outs):
+        t = pe.moment_test(out.reshape(4000, -1), *exact[s])
+        assert t["mean_p"] > 1e-3 and t["cov_p"] > 1e-3, (s, t)
+        assert pe.moment_test(out.reshape(4000, -1), *small_oracle.marginal(s))["cov_p"] < 1e-6, s
 
 
 # ------------------------------------------------------------------------------------------------
