@@ -1,0 +1,478 @@
+"""
+The paper's claims at small scale on real data (MNIST digits padded to 32 px), at equal training FLOPs.
+
+    python bench/claims.py run claim1            # one named set of experiments, resumable
+    python bench/claims.py run claim1 --dry-run  # list its runs and which are done
+    python bench/claims.py report                # tables (markdown) and figures from bench/results/
+
+Every run trains in-process with the project's own code (train.Objective, train.make_optimizer,
+train.train_step, train.update_ema through train_step, train.step_seed; cdc.sample, cdc.guided_field),
+so what is measured is what a user runs. A run stops when its training FLOPs (3 x the analytic
+cdc.DiT.flops_per_sample of every sample's stage, as drawn) reach its budget; its EMA is evaluated at
+evenly spaced fractions of the budget. Each finished run writes one JSON under bench/results/<set>/ and
+is skipped next time; a run killed midway starts again from scratch (runs are minutes long).
+
+Data: the MNIST test set (10k digits, idx files; not shipped), zero-padded to 32 px, one channel, in
+[-1, 1]. A fixed permutation (seed 0) holds out 2,000 digits for evaluation; the other 8,000 train both
+the generators and the evaluation classifier.
+
+Metrics of a set of generated digits (labels 0..9, equal counts):
+  cfd  Frechet distance between Gaussian fits of the classifier's 128-d penultimate features of the
+       samples and of the 8,000 training digits (lower is better);
+  acc  conditional accuracy: the fraction the classifier labels as the class they were generated for.
+Floors: the same numbers for as many held-out real digits as there are samples.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import time
+from copy import deepcopy
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import cdc  # noqa: E402
+import train  # noqa: E402
+from theory.common import read_idx_images  # noqa: E402
+
+try:  # the project's Frechet distance (fid.py when present, else sample.py's copy)
+    from fid import frechet_distance  # noqa: E402
+except ImportError:  # pragma: no cover
+    from sample import frechet_distance  # noqa: E402
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(BENCH, "results")
+CACHE = os.path.join(BENCH, "cache")  # classifier and EMA weights (not committed)
+MACHINE = "2-core CPU, 1 thread, no GPU"
+
+# ------------------------------------------------------------------------------------------------
+#                                              Data
+# ------------------------------------------------------------------------------------------------
+
+N_HELDOUT = 2000
+
+
+def load_mnist(mnist_dir):
+    """(train_x, train_y, held_x, held_y): float32 (N, 1, 32, 32) in [-1, 1] and long labels."""
+    imgs = read_idx_images(os.path.join(mnist_dir, "mnist-t10k-images-idx3-ubyte.gz"))
+    with __import__("gzip").open(os.path.join(mnist_dir, "mnist-t10k-labels-idx1-ubyte.gz"), "rb") as f:
+        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8).astype(np.int64)
+    imgs = np.pad(imgs, ((0, 0), (2, 2), (2, 2)))
+    x = torch.from_numpy(imgs).float().div(127.5).sub(1).unsqueeze(1)
+    y = torch.from_numpy(labels)
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(len(x)))
+    held, tr = perm[:N_HELDOUT], perm[N_HELDOUT:]
+    return x[tr], y[tr], x[held], y[held]
+
+
+# ------------------------------------------------------------------------------------------------
+#                                    Evaluation classifier
+# ------------------------------------------------------------------------------------------------
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)
+        self.fc, self.out = nn.Linear(64 * 8 * 8, 128), nn.Linear(128, 10)
+
+    def features(self, x):
+        h = F.max_pool2d(F.relu(self.c1(x)), 2)
+        h = F.max_pool2d(F.relu(self.c2(h)), 2)
+        return F.relu(self.fc(h.flatten(1)))
+
+    def forward(self, x):
+        return self.out(self.features(x))
+
+
+def get_classifier(data):
+    """Trained once (seed 0, 4 epochs, Adam 1e-3, batch 128, 1-px random shifts) on the training split."""
+    path = os.path.join(CACHE, "classifier.pt")
+    info_path = os.path.join(RESULTS, "classifier.json")
+    net = Classifier()
+    if os.path.exists(path):
+        net.load_state_dict(torch.load(path, weights_only=True))
+        return net.eval()
+    tx, ty, hx, hy = data
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    t0 = time.time()
+    for epoch in range(4):
+        perm = torch.randperm(len(tx))
+        for i in range(0, len(tx), 128):
+            idx = perm[i:i + 128]
+            xb = torch.roll(tx[idx], shifts=tuple(torch.randint(-1, 2, (2,)).tolist()), dims=(2, 3))
+            loss = F.cross_entropy(net(xb), ty[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        acc = float((net(hx).argmax(1) == hy).float().mean())
+    os.makedirs(CACHE, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    write_json(info_path, {"heldout_accuracy": acc, "n_heldout": len(hx), "n_train": len(tx),
+                           "train_seconds": time.time() - t0, "machine": MACHINE})
+    return net
+
+
+@torch.no_grad()
+def feats_and_preds(clf, x, bs=500):
+    f, p = [], []
+    for i in range(0, len(x), bs):
+        h = clf.features(x[i:i + bs].clamp(-1, 1))
+        f.append(h.double())
+        p.append(clf.out(h).argmax(1))
+    return torch.cat(f).numpy(), torch.cat(p)
+
+
+def gauss(f):
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+class Evaluator:
+    """Reference statistics of the training split, at full resolution and at every stage resolution
+    (real digits taken down to the stage's side and replicated back up to 32 px, like a stage output)."""
+
+    def __init__(self, data, clf):
+        self.data, self.clf = data, clf
+        self.ref = {}
+
+    def ref_stats(self, side):
+        if side not in self.ref:
+            tx = self.data[0]
+            L = int(math.log2(32 // side))
+            self.ref[side] = gauss(feats_and_preds(self.clf, cdc.up(cdc.down(tx, L), L))[0])
+        return self.ref[side]
+
+    def metrics(self, x, y):
+        """x: (N, 1, s, s) at any stage side s <= 32; y: the labels they were generated for."""
+        side = x.shape[-1]
+        L = int(math.log2(32 // side))
+        f, p = feats_and_preds(self.clf, cdc.up(x.float(), L))
+        mu, sig = gauss(f)
+        return {"cfd": frechet_distance(mu, sig, *self.ref_stats(side)), "acc": float((p == y).float().mean())}
+
+    def floor(self, n, side=32, seed=0):
+        """The metrics of n held-out real digits (n per evaluation, so the small-sample bias matches)."""
+        hx, hy = self.data[2], self.data[3]
+        idx = torch.from_numpy(np.random.default_rng(seed).permutation(len(hx))[:n])
+        L = int(math.log2(32 // side))
+        return self.metrics(cdc.down(hx[idx], L), hy[idx])
+
+
+# ------------------------------------------------------------------------------------------------
+#                                    Training and sampling
+# ------------------------------------------------------------------------------------------------
+
+# The scale (see bench/README.md for why): tiny DiT (width 192, depth 4, 3 heads) at patch 4,
+# batch 32, the paper's AdamW betas (0.9, 0.95), grad clip 1, EMA 0.9999 with the train.py warm-up.
+BASE = dict(width=192, depth=4, heads=3, patch=4, batch=32, sigma=1.0, gamma=2.0, interpolant="linear",
+            fusion="xattn", reduction="mean", stage_sampling="stratified", resolutions=(8, 16, 32), lr=1e-3,
+            budget_pflop=0.012, n_evals=4, seed=0, eval_n=200, cfg=3.0, steps=8, solver="euler")
+
+
+def run_name(spec):
+    keys = ["resolutions", "lr", "seed", "budget_pflop", "sigma", "gamma", "interpolant", "fusion", "reduction",
+            "stage_sampling", "width", "depth", "patch", "batch"]
+    parts = []
+    for k in keys:
+        if spec[k] == BASE[k] and k not in ("resolutions", "lr", "seed"):
+            continue
+        v = spec[k]
+        v = "-".join(str(r) for r in v) if isinstance(v, (tuple, list)) else v
+        parts.append(f"{k}{v}")
+    if spec.get("stage_specific"):
+        parts.append("stagespecific")
+    return "_".join(parts)
+
+
+def make_model(spec, res):
+    return cdc.create_model("tiny", width=spec["width"], depth=spec["depth"], heads=spec["heads"],
+                            patch_size=spec["patch"], in_channels=1, num_classes=10, resolutions=res,
+                            fusion=spec["fusion"])
+
+
+@torch.no_grad()
+def draw(ema, cfg, n_per_class, spec, seed, return_stages=False, cfg_scale=None, steps=None):
+    """n_per_class samples of each digit, fixed noise per seed; returns (images or stages, labels, seconds)."""
+    y = torch.arange(10).repeat_interleave(n_per_class)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    out = cdc.sample(cdc.guided_field(ema, y, spec["cfg"] if cfg_scale is None else cfg_scale), cfg, len(y),
+                     channels=1, steps=spec["steps"] if steps is None else steps, solver=spec["solver"],
+                     generator=gen, return_stages=return_stages)
+    return out, y, time.time() - t0
+
+
+def save_digits(x, path, nrow=10):
+    from data import save_grid
+    save_grid(x.float().repeat(1, 3, 1, 1), path, nrow)
+
+
+def train_run(spec, data, ev, out_path, log):
+    """Train one model to spec['budget_pflop'] training FLOPs, evaluating the EMA n_evals times."""
+    res = tuple(spec["resolutions"])
+    cfg = cdc.CDCConfig(resolutions=res, sigma=spec["sigma"], gamma=spec["gamma"], interpolant=spec["interpolant"])
+    torch.manual_seed(spec["seed"])
+    model = make_model(spec, res)
+    ema = deepcopy(model).requires_grad_(False).eval()
+    args = SimpleNamespace(lr=spec["lr"], beta1=0.9, beta2=0.95, eps=1e-6, weight_decay=0.0, grad_clip=1.0,
+                           ema_decay=0.9999, ema_warmup=True, precision="fp32")
+    opt = train.make_optimizer(model, args)
+    objective = train.Objective(model, cfg, 0.1, spec["reduction"], spec["stage_sampling"])
+    flops_of = [3.0 * model.flops_per_sample(r) for r in res]
+    tx, ty = data[0], data[1]
+    budget = spec["budget_pflop"] * 1e15
+    marks = [budget * (i + 1) / spec["n_evals"] for i in range(spec["n_evals"])]
+    gen, order_gen = torch.Generator(), torch.Generator().manual_seed(spec["seed"])
+    perm, pos = torch.randperm(len(tx), generator=order_gen), 0
+    flops, step, train_s, evals, loss_sum, loss_n = 0.0, 0, 0.0, [], 0.0, 0
+    counts_total = [0] * len(res)
+    model.train()
+    while marks:
+        t0 = time.time()
+        if pos + spec["batch"] > len(tx):
+            perm, pos = torch.randperm(len(tx), generator=order_gen), 0
+        idx = perm[pos:pos + spec["batch"]]
+        pos += spec["batch"]
+        seed = train.step_seed(spec["seed"], 0, step)
+        torch.manual_seed(seed)
+        gen.manual_seed(seed)
+        out, gnorm, ok = train.train_step(objective, model, ema, opt, tx[idx], ty[idx], gen, step, args)
+        if not bool(ok):  # recorded as diverged; best_lr never picks it
+            log(f"  non-finite loss or gradient at step {step}: diverged")
+            return {"kind": "train", "spec": spec, "diverged_at_step": step, "evals": evals,
+                    "final": {"cfd": float("inf"), "acc": 0.0}, "machine": MACHINE}
+        step += 1
+        flops += sum(c * f for c, f in zip(out["stage_count"], flops_of))
+        counts_total = [a + b for a, b in zip(counts_total, out["stage_count"])]
+        loss_sum, loss_n = loss_sum + float(out["loss"].detach()), loss_n + 1
+        train_s += time.time() - t0
+        if flops >= marks[0]:
+            marks.pop(0)
+            x, y, sample_s = draw(ema, cfg, spec["eval_n"] // 10, spec, seed=1234)
+            m = ev.metrics(x, y)
+            evals.append({"step": step, "pflop": flops / 1e15, "train_seconds": train_s, "sample_seconds": sample_s,
+                          "loss_recent": loss_sum / loss_n, **m})
+            log(f"  step {step} {flops / 1e15:.4f} PFLOP train {train_s:.0f}s loss {loss_sum / loss_n:.4f} "
+                f"cfd {m['cfd']:.2f} acc {m['acc']:.3f} (sampling {sample_s:.1f}s)")
+            loss_sum, loss_n = 0.0, 0
+    os.makedirs(os.path.join(CACHE, "ema"), exist_ok=True)
+    name = os.path.splitext(os.path.basename(out_path))[0]
+    set_name = os.path.basename(os.path.dirname(out_path))
+    torch.save({"ema": ema.state_dict(), "spec": spec}, os.path.join(CACHE, "ema", f"{set_name}__{name}.pt"))
+    save_digits(x[::spec["eval_n"] // 100][:100] if spec["eval_n"] >= 100 else x,
+                os.path.join(os.path.dirname(out_path), name + ".png"))
+    return {"kind": "train", "spec": spec, "cdc": cfg.to_dict(), "steps": step, "pflop": flops / 1e15,
+            "train_seconds": train_s, "stage_count_total": counts_total,
+            "params": sum(p.numel() for p in model.parameters()), "evals": evals, "final": evals[-1],
+            "machine": MACHINE, "torch": torch.__version__}
+
+
+# ------------------------------------------------------------------------------------------------
+#                                       Experiment sets
+# ------------------------------------------------------------------------------------------------
+
+K1, K3 = (32,), (8, 16, 32)
+LR_GRID = (1e-3, 2e-3, 4e-3)
+GRID_BUDGET = 0.003
+HEADLINE_SEEDS = (0, 1, 2)
+
+
+def spec(**kw):
+    s = dict(BASE)
+    s.update(kw)
+    s["resolutions"] = list(s["resolutions"])
+    return s
+
+
+def best_lr(resolutions):
+    """The learning rate with the lowest final cfd in the lr grid (None until the grid is done)."""
+    best = None
+    for lr in LR_GRID:
+        p = os.path.join(RESULTS, "lrgrid", run_name(spec(resolutions=resolutions, lr=lr, seed=100,
+                                                          budget_pflop=GRID_BUDGET, n_evals=1)) + ".json")
+        if not os.path.exists(p):
+            return None
+        r = read_json(p)
+        if r.get("diverged_at_step") is not None:
+            continue
+        if best is None or r["final"]["cfd"] < best[0]:
+            best = (r["final"]["cfd"], lr)
+    if best is None:
+        raise SystemExit(f"every lr of the grid diverged for {resolutions}")
+    return best[1]
+
+
+def set_lrgrid():
+    return [spec(resolutions=res, lr=lr, seed=100, budget_pflop=GRID_BUDGET, n_evals=1)
+            for res in (K1, K3) for lr in LR_GRID]
+
+
+def set_claim1():
+    out = []
+    for seed in HEADLINE_SEEDS:
+        for res in (K3, K1):
+            lr = best_lr(res)
+            if lr is None:
+                raise SystemExit("claim1 needs the lr grid first: python bench/claims.py run lrgrid")
+            out.append(spec(resolutions=res, lr=lr, seed=seed))
+    return out
+
+
+def cdc_lr():
+    lr = best_lr(K3)
+    if lr is None:
+        raise SystemExit("needs the lr grid first: python bench/claims.py run lrgrid")
+    return lr
+
+
+def set_claim2():
+    return [spec(resolutions=res, lr=cdc_lr(), seed=0) for res in ((16, 32), (8, 32))]
+
+
+def set_claim3():
+    lr = cdc_lr()
+    return ([spec(gamma=g, lr=lr, seed=0) for g in (1.0, 1.5, 3.0, 4.0)]
+            + [spec(sigma=s, lr=lr, seed=0) for s in (0.5, 2.0)])  # gamma 2, sigma 1 is claim 1's K = 3
+
+
+def set_claim4():
+    return [spec(interpolant=i, lr=cdc_lr(), seed=0) for i in ("trigonometric", "score")]
+
+
+def set_claim5():
+    return [spec(fusion="add", lr=cdc_lr(), seed=0)]
+
+
+def set_claim7():
+    lr = cdc_lr()
+    return [spec(reduction="sum", lr=lr, seed=0), spec(stage_sampling="iid", lr=lr, seed=0)]
+
+
+SETS = {"lrgrid": set_lrgrid, "claim1": set_claim1, "claim2": set_claim2, "claim3": set_claim3,
+        "claim4": set_claim4, "claim5": set_claim5, "claim7": set_claim7}
+# sampling-only sets on the claim-1 checkpoints (no training)
+SAMPLING_SETS = ("claim8", "claim9")
+
+
+def sampling_sweep(set_name, data, ev, log, seeds=HEADLINE_SEEDS):
+    """claim8: per-stage quality against S_cfg; claim9: quality against steps per stage (and time)."""
+    lr3 = cdc_lr()
+    lr1 = best_lr(K1)
+    jobs = []
+    for seed in seeds:
+        if set_name == "claim8":
+            for s in (1.0, 1.5, 2.0, 3.0, 4.0, 6.0):
+                jobs.append((K3, lr3, seed, dict(cfg_scale=s), f"cfg{s}"))
+        else:
+            for res, lr in ((K3, lr3), (K1, lr1)):
+                for n in (2, 4, 8, 16, 24):
+                    jobs.append((res, lr, seed, dict(steps=n), f"steps{n}"))
+    for res, lr, seed, kw, tag in jobs:
+        base = run_name(spec(resolutions=res, lr=lr, seed=seed))
+        path = os.path.join(RESULTS, set_name, f"{base}_{tag}.json")
+        if os.path.exists(path):
+            continue
+        ck = os.path.join(CACHE, "ema", f"claim1__{base}.pt")
+        if not os.path.exists(ck):
+            log(f"skip {path}: no checkpoint {ck} (run claim1 first)")
+            continue
+        saved = torch.load(ck, weights_only=False)
+        s = saved["spec"]
+        cfg = cdc.CDCConfig(resolutions=tuple(s["resolutions"]), sigma=s["sigma"], gamma=s["gamma"],
+                            interpolant=s["interpolant"])
+        ema = make_model(s, cfg.resolutions)
+        ema.load_state_dict(saved["ema"])
+        ema.eval()
+        stages, y, secs = draw(ema, cfg, s["eval_n"] // 10, s, seed=1234, return_stages=True, **kw)
+        per_stage = [dict(side=x.shape[-1], **ev.metrics(x, y)) for x in stages]
+        result = {"kind": "sampling", "set": set_name, "checkpoint_spec": s, "sampler": {**kw, "solver": s["solver"]},
+                  "sample_seconds": secs, "n": len(y), "per_stage": per_stage, "final": per_stage[-1],
+                  "machine": MACHINE, "torch": torch.__version__}
+        write_json(path, result)
+        log(f"{path}: {json.dumps(per_stage)} ({secs:.1f}s)")
+
+
+# ------------------------------------------------------------------------------------------------
+#                                             Plumbing
+# ------------------------------------------------------------------------------------------------
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def cmd_run(a):
+    torch.set_num_threads(a.threads)
+    log = lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)  # noqa: E731
+    data = load_mnist(a.mnist)
+    clf = get_classifier(data)
+    ev = Evaluator(data, clf)
+    floor_path = os.path.join(RESULTS, "floor.json")
+    if not os.path.exists(floor_path):
+        fl = {"n": BASE["eval_n"], "per_side": {s: [ev.floor(BASE["eval_n"], s, seed) for seed in range(3)]
+                                                for s in (8, 16, 32)},
+              "full_heldout_32": ev.floor(N_HELDOUT, 32), "machine": MACHINE}
+        write_json(floor_path, fl)
+        log(f"floors: {json.dumps(fl)}")
+    for name in a.sets:
+        if name in SAMPLING_SETS:
+            if not a.dry_run:
+                sampling_sweep(name, data, ev, log)
+            continue
+        for s in SETS[name]():
+            path = os.path.join(RESULTS, name, run_name(s) + ".json")
+            if os.path.exists(path):
+                log(f"done already: {path}")
+                continue
+            if a.dry_run:
+                log(f"to run: {path}")
+                continue
+            log(f"run {path}")
+            result = train_run(s, data, ev, path, log)
+            write_json(path, result)
+            log(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run named experiment sets in order (finished runs are skipped)")
+    r.add_argument("sets", nargs="+", choices=list(SETS) + list(SAMPLING_SETS))
+    r.add_argument("--mnist", default=os.path.join(ROOT, "..", "shared", "data", "mnist"),
+                   help="folder with mnist-t10k-{images-idx3,labels-idx1}-ubyte.gz")
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--dry-run", action="store_true")
+    sub.add_parser("report", help="markdown tables and figures from bench/results")
+    a = p.parse_args(argv)
+    if a.cmd == "run":
+        cmd_run(a)
+    else:
+        from bench_report import report  # noqa: E402  (bench/bench_report.py)
+        report()
+
+
+if __name__ == "__main__":
+    main()
