@@ -1,0 +1,287 @@
+"""
+Tables and figures from bench/results (called by `python bench/claims.py report`).
+
+Prints markdown tables (mean ± sd over seeds) and writes PNG figures to bench/figures/. Every figure
+names the machine its runs were measured on and the command that made it.
+"""
+
+import glob
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(BENCH, "results")
+FIGURES = os.path.join(BENCH, "figures")
+CMD = "python bench/claims.py report"
+
+
+def load(set_name):
+    out = []
+    for p in sorted(glob.glob(os.path.join(RESULTS, set_name, "*.json"))):
+        with open(p) as f:
+            r = json.load(f)
+        r["_file"] = os.path.relpath(p, BENCH)
+        out.append(r)
+    return out
+
+
+def ms(vals):
+    vals = np.asarray(vals, dtype=float)
+    if len(vals) == 0:
+        return float("nan"), float("nan")
+    return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
+
+
+def fmt(vals, digits=1):
+    m, s = ms(vals)
+    if np.isnan(s):
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def method(spec):
+    res = spec["resolutions"]
+    return f"K = {len(res)} ({', '.join(str(r) for r in res)})"
+
+
+def floor():
+    with open(os.path.join(RESULTS, "floor.json")) as f:
+        fl = json.load(f)
+    return fl
+
+
+def verdict(a, b, lower_better=True):
+    """'a better', 'b better' or 'inconclusive': a difference counts only when the means differ by more
+    than the larger of the two seed spreads (sd)."""
+    (ma, sa), (mb, sb) = ms(a), ms(b)
+    spread = np.nanmax([sa, sb, 0.0])
+    if np.isnan(spread) or abs(ma - mb) <= spread:
+        return "inconclusive"
+    better_a = ma < mb if lower_better else ma > mb
+    return "first better" if better_a else "second better"
+
+
+def table_lrgrid():
+    rows = ["| method | lr | steps | PFLOP | train s | cfd | acc |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(load("lrgrid"), key=lambda r: (len(r["spec"]["resolutions"]), r["spec"]["lr"])):
+        if r.get("diverged_at_step") is not None:
+            rows.append(f"| {method(r['spec'])} | {r['spec']['lr']:g} | diverged at {r['diverged_at_step']} | | | | |")
+            continue
+        f = r["final"]
+        rows.append(f"| {method(r['spec'])} | {r['spec']['lr']:g} | {r['steps']} | {r['pflop']:.4f} | "
+                    f"{r['train_seconds']:.0f} | {f['cfd']:.1f} | {f['acc']:.3f} |")
+    return "\n".join(rows)
+
+
+def by_method(runs):
+    g = defaultdict(list)
+    for r in runs:
+        if r.get("diverged_at_step") is None:
+            g[method(r["spec"])].append(r)
+    return g
+
+
+def table_claim1():
+    g = by_method(load("claim1"))
+    rows = ["| method | lr | seeds | eval | PFLOP | steps | train s | cfd | acc |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for m, runs in sorted(g.items()):
+        n_ev = min(len(r["evals"]) for r in runs)
+        for i in range(n_ev):
+            ev = [r["evals"][i] for r in runs]
+            rows.append(f"| {m} | {runs[0]['spec']['lr']:g} | {len(runs)} ({', '.join(str(r['spec']['seed']) for r in runs)}) "
+                        f"| {i + 1}/{n_ev} | {fmt([e['pflop'] for e in ev], 4)} | {fmt([e['step'] for e in ev], 0)} "
+                        f"| {fmt([e['train_seconds'] for e in ev], 0)} | {fmt([e['cfd'] for e in ev])} "
+                        f"| {fmt([e['acc'] for e in ev], 3)} |")
+    return "\n".join(rows), g
+
+
+def fig_claim1(g, plt):
+    fl = floor()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for m, runs in sorted(g.items()):
+        n_ev = min(len(r["evals"]) for r in runs)
+        x = [np.mean([r["evals"][i]["pflop"] for r in runs]) for i in range(n_ev)]
+        for ax, key in zip(axes, ("cfd", "acc")):
+            vals = np.array([[r["evals"][i][key] for i in range(n_ev)] for r in runs])
+            mean, sd = vals.mean(0), vals.std(0, ddof=1) if len(runs) > 1 else np.zeros(n_ev)
+            ax.errorbar(x, mean, yerr=sd, marker="o", capsize=3, label=f"{m}, {len(runs)} seeds")
+    f32 = [v["cfd"] for v in fl["per_side"]["32"]]
+    a32 = [v["acc"] for v in fl["per_side"]["32"]]
+    axes[0].axhline(np.mean(f32), color="grey", ls="--", label=f"held-out real digits (n = {fl['n']})")
+    axes[1].axhline(np.mean(a32), color="grey", ls="--", label="held-out real digits")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("classifier Fréchet distance (lower is better)")
+    axes[1].set_ylabel("conditional accuracy")
+    for ax in axes:
+        ax.set_xlabel("training compute (PFLOP)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Claim 1: MNIST 32 px, equal training FLOPs, mean ± sd over seeds\n"
+                 f"2-core CPU, 1 thread, no GPU; {CMD}", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(FIGURES, "claim1_compute.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sampling_rows(set_name):
+    g = defaultdict(list)
+    for r in load(set_name):
+        s = r["checkpoint_spec"]
+        key = (method(s), tuple(sorted((k, v) for k, v in r["sampler"].items() if k != "solver")))
+        g[key].append(r)
+    return g
+
+
+def table_claim9():
+    g = sampling_rows("claim9")
+    rows = ["| method | steps/stage | NFE (with CFG) | seeds | sampling s / 200 images | cfd | acc |",
+            "|---|---|---|---|---|---|---|"]
+    for (m, kw), runs in sorted(g.items(), key=lambda kv: (kv[0][0], dict(kv[0][1])["steps"])):
+        steps = dict(kw)["steps"]
+        K = len(runs[0]["checkpoint_spec"]["resolutions"])
+        rows.append(f"| {m} | {steps} | {2 * K * steps} | {len(runs)} | {fmt([r['sample_seconds'] for r in runs])} "
+                    f"| {fmt([r['final']['cfd'] for r in runs])} | {fmt([r['final']['acc'] for r in runs], 3)} |")
+    return "\n".join(rows), g
+
+
+def fig_claim9(g, plt):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    series = defaultdict(list)
+    for (m, kw), runs in g.items():
+        series[m].append((dict(kw)["steps"], runs))
+    for m, pts in sorted(series.items()):
+        pts.sort()
+        t = [np.mean([r["sample_seconds"] for r in runs]) for _, runs in pts]
+        for ax, key in zip(axes, ("cfd", "acc")):
+            vals = [[r["final"][key] for r in runs] for _, runs in pts]
+            mean = [np.mean(v) for v in vals]
+            sd = [np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals]
+            ax.errorbar(t, mean, yerr=sd, marker="o", capsize=3, label=m)
+            for (steps, _), tt, mm in zip(pts, t, mean):
+                ax.annotate(str(steps), (tt, mm), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("classifier Fréchet distance")
+    axes[1].set_ylabel("conditional accuracy")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("sampling wall time for 200 images, S_cfg = 3 (s)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Claims 1 and 9: quality against sampling time (labels: Euler steps per stage), claim-1 EMA models\n"
+                 f"2-core CPU, 1 thread, no GPU; {CMD}", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(FIGURES, "claim9_sampling.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def table_claim8():
+    g = sampling_rows("claim8")
+    fl = floor()
+    sides = None
+    rows = []
+    for (m, kw), runs in sorted(g.items(), key=lambda kv: dict(kv[0][1])["cfg_scale"]):
+        sides = [p["side"] for p in runs[0]["per_stage"]]
+        cells = []
+        for i in range(len(sides)):
+            cells.append(f"{fmt([r['per_stage'][i]['cfd'] for r in runs])} / {fmt([r['per_stage'][i]['acc'] for r in runs], 2)}")
+        rows.append(f"| {dict(kw)['cfg_scale']:g} | {len(runs)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return "", g
+    head = "| S_cfg | seeds | " + " | ".join(f"{s} px: cfd / acc" for s in sides) + " |"
+    sep = "|---|---|" + "---|" * len(sides)
+    floor_row = "| real held-out | 3 draws | " + " | ".join(
+        f"{fmt([v['cfd'] for v in fl['per_side'][str(s)]])} / {fmt([v['acc'] for v in fl['per_side'][str(s)]], 2)}"
+        for s in sides) + " |"
+    return "\n".join([head, sep] + rows + [floor_row]), g
+
+
+def fig_claim8(g, plt):
+    fl = floor()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    items = sorted(g.items(), key=lambda kv: dict(kv[0][1])["cfg_scale"])
+    if not items:
+        return None
+    sides = [p["side"] for p in items[0][1][0]["per_stage"]]
+    scales = [dict(kw)["cfg_scale"] for (m, kw), _ in items]
+    for i, side in enumerate(sides):
+        for ax, key in zip(axes, ("cfd", "acc")):
+            vals = [[r["per_stage"][i][key] for r in runs] for _, runs in items]
+            line = ax.errorbar(scales, [np.mean(v) for v in vals],
+                               yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
+                               marker="o", capsize=3, label=f"stage {i + 1}: {side} px")
+            ax.axhline(np.mean([v[key] for v in fl["per_side"][str(side)]]), ls="--", lw=0.8,
+                       color=line[0].get_color())
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("Fréchet distance to real digits at that resolution")
+    axes[1].set_ylabel("conditional accuracy at that resolution")
+    for ax in axes:
+        ax.set_xlabel("S_cfg (one scale for all stages)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Claim 8: per-stage quality against S_cfg, K = 3 claim-1 models (dashed: held-out real digits)\n"
+                 f"2-core CPU, 1 thread, no GPU; {CMD}", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(FIGURES, "claim8_cfg.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def table_single(set_name):
+    rows = ["| run | seeds | PFLOP | steps | train s | cfd | acc |", "|---|---|---|---|---|---|---|"]
+    for r in load(set_name):
+        if r.get("diverged_at_step") is not None:
+            rows.append(f"| {r['_file']} | 1 | diverged at step {r['diverged_at_step']} | | | | |")
+            continue
+        f = r["final"]
+        rows.append(f"| {r['_file']} | {r['spec']['seed']} | {r['pflop']:.4f} | {r['steps']} | {r['train_seconds']:.0f} "
+                    f"| {f['cfd']:.1f} | {f['acc']:.3f} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def report():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(FIGURES, exist_ok=True)
+    fl = floor()
+    with open(os.path.join(RESULTS, "classifier.json")) as f:
+        clf = json.load(f)
+    print(f"Classifier: held-out accuracy {clf['heldout_accuracy']:.4f} on {clf['n_heldout']} digits.")
+    print(f"Floors (n = {fl['n']} held-out digits, 3 draws): " + "; ".join(
+        f"{s} px cfd {fmt([v['cfd'] for v in fl['per_side'][s]])}, acc {fmt([v['acc'] for v in fl['per_side'][s]], 3)}"
+        for s in ("8", "16", "32")) + f"; all 2000 held-out at 32 px: cfd {fl['full_heldout_32']['cfd']:.2f}")
+    print("\n## lr grid\n\n" + table_lrgrid())
+    t1, g1 = table_claim1()
+    print("\n## claim 1\n\n" + t1)
+    if g1:
+        print("\nfigure:", fig_claim1(g1, plt))
+        ms_ = sorted(g1)
+        if len(ms_) == 2:
+            a, b = (g1[m] for m in ms_)
+            for key, lb in (("cfd", True), ("acc", False)):
+                print(f"final {key}: {ms_[0]} {fmt([r['final'][key] for r in a], 3)} vs {ms_[1]} "
+                      f"{fmt([r['final'][key] for r in b], 3)}: {verdict([r['final'][key] for r in a], [r['final'][key] for r in b], lb)}")
+            for m in ms_:
+                print(f"{m}: wall train s {fmt([r['train_seconds'] for r in g1[m]], 0)}, steps {fmt([r['steps'] for r in g1[m]], 0)}, "
+                      f"final sampling s {fmt([r['final']['sample_seconds'] for r in g1[m]], 1)}")
+    t9, g9 = table_claim9()
+    print("\n## claim 9\n\n" + t9)
+    if g9:
+        print("\nfigure:", fig_claim9(g9, plt))
+    t8, g8 = table_claim8()
+    print("\n## claim 8\n\n" + t8)
+    if g8:
+        print("\nfigure:", fig_claim8(g8, plt))
+    for s in ("claim2", "claim3", "claim4", "claim5", "claim7"):
+        t = table_single(s)
+        if t:
+            print(f"\n## {s}\n\n" + t)
