@@ -93,13 +93,13 @@ def step_seed(global_seed, rank, step):
     return int(np.random.SeedSequence((global_seed, rank, step)).generate_state(1, np.uint64)[0] >> 1)
 
 
-def compile_model(model):
+def compile_model(model, backend="inductor"):
     """torch.compile with static shapes: each stage (one token count, one per-stage batch under
     stratified sampling) compiles once, train and no-grad separately, and never again. The default
     recompile limit (8) would silently fall back to eager beyond 2 stages x 2 modes x 2 batch sizes."""
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-    return torch.compile(model, dynamic=False)
+    return torch.compile(model, dynamic=False, backend=backend)
 
 
 class Meter:

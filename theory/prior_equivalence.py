@@ -62,8 +62,9 @@ class GaussianOracle:
         C, K = self.shape[0], config.K
         self.A, self.M = [], []
         for s, r in enumerate(config.resolutions):
-            self.A.append(operator_matrix(lambda v, s=s: cdc.down(v, K - 1 - s), self.shape))
-            P = operator_matrix(lambda v: cdc.up(cdc.down(v)), (C, r, r)) if s > 0 else torch.zeros(C * r * r, C * r * r, dtype=torch.float64)
+            self.A.append(operator_matrix(lambda v, s=s: cdc.down(v, config.levels_below_top(s)), self.shape))
+            L = config.levels(s)  # 1 for a 2x step, 2 for Table 6's 4x step
+            P = operator_matrix(lambda v: cdc.up(cdc.down(v, L), L), (C, r, r)) if s > 0 else torch.zeros(C * r * r, C * r * r, dtype=torch.float64)
             self.M.append(P)
         self._cache = {}
 
@@ -181,7 +182,7 @@ def exact_chain_moments(oracle: GaussianOracle, steps, solver: str) -> list:
     out = []
     for s in range(cfg.K):
         if s > 0:
-            U = operator_matrix(cdc.up, (C,) + (cfg.resolutions[s - 1],) * 2)
+            U = operator_matrix(lambda v: cdc.up(v, cfg.levels(s)), (C,) + (cfg.resolutions[s - 1],) * 2)
             m, S = U @ m, U @ S @ U.T + cfg.sigma_k(s) ** 2 * torch.eye(U.shape[0], dtype=torch.float64)
         c, A = stage_affine_map(oracle, s, steps[s], solver)
         m, S = c + A @ m, A @ S @ A.T

@@ -1,0 +1,387 @@
+"""Tests of training at scale and of Table 6's resolution paths.
+
+Stratified stage quotas (the same expectation as Alg. 1, never more variance, the same mix on every
+rank), compiled static shapes, faults (a non-finite gradient, resume on another number of processes,
+--resume auto before the first checkpoint), and paths whose sides grow by any power of two (64 -> 256)
+through the operators, the coupling (App. E.2), the samplers, train.py and sample.py.
+"""
+
+import glob
+import math
+import os
+import subprocess
+import sys
+from copy import deepcopy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, strategies as st
+
+import cdc
+import train
+from data import DataOrder
+from theory.prior_equivalence import GaussianOracle, exact_chain_moments
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+f64 = torch.float64
+TINY = ["--image-size", "16", "--resolutions", "4,8,16", "--patch-size", "2", "--width", "32", "--depth", "1", "--heads", "2",
+        "--global-batch-size", "8", "--dataset-size", "48", "--sample-steps", "2", "--num-workers", "0", "--log-every", "2"]
+
+
+def tiny_model(resolutions=(4, 8, 16), seed=0, wake=True):
+    torch.manual_seed(seed)
+    model = cdc.create_model("tiny", depth=1, width=32, heads=2, num_classes=4, resolutions=resolutions)
+    if wake:  # random weights where adaLN-Zero put zeros, so that the output depends on the weights
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear) and m.weight.abs().sum() == 0:
+                    m.weight.normal_(0, 0.05)
+    return model
+
+
+def run(script, *args, cwd):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def ok(p):
+    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+#                                  Stratified stage quotas
+# ------------------------------------------------------------------------------------------------
+
+
+@given(st.integers(1, 64), st.integers(1, 5), st.integers(0, 10_000))
+def test_quotas_sum_to_the_batch_and_stay_within_one_of_the_proportional_share(B, K, step):
+    config = cdc.CDCConfig(resolutions=tuple(2 ** (s + 2) for s in range(K)))
+    counts = cdc.stage_quotas(config, B, step)
+    assert sum(counts) == B and len(counts) == K
+    assert all(math.floor(B / K) <= n <= math.ceil(B / K) for n in counts)
+
+
+@pytest.mark.parametrize("windows, B, period", [(None, 8, 3), (None, 9, 1), ((0.2, 0.3, 0.5), 8, 5),
+                                                 ((0.1, 0.6, 0.3), 7, 10), ((0.25, 0.75), 3, 4)])
+def test_quotas_long_run_mix_is_exact(windows, B, period):
+    """The remainder rotates with the step: over one period every stage got exactly B w_k per step."""
+    config = cdc.CDCConfig(resolutions=(4, 8, 16)[:len(windows)] if windows else (4, 8, 16), windows=windows)
+    w = config.widths()
+    for start in (0, 17):
+        counts = torch.tensor([cdc.stage_quotas(config, B, s) for s in range(start, start + period)], dtype=f64)
+        torch.testing.assert_close(counts.mean(0), B * w, rtol=0, atol=1e-9)
+    if period > 1:  # and it does rotate: not every step has the same counts
+        assert len({tuple(cdc.stage_quotas(config, B, s)) for s in range(period)}) > 1
+
+
+def test_quotas_without_a_step_are_unbiased_draws():
+    config = cdc.CDCConfig(resolutions=(4, 8, 16), windows=(0.2, 0.3, 0.5))
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([cdc.stage_quotas(config, 7, None, g) for _ in range(4000)], dtype=f64)
+    assert set(counts.sum(1).tolist()) == {7.0}
+    # each count is floor or ceil of 7 w_k; the mean is 7 w_k within 5 standard errors (<= 0.5/sqrt(n))
+    assert torch.all((counts.mean(0) - 7 * config.widths()).abs() < 5 * 0.5 / math.sqrt(4000))
+
+
+def test_stratified_estimator_has_alg1_mean_and_no_more_variance():
+    """On a fixed network, the stratified batch loss and Alg. 1's i.i.d. batch loss have the same mean
+    over many draws (within 4 Monte-Carlo standard errors of the difference), and the stratified one's
+    variance is smaller: stage 1 (pure noise source) has a far larger loss than the later stages, and
+    stratification removes that between-stage part of the variance."""
+    model = tiny_model().eval()
+    config = cdc.CDCConfig(resolutions=(4, 8, 16))
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,))
+    losses = {s: [] for s in cdc.STAGE_SAMPLINGS}
+    with torch.no_grad():
+        for i in range(300):
+            for s in cdc.STAGE_SAMPLINGS:
+                torch.manual_seed(i)
+                out = cdc.training_losses(model, x, y, config, class_dropout=0.0, stage_sampling=s, step=i,
+                                          generator=torch.Generator().manual_seed(i))
+                losses[s].append(out["loss"].item())
+    a, b = torch.tensor(losses["stratified"], dtype=f64), torch.tensor(losses["iid"], dtype=f64)
+    se = math.sqrt(a.var() / len(a) + b.var() / len(b))
+    assert abs(a.mean() - b.mean()) < 4 * se, (a.mean(), b.mean(), se)
+    assert a.var() < b.var(), (a.var(), b.var())
+
+
+def _ddp_stage_counts(rank, world, store_path, out_path):
+    """One rank of a 2-process gloo run: per stage sampling, 6 DDP training steps of 5 images (not
+    divisible by K = 3); rank 0 writes every rank's per-step stage counts."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    config = cdc.CDCConfig(resolutions=(4, 8, 16))
+    args = train.get_parser().parse_args(["--lr", "1e-3", "--precision", "fp32"])
+    seen = {}
+    for sampling in cdc.STAGE_SAMPLINGS:
+        model = tiny_model()
+        objective = torch.nn.parallel.DistributedDataParallel(
+            train.Objective(model, config, 0.1, "mean", sampling), broadcast_buffers=False)
+        ema, opt = deepcopy(model).requires_grad_(False), train.make_optimizer(model, args)
+        seen[sampling] = []
+        for step in range(6):
+            seed = train.step_seed(0, rank, step)
+            torch.manual_seed(seed)
+            x, y = torch.randn(5, 3, 16, 16), torch.randint(0, 4, (5,))
+            out, _, _ = train.train_step(objective, model, ema, opt, x, y, torch.Generator().manual_seed(seed), step, args)
+            seen[sampling].append(out["stage_count"])
+    gathered = [None] * world
+    dist.all_gather_object(gathered, seen)
+    if rank == 0:
+        torch.save(gathered, out_path)
+    dist.destroy_process_group()
+
+
+def test_every_rank_carries_the_same_stage_mix_under_ddp(tmp_path):
+    out = str(tmp_path / "counts.pt")
+    mp.spawn(_ddp_stage_counts, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    r0, r1 = torch.load(out)
+    assert all(sum(c) == 5 for s in cdc.STAGE_SAMPLINGS for c in r0[s] + r1[s])
+    assert r0["stratified"] == r1["stratified"]                # the same counts on both ranks at every step
+    assert len({tuple(c) for c in r0["stratified"]}) == 3      # the remainder rotates: (2,2,1), (2,1,2), (1,2,2)
+    assert r0["iid"] != r1["iid"]                              # Alg. 1: each rank draws its own mix
+
+
+# ------------------------------------------------------------------------------------------------
+#                                    Compiled, static shapes
+# ------------------------------------------------------------------------------------------------
+
+
+def test_compile_builds_each_stage_once_in_training_and_sampling():
+    """dynamic=False: one graph per (stage, per-stage batch, grad mode), never rebuilt; no graph breaks.
+    (The eager backend traces exactly as inductor would but skips code generation: seconds, not minutes.)"""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model()
+    net = train.compile_model(model, backend="eager")
+    config = cdc.CDCConfig(resolutions=(4, 8, 16))
+
+    def train_steps(B, steps):
+        for step in steps:
+            out = cdc.training_losses(net, torch.randn(B, 3, 16, 16), torch.randint(0, 4, (B,)), config,
+                                      generator=torch.Generator().manual_seed(step), step=step)
+            out["loss"].backward()
+        return counters["stats"]["unique_graphs"]
+
+    assert train_steps(6, range(4)) == 3            # 2 images per stage every step: 3 graphs
+    assert train_steps(6, range(4, 8)) == 3         # ... and never again
+    assert train_steps(7, range(6)) == 6            # 7 = 2+2+3 rotating: each stage also sees batch 3
+    field = cdc.guided_field(net, torch.arange(4), 2.0)
+    for _ in range(2):
+        cdc.sample(field, config, 4, steps=2, generator=torch.Generator().manual_seed(0))
+        assert counters["stats"]["unique_graphs"] == 9  # no-grad sampling: one graph per stage, once
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_one_network_evaluation_per_step_without_guidance():
+    model = tiny_model()
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    config = cdc.CDCConfig(resolutions=(4, 8, 16))
+    for y, scale, per_call in ((torch.arange(4), 1.0, 4), (None, 3.0, 4), (torch.arange(4), 3.0, 8)):
+        calls.clear()
+        cdc.sample(cdc.guided_field(model, y, scale), config, 4, steps=2, generator=torch.Generator().manual_seed(0))
+        assert calls == [per_call] * 6, (scale, calls)   # 3 stages x 2 steps
+
+
+def test_sampling_noise_is_drawn_on_the_generators_device():
+    """No host draw per stage: with a generator on the sampling device the noise comes from it (here the
+    CPU stands in for the GPU); a second run with the same generator seed is identical."""
+    config = cdc.CDCConfig(resolutions=(4, 8, 16))
+    zero = lambda x, t, s: torch.zeros_like(x)  # noqa: E731  outputs are then the sampler's own noise
+    a = cdc.sample(zero, config, 3, steps=1, generator=torch.Generator("cpu").manual_seed(5), device="cpu")
+    b = cdc.sample(zero, config, 3, steps=1, generator=torch.Generator("cpu").manual_seed(5), device="cpu")
+    assert torch.equal(a, b) and a.device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------------------
+#                                            Faults
+# ------------------------------------------------------------------------------------------------
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward (the loss stays finite), inf backward."""
+
+    @staticmethod
+    def forward(ctx, v):
+        return v.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def test_a_non_finite_gradient_moves_neither_weights_nor_optimiser_nor_ema(monkeypatch):
+    model = tiny_model()
+    args = train.get_parser().parse_args(["--lr", "1e-2", "--precision", "fp32"])
+    config = cdc.CDCConfig(resolutions=(4, 8, 16))
+    objective = train.Objective(model, config, 0.1, "mean", "stratified")
+    ema, opt = deepcopy(model).requires_grad_(False), train.make_optimizer(model, args)
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,))
+    train.train_step(objective, model, ema, opt, x, y, torch.Generator().manual_seed(0), 0, args)  # a good step
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, ema)]
+    opt_before = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    real = cdc.velocity_loss
+    monkeypatch.setattr(cdc, "velocity_loss", lambda b, t, r="mean": _InfGrad.apply(real(b, t, r)))
+    out, gnorm, ok = train.train_step(objective, model, ema, opt, x, y, torch.Generator().manual_seed(1), 1, args)
+    assert torch.isfinite(out["loss"]) and not torch.isfinite(gnorm) and not ok
+    for m, b in zip((model, ema), before):
+        assert all(torch.equal(v, b[k]) for k, v in m.state_dict().items())
+    assert all(torch.equal(v, opt_before[k]) for k, v in opt.state_dict()["state"][0].items())
+    monkeypatch.undo()
+    out, gnorm, ok = train.train_step(objective, model, ema, opt, x, y, torch.Generator().manual_seed(2), 2, args)
+    assert ok and not torch.equal(model.state_dict()["final_layer.linear.bias"], before[0]["final_layer.linear.bias"])
+
+
+def test_a_run_with_an_inf_gradient_stops_before_saving(tmp_path, monkeypatch, capsys):
+    """Steps 1-2 are fine and saved; step 3's loss is finite but its gradient is inf: the run stops at
+    the next check with one line, and no checkpoint after step 2 exists."""
+    real, calls = cdc.velocity_loss, []
+
+    def loss(b, t, r="mean"):
+        calls.append(1)
+        return _InfGrad.apply(real(b, t, r)) if len(calls) > 2 * 3 else real(b, t, r)  # 3 stages per step
+
+    monkeypatch.setattr(cdc, "velocity_loss", loss)
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--max-steps", "8", "--ckpt-every", "2", "--results-dir", str(tmp_path / "r")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not finite" in err[0] and "0000002.pt" in err[0], err
+    saved = sorted(glob.glob(str(tmp_path / "r" / "*" / "checkpoints" / "*.pt")))
+    assert [os.path.basename(p) for p in saved] == ["0000002.pt"]
+    state = torch.load(saved[0], weights_only=True)
+    assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in state[part].values())
+
+
+def test_data_order_continues_at_the_same_global_position_on_another_world_size():
+    n, G = 50, 8
+    one = DataOrder(n, 1, 0, G, seed=3)
+    one.set_position(2)
+    straight = list(one)                                      # epoch 2, from the start, one process
+    two = [DataOrder(n, 2, r, G, seed=3) for r in range(2)]
+    for o in two:
+        o.set_position(2, 3 * G)                              # 3 global batches already consumed
+    parts = [list(o) for o in two]
+    assert len(parts[0]) == len(parts[1]) == 3 * G // 2       # whole global batches only: 6 in all
+    for i in range(3):                                        # global batch 3 + i, split between ranks
+        got = parts[0][i * 4:(i + 1) * 4] + parts[1][i * 4:(i + 1) * 4]
+        assert sorted(got) == sorted(straight[(3 + i) * G:(4 + i) * G])
+    same = DataOrder(n, 1, 0, G, seed=3)
+    same.set_position(2, 3 * G)
+    assert list(same) == straight[3 * G:]                     # same world size: exactly the same indices
+
+
+def test_resume_on_another_number_of_processes(tmp_path):
+    ok(run("train.py", *TINY, "--max-steps", 4, "--ckpt-every", 4, "--results-dir", "r", cwd=tmp_path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "train.py"), *TINY, "--max-steps", "8", "--ckpt-every", "4", "--results-dir", "r",
+           "--resume", "auto"]
+    p = ok(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    assert "(epoch 0, image 32 of the epoch)" in p.stdout
+    assert "bit-exact resume needs the same world size" in p.stdout
+    last = torch.load(sorted(glob.glob(str(tmp_path / "r" / "*" / "checkpoints" / "*.pt")))[-1], weights_only=True)
+    assert last["step"] == 8 and last["data"] == {"epoch": 1, "pos": 16} and last["rng"]["world_size"] == 2
+
+
+def test_resume_auto_before_the_first_checkpoint_reuses_the_empty_run(tmp_path):
+    # a run killed before its first save leaves a directory without checkpoints
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *TINY, "--max-steps", "100000",
+                          "--ckpt-every", "100000", "--results-dir", "r", "--resume", "auto"],
+                         cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if "step 0000002" in line:
+            break
+    p.kill()
+    p.wait()
+    assert len(glob.glob(str(tmp_path / "r" / "*"))) == 1
+    for _ in range(2):
+        out = ok(run("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", "--resume", "auto",
+                     cwd=tmp_path)).stdout
+    assert "reusing the empty run" not in out and "resumed from" in out     # 2nd time: the checkpoint of the 1st
+    assert [os.path.basename(r) for r in glob.glob(str(tmp_path / "r" / "*"))] == ["000-tiny-16"]
+    ok(run("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
+    assert sorted(os.path.basename(r) for r in glob.glob(str(tmp_path / "r" / "*"))) == ["000-tiny-16", "001-tiny-16"]
+
+
+# ------------------------------------------------------------------------------------------------
+#                         Table 6: sides that grow by any power of two
+# ------------------------------------------------------------------------------------------------
+
+PATHS = [(2, 8), (2, 4, 16), (4, 16, 32)]
+
+
+@pytest.mark.parametrize("res", PATHS)
+def test_levels_and_the_pyramid_of_a_power_of_two_path(res):
+    config = cdc.CDCConfig(resolutions=res)
+    x = torch.randn(2, 3, res[-1], res[-1], dtype=f64)
+    for s in range(1, config.K):
+        assert 2 ** config.levels(s) == res[s] // res[s - 1]
+    pyr = [cdc.down(x, config.levels_below_top(s)) for s in range(config.K)]
+    assert [p.shape[-1] for p in pyr] == list(res)
+    for s in range(1, config.K):   # D_{k -> k-1} x1^(k) = x1^(k-1) (transitivity) and D U = id at that factor
+        L = config.levels(s)
+        torch.testing.assert_close(cdc.down(pyr[s], L), pyr[s - 1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(cdc.down(cdc.up(pyr[s - 1], L), L), pyr[s - 1], rtol=0, atol=1e-12)
+        P = lambda v: cdc.up(cdc.down(v, L), L)  # noqa: E731  an orthogonal projection at every factor
+        torch.testing.assert_close(P(P(pyr[s])), P(pyr[s]), rtol=0, atol=1e-12)
+        v = torch.randn_like(pyr[s])
+        torch.testing.assert_close((P(pyr[s]) * v).sum(), (pyr[s] * P(v)).sum(), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("res", PATHS)
+@given(seed=st.integers(0, 2 ** 16), sigma=st.floats(0.1, 2.0), gamma=st.floats(1.0, 4.0))
+def test_training_source_equals_inference_prior_on_power_of_two_paths(res, seed, sigma, gamma):
+    """App. E.2 with a 4x step: U_4(D_4(x1^(k))) + sigma_k zeta == U_4(x1^(k-1)) + sigma_k zeta, and sigma_k
+    is eq. 20's gamma^-(k-1) sigma whatever the factor."""
+    config = cdc.CDCConfig(resolutions=res, sigma=sigma, gamma=gamma)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 3, res[-1], res[-1], dtype=f64, generator=g)
+    for s in range(1, config.K):
+        zeta = torch.randn(3, 3, res[s], res[s], dtype=f64, generator=g)
+        x1, x1_prev = (cdc.down(x, config.levels_below_top(k)) for k in (s, s - 1))
+        train_x0 = cdc.coupling_source(x1, s, config, zeta=zeta)
+        infer_x0 = cdc.up(x1_prev, config.levels(s)) + config.sigma_k(s) * zeta
+        torch.testing.assert_close(train_x0, infer_x0, rtol=0, atol=1e-12)
+        assert config.sigma_k(s) == pytest.approx(gamma ** -s * sigma)
+
+
+@pytest.mark.parametrize("kind", ["linear", "score"])
+def test_ode_chain_reaches_every_stage_marginal_on_a_4x_path(kind):
+    """eq. 16 end to end on Table 6's kind of path (2 -> 8, a 4x step), no Monte-Carlo noise: the exact
+    field through cdc's Heun sampler ends at N(D mu, D Sigma D^T) at both stages."""
+    g = torch.Generator().manual_seed(0)
+    d = 64
+    L = torch.randn(d, d, generator=g, dtype=f64) * 0.15
+    mu, Sigma = torch.randn(1, 8, 8, generator=g, dtype=f64) * 0.5, L @ L.T + 0.05 * torch.eye(d, dtype=f64)
+    config = cdc.CDCConfig(resolutions=(2, 8), interpolant=kind)
+    oracle = GaussianOracle(mu, Sigma, config)
+    for s, (mean, cov) in enumerate(exact_chain_moments(oracle, 40, "heun")):
+        m, S = oracle.marginal(s)
+        scale = S.diag().max().sqrt()
+        assert (mean - m).abs().max() < 0.02 * scale, (s, (mean - m).abs().max())
+        assert (cov - S).abs().max() < 0.02 * scale ** 2, (s, (cov - S).abs().max())
+
+
+def test_sampler_prior_on_a_4x_path_is_the_upsampled_output_plus_sigma_k_noise():
+    config = cdc.CDCConfig(resolutions=(2, 8), sigma=1.0, gamma=2.0)
+    outs = cdc.sample(lambda x, t, s: torch.zeros_like(x), config, 20000, channels=1, steps=1,
+                      generator=torch.Generator().manual_seed(0), return_stages=True)
+    residual = outs[1] - cdc.up(outs[0], 2)
+    assert residual.std().item() == pytest.approx(config.sigma_k(1), rel=0.02)
+    assert cdc.down(residual, 2).std().item() == pytest.approx(config.sigma_k(1) / 4, rel=0.03)  # mean of 16
+
+
+def test_train_and_sample_scripts_on_a_4x_path(tmp_path):
+    args = ["--image-size", "16", "--resolutions", "4,16", *TINY[4:]]
+    ok(run("train.py", *args, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
+    ckpt = glob.glob(str(tmp_path / "r" / "*" / "checkpoints" / "0000002.pt"))[0]
+    assert list(torch.load(ckpt, weights_only=True)["config"]["cdc"]["resolutions"]) == [4, 16]
+    ok(run("sample.py", "--ckpt", ckpt, "--num-fid-samples", 4, "--per-proc-batch-size", 4, "--steps-per-stage", 2,
+           "--save-stages", "--sample-dir", "s", cwd=tmp_path))
+    assert glob.glob(str(tmp_path / "s" / "*_stages.png")) and glob.glob(str(tmp_path / "s" / "*.npz"))
