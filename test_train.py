@@ -3,22 +3,26 @@
 The scripts run as the user runs them (subprocess, sys.executable), so the tests also check exit
 codes, error lines and files on disk."""
 
+import dataclasses
 import glob
 import io
 import os
 import pickle
 import subprocess
 import sys
+from argparse import Namespace
+from copy import deepcopy
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import sample
+import cdc
 import data
 import runs
-import train  # noqa: F401  (the script under test)
+import sample
+import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A network of a few thousand parameters on 16 px images with 3 stages: seconds per run.
@@ -95,8 +99,6 @@ def test_image_folder_labels_modes_and_skips(tmp_path):
     assert all(x.shape == (3, 16, 16) and -1 <= x.min() and x.max() <= 1 for x, _ in items)
     assert [y for _, y in items] == [0] * 8 + [1] * 8  # labels from the sorted class names
     assert ds.num_skipped == 2  # the truncated png and the junk jpg, each replaced by a readable image
-    ev = data.build_dataset(str(tmp_path / "data"), 16, train=False)
-    assert torch.equal(ev[3][0], ev[3][0])
 
 
 def test_npz_dataset_and_errors(tmp_path):
@@ -114,6 +116,175 @@ def test_npz_dataset_and_errors(tmp_path):
     for bad in ("missing", "bad.npz", "float.npz"):
         with pytest.raises(data.DataError):
             data.build_dataset(str(tmp_path / bad), 16)
+
+
+def load_by_index(ds, order, workers):
+    """{index: image} for the indices in `order`, loaded by a DataLoader with `workers` processes."""
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, sampler=order, num_workers=workers)
+    return {i: x[0] for i, (x, _) in zip(order, loader)}
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index_in_any_worker(tmp_path):
+    """What bit-exact resume with loader workers relies on: the random crop and flip of item i depend
+    on (seed, epoch, i) only, not on which worker loads it nor in what order. Every stored image is the
+    same picture, so any difference between items is the augmentation's."""
+    pic = np.random.default_rng(0).integers(0, 256, (24, 30, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", arr_0=np.stack([pic] * 12))
+    ds = data.build_dataset(str(tmp_path / "d.npz"), 16, seed=5)
+    order = list(range(12))
+    base = load_by_index(ds, order, 0)
+    for workers, perm in ((2, order[::-1]), (2, [5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6])):
+        other = load_by_index(ds, perm, workers)
+        assert all(torch.equal(base[i], other[i]) for i in order), workers
+    distinct = {x.numpy().tobytes() for x in base.values()}
+    assert len(distinct) >= 6                                   # crops and flips vary with the index
+    flipped = [i for i in order if torch.equal(base[i], base[i].flip(-1))]
+    assert not flipped                                          # (the picture itself is not symmetric)
+    ds.set_epoch(1)                                             # a new epoch: new crops and flips
+    epoch1 = load_by_index(ds, order, 2)
+    assert sum(not torch.equal(base[i], epoch1[i]) for i in order) >= 9
+    ds.set_epoch(0)
+    assert all(torch.equal(base[i], x) for i, x in load_by_index(ds, order, 2).items())
+    reseeded = data.build_dataset(str(tmp_path / "d.npz"), 16, seed=6)
+    assert sum(not torch.equal(base[i], reseeded[i][0]) for i in order) >= 9
+    # the evaluation view takes no random draw: identical across epochs
+    ev = data.build_dataset(str(tmp_path / "d.npz"), 16, train=False)
+    first = ev[3][0]
+    ev.set_epoch(7)
+    assert torch.equal(first, ev[3][0]) and torch.equal(first, ev[4][0])
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_data_order_ranks_split_every_global_batch(world):
+    """Rank r's step-i batch (the DataLoader cuts rank r's stream into G / world blocks) holds a share of
+    global batch i, the ranks' shares are disjoint and together are the whole global batch; a resumed
+    order (set_position) continues exactly where an uninterrupted one is."""
+    size, G, seed = 50, 8, 3
+    ref = list(data.DataOrder(size, 1, 0, G, seed=seed))
+    assert len(ref) == 48 and len(set(ref)) == 48 and set(ref) <= set(range(size))  # 6 whole global batches
+    orders = [data.DataOrder(size, world, r, G, seed=seed) for r in range(world)]
+    streams = [list(o) for o in orders]
+    b = G // world
+    assert all(len(s) == len(o) == 48 // world for s, o in zip(streams, orders))
+    for i in range(6):
+        shares = [s[i * b:(i + 1) * b] for s in streams]
+        assert sorted(sum(shares, [])) == sorted(ref[i * G:(i + 1) * G]), i
+    assert len(set(sum(streams, []))) == 48                      # no index on two ranks
+    for r, o in enumerate(orders):
+        o.set_position(0, 3 * G)                                 # resumed after 3 steps
+        assert list(o) == streams[r][3 * b:]
+        o.set_position(1, 0)
+        assert list(o) != streams[r]                             # a new epoch: a new permutation
+    assert list(data.DataOrder(size, 1, 0, G, seed=seed)) == ref
+    assert list(data.DataOrder(size, 1, 0, G, seed=seed + 1)) != ref
+
+
+def test_step_seed_differs_per_rank_step_and_seed():
+    seeds = {(g, r, s): train.step_seed(g, r, s) for g in (0, 1) for r in range(4) for s in range(50)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(0 <= v < 2 ** 63 for v in seeds.values())
+    assert train.step_seed(0, 1, 7) == seeds[0, 1, 7]             # a pure function: resume relies on it
+
+
+# ------------------------------------------------------------------------------------------------
+# training step, EMA, precision
+
+
+def test_update_ema_is_the_formula_and_apply_false_keeps_it():
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(5, 3).double(), torch.nn.Linear(5, 3).double()
+    before = [e.detach().clone() for e in ema.parameters()]
+    train.update_ema(ema, model, 0.9)
+    for e, old, p in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e.detach(), 0.9 * old + 0.1 * p.detach(), rtol=0, atol=1e-15)
+    for apply, moves in ((torch.tensor(True), True), (torch.tensor(False), False)):
+        e2 = deepcopy(ema)
+        train.update_ema(e2, model, 0.75, apply)
+        for e, old, p in zip(e2.parameters(), ema.parameters(), model.parameters()):
+            want = 0.75 * old + 0.25 * p if moves else old
+            torch.testing.assert_close(e.detach(), want.detach(), rtol=0, atol=1e-15)
+
+
+def test_ema_decay_warmup_schedule():
+    """decay_t = min(decay, (1 + t) / (10 + t)): 0.1 at step 0, 0.5 at step 8, the cap from step 89,990."""
+    assert train.ema_decay_at(0, 0.9999, True) == pytest.approx(0.1, abs=1e-15)
+    assert train.ema_decay_at(8, 0.9999, True) == pytest.approx(0.5, abs=1e-15)
+    assert train.ema_decay_at(1000, 0.9999, True) == pytest.approx(1001 / 1010, abs=1e-15)
+    assert train.ema_decay_at(89_988, 0.9999, True) < 0.9999 == train.ema_decay_at(89_990, 0.9999, True)
+    assert train.ema_decay_at(10 ** 6, 0.9999, True) == 0.9999
+    assert train.ema_decay_at(50, 0.5, True) == 0.5                     # the cap also binds early
+    assert train.ema_decay_at(0, 0.9999, False) == train.ema_decay_at(7, 0.9999, False) == 0.9999
+
+
+def initial_weights(argv):
+    """The weights train.py starts from (rank 0 and every rank: seeded by --global-seed before the build)."""
+    args = train.get_parser().parse_args(argv)
+    train.resolve_args(args, demo=args.data_path is None)
+    torch.manual_seed(args.global_seed)
+    return train.build_model(args, args.num_classes or 4).state_dict()
+
+
+def test_three_step_run_checkpoints_the_ema_computed_by_hand(tmp_path):
+    """ema_0 = theta_0; ema_{s+1} = d_s ema_s + (1 - d_s) theta_{s+1}, d_s = min(0.9999, (1 + s) / (10 + s)),
+    from the checkpointed weights of every step: the EMA train.py saves is this recursion."""
+    argv = [*TINY, "--max-steps", "3", "--ckpt-every", "1", "--results-dir", str(tmp_path / "r")]
+    train.main(argv)
+    saved = [load(p) for p in ckpts(tmp_path / "r")]
+    assert [c["step"] for c in saved] == [1, 2, 3]
+    ema = initial_weights(argv)
+    for s, c in enumerate(saved):
+        d = min(0.9999, (1 + s) / (10 + s))
+        ema = {k: d * ema[k] + (1 - d) * c["model"][k] for k in ema}
+        for k in ema:
+            torch.testing.assert_close(c["ema"][k], ema[k], rtol=1e-5, atol=1e-7, msg=f"step {s + 1}, {k}")
+    assert any(not torch.allclose(saved[-1]["ema"][k], saved[-1]["model"][k]) for k in ema)
+
+
+def wake(model):
+    """Random weights where adaLN-Zero put zeros, so that the output depends on every input."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.weight.abs().sum() == 0:
+                m.weight.normal_(0, 0.05)
+    return model
+
+
+def test_bf16_autocast_training_step_and_sampler_match_fp32():
+    """--precision bf16 (CPU autocast here, CUDA on GPUs): one train_step and one cdc.sample give the
+    same shapes, finite values and results close to fp32 (bf16 has 8 mantissa bits), and differ from
+    fp32 at all (autocast took effect)."""
+    config = cdc.CDCConfig(resolutions=(4, 8, 16))
+    torch.manual_seed(0)
+    model = wake(cdc.create_model("tiny", depth=2, width=64, heads=2, num_classes=4, resolutions=config.resolutions))
+    x, y = torch.randn(12, 3, 16, 16).clamp(-1, 1), torch.randint(0, 4, (12,))
+    res = {}
+    for precision in ("fp32", "bf16"):
+        args = Namespace(precision=precision, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True, lr=1e-3, beta1=0.9,
+                         beta2=0.95, eps=1e-6, weight_decay=0.0)
+        m = deepcopy(model)
+        ema, opt = deepcopy(m).requires_grad_(False), train.make_optimizer(m, args)
+        torch.manual_seed(1)
+        out, gnorm, ok = train.train_step(train.Objective(m, config, 0.1, "mean", "stratified"), m, ema, opt, x, y,
+                                          torch.Generator().manual_seed(1), 0, args)
+        assert bool(ok) and out["loss"].dtype == torch.float32 and out["stage_loss"].shape == (3,)
+        assert torch.isfinite(out["stage_loss"]).all() and out["stage_count"] == [4, 4, 4]
+        grad = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+        assert all(torch.isfinite(p).all() for p in m.parameters()) and torch.isfinite(grad).all()
+        res[precision] = out["loss"].item(), gnorm.item(), grad, torch.cat([p.detach().flatten() for p in m.parameters()])
+    (l32, g32, d32, w32), (l16, g16, d16, w16) = res["fp32"], res["bf16"]
+    assert l16 != l32 and l16 == pytest.approx(l32, rel=2e-2)
+    assert g16 == pytest.approx(g32, rel=5e-2)
+    assert torch.nn.functional.cosine_similarity(d16, d32, dim=0) > 0.99
+    assert (w16 - w32).abs().max() <= 2.5e-3                           # one AdamW step of lr 1e-3 each
+
+    field = cdc.guided_field(model.eval(), torch.tensor([0, 1, 2, 3]), 3.0)
+    draw = lambda: cdc.sample(field, config, 4, steps=3, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    s32 = draw()
+    with torch.autocast("cpu", torch.bfloat16):
+        s16 = draw()
+    assert s16.shape == s32.shape == (4, 3, 16, 16) and s16.dtype == torch.float32 and torch.isfinite(s16).all()
+    err = (s16 - s32).abs().max().item()
+    assert 0 < err < 0.05 * s32.std().item(), err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,16 +372,97 @@ def test_image_folder_with_corrupt_files_trains(tmp_path):
     assert "2 classes" in p.stdout and "skipped_images" in p.stdout
 
 
-def test_torchrun_two_processes_gloo(tmp_path):
+# What each rank of a torchrun run did, recorded around train.main by wrapping (in the launched
+# processes only) the data set's __getitem__, cdc.randn (the coupling noise) and train.train_step.
+DDP_DRIVER = """
+import os, sys
+import torch
+sys.path.insert(0, {here!r})
+import cdc, data, train
+rec = {{"indices": [], "noise": [], "weights": [], "seeds": []}}
+noise = None
+get, randn, step = data.ProceduralShapes.__getitem__, cdc.randn, train.train_step
+def getitem(self, i):
+    rec["indices"].append(int(i))
+    return get(self, i)
+def recording_randn(*a, **k):
+    z = randn(*a, **k)
+    if noise is not None:
+        noise.append(z.clone())
+    return z
+def recording_step(objective, model, ema, opt, x, y, gen, s, args):
+    global noise
+    noise = []
+    rec["seeds"].append((torch.initial_seed(), gen.initial_seed()))
+    out = step(objective, model, ema, opt, x, y, gen, s, args)
+    rec["noise"].append(noise)
+    noise = None
+    rec["weights"].append({{k: v.detach().clone() for k, v in model.state_dict().items()}})
+    return out
+data.ProceduralShapes.__getitem__, cdc.randn, train.train_step = getitem, recording_randn, recording_step
+train.main(sys.argv[1:])
+torch.save(rec, "rank%s.pt" % os.environ["RANK"])
+"""
+
+
+def torchrun(script, *args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(HERE, "train.py"), *TINY, "--max-steps", "4", "--ckpt-every", "4", "--results-dir", "r"]
-    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *map(str, args)]
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def test_torchrun_two_processes_gloo_ranks_agree_and_split_the_data(tmp_path):
+    """2 processes (gloo), 4 steps: after every step both ranks hold bit-identical weights (DDP averages
+    the gradients), rank r read exactly its share of each global batch (disjoint, together the batch of
+    a 1-process order), the ranks drew different coupling noise, and rank 0 alone logs and saves."""
+    (tmp_path / "driver.py").write_text(DDP_DRIVER.format(here=HERE))
+    p = torchrun(tmp_path / "driver.py", *TINY, "--max-steps", 4, "--ckpt-every", 4, "--results-dir", "r", cwd=tmp_path)
     assert "2 process(es)" in p.stdout and p.stdout.count("step 0000004 loss") == 1  # only rank 0 logs
     saved = ckpts(tmp_path / "r")
     assert len(saved) == 1 and load(saved[0])["step"] == 4
     assert len(glob.glob(str(tmp_path / "r" / "*"))) == 1  # one run directory, chosen by rank 0
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert len(r0["weights"]) == len(r1["weights"]) == 4
+    for s, (w0, w1) in enumerate(zip(r0["weights"], r1["weights"])):
+        assert all(torch.equal(w0[k], w1[k]) for k in w0), f"ranks disagree after step {s + 1}"
+    assert any(not torch.equal(r0["weights"][0][k], r0["weights"][-1][k]) for k in w0)  # and they trained
+    assert all(torch.equal(load(saved[0])["model"][k], r1["weights"][-1][k]) for k in w0)
+    # data: per step, 4 images per rank, disjoint, together global batch s of the 1-process order
+    ref = list(data.DataOrder(48, 1, 0, 8, seed=0))
+    for s in range(4):
+        a, b = r0["indices"][4 * s:4 * s + 4], r1["indices"][4 * s:4 * s + 4]
+        assert not set(a) & set(b) and sorted(a + b) == sorted(ref[8 * s:8 * s + 8]), s
+    assert len(r0["indices"]) == len(r1["indices"]) == 16
+    # noise: every step draws per-rank coupling noise, and the ranks' draws differ
+    for s, (n0, n1) in enumerate(zip(r0["noise"], r1["noise"])):
+        assert len(n0) == len(n1) > 0 and all(u.shape == v.shape and not torch.equal(u, v) for u, v in zip(n0, n1)), s
+    assert len({seed for r in (r0, r1) for pair in r["seeds"] for seed in pair}) == 8  # (rank, step) -> own seeds
+
+
+def make_checkpoint(path, config=cdc.CDCConfig(resolutions=(4, 8, 16))):
+    """A checkpoint as train.py writes it, of a small network with random (non-zero) output layers."""
+    torch.manual_seed(0)
+    model = wake(cdc.create_model("tiny", depth=1, width=32, heads=2, num_classes=4, resolutions=config.resolutions))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    runs.save_checkpoint({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": {}, "step": 0,
+                          "config": {"model": dataclasses.asdict(model.config), "cdc": config.to_dict()}}, path)
+
+
+def test_sample_npz_is_the_same_for_one_and_two_processes(tmp_path):
+    """sample.py: the noise and labels of global batch b depend on (seed, b) only, so 1 process and 2
+    (torchrun, gloo; batches 0 and 2 on rank 0, batch 1 on rank 1) write identical .npz files."""
+    make_checkpoint(str(tmp_path / "000-tiny-16" / "checkpoints" / "0000000.pt"))
+    flags = ["--ckpt", tmp_path / "000-tiny-16", "--num-fid-samples", 10, "--per-proc-batch-size", 4,
+             "--steps-per-stage", 2, "--solver", "sde", "--seed", 3]
+    ok(run("sample.py", *flags, "--sample-dir", "one", cwd=tmp_path))
+    torchrun(os.path.join(HERE, "sample.py"), *flags, "--sample-dir", "two", cwd=tmp_path)
+    (one,), (two,) = glob.glob(str(tmp_path / "one" / "*.npz")), glob.glob(str(tmp_path / "two" / "*.npz"))
+    with np.load(one) as a, np.load(two) as b:
+        assert a["arr_0"].shape == (10, 16, 16, 3) and np.array_equal(a["arr_0"], b["arr_0"])
+        assert np.array_equal(a["labels"], b["labels"]) and len(set(a["labels"].tolist())) > 1
+        assert len({x.tobytes() for x in a["arr_0"]}) == 10  # ten different images, not one repeated
 
 
 # ------------------------------------------------------------------------------------------------
