@@ -180,7 +180,7 @@ class Evaluator:
 # batch 32, the paper's AdamW betas (0.9, 0.95), grad clip 1, EMA 0.9999 with the train.py warm-up.
 BASE = dict(width=192, depth=4, heads=3, patch=4, batch=32, sigma=1.0, gamma=2.0, interpolant="linear",
             fusion="xattn", reduction="mean", stage_sampling="stratified", resolutions=(8, 16, 32), lr=1e-3,
-            budget_pflop=0.012, n_evals=4, seed=0, eval_n=200, cfg=3.0, steps=8, solver="euler",
+            budget_pflop=0.008, n_evals=4, seed=0, eval_n=200, cfg=3.0, steps=8, solver="euler",
             stage_specific=False)
 
 
