@@ -481,8 +481,8 @@ def sampling_sweep(set_name, data, ev, log, seeds=HEADLINE_SEEDS):
             for s in (1.0, 1.5, 2.0, 3.0, 4.0, 6.0):
                 jobs.append((K3, lr3, seed, dict(cfg_scale=s), f"cfg{s}"))
         else:
-            for res, lr in ((K3, lr3), (K1, lr1)):
-                for n in (2, 4, 8, 16, 24):
+            for n in (2, 4, 8, 16, 24):
+                for res, lr in ((K3, lr3), (K1, lr1)):
                     jobs.append((res, lr, seed, dict(steps=n), f"steps{n}"))
     for res, lr, seed, kw, tag in jobs:
         base = run_name(spec(resolutions=res, lr=lr, seed=seed))
