@@ -434,6 +434,11 @@ class DiT(nn.Module):
             raise ValueError(f"input {tuple(x.shape[1:])} does not match the model: expected "
                              f"({self.config.in_channels}, r, r) with r in {self.config.resolutions}")
         r_k = H // self.config.patch_size
+        # Under bf16 autocast the patch embedding is bf16 and this fp32 table promotes h: the residual
+        # stream stays fp32 (as in DiT). Kept on purpose: every matmul still runs in bf16 (autocast casts
+        # its inputs), and only the adds, LayerNorms and modulations of the stream run in fp32, so 28
+        # blocks of residual updates do not accumulate in bf16's 8-bit mantissa. The price is activation
+        # memory and bandwidth of those elementwise ops (not measured on a GPU here).
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + getattr(self, f"pos_embed_{H}")
         gamma_t = self.t_embedder(tau)                     # eq. 39
         e_k = self.r_embedder(x.new_full((1,), r_k))       # eq. 40, shared by the batch
@@ -519,7 +524,7 @@ def _quota_wheel(widths: tuple, batch: int):
     base = [math.floor(v + 1e-9) for v in q]
     frac = [max(v - b, 0.0) for v, b in zip(q, base)]
     starts = [sum(frac[:k]) for k in range(len(frac))]
-    # the smallest period P that puts every arc start on the grid k / P (K for equal windows)
+    # the smallest period P that puts every arc start on the grid k / P (at most K for equal windows)
     period = next((P for P in range(1, 10_001) if all(abs(P * F - round(P * F)) < 1e-6 for F in starts)), None)
     return base, frac, starts, period
 
@@ -530,7 +535,7 @@ def stage_quotas(cdc: CDCConfig, batch: int, step: Optional[int] = None, generat
     end to end as arcs [F_k, F_k + f_k) on a circle of circumference 1 (they wind r times around it):
     stage k gets one more sample when a pointer theta lies in its arc. Each f_k < 1, so every theta is
     covered exactly r times and no stage gets two. theta = (step mod P + 1/2) / P turns with the step
-    (P = the smallest period with every F_k P an integer, K for equal windows): over any P consecutive
+    (P = the smallest period with every F_k P an integer, at most K for equal windows): over any P consecutive
     steps stage k gets exactly P f_k extras, so the long-run mix is exactly B w_k, and every rank, which
     passes the same step, has the same counts. step=None draws theta ~ U[0, 1) from `generator`
     instead: E[count_k] = B w_k at every step (randomised systematic sampling)."""

@@ -258,6 +258,17 @@ def test_a_run_with_an_inf_gradient_stops_before_saving(tmp_path, monkeypatch, c
     assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in state[part].values())
 
 
+def test_time_limit_stops_between_log_steps_and_saves(tmp_path):
+    """The demo's guarantee (under 10 minutes on any machine): the limit is checked every step in one
+    process, not only at log steps, and the stop writes a checkpoint and the sample grid."""
+    p = ok(run("train.py", *TINY[:-2], "--log-every", 1000, "--ckpt-every", 1000, "--max-steps", 1000,
+               "--time-limit", 0.002, "--results-dir", "r", cwd=tmp_path))
+    stopped = int(p.stdout.split("stopping at step ")[1].split()[0])
+    assert 0 < stopped < 1000
+    assert [os.path.basename(c) for c in glob.glob(str(tmp_path / "r" / "*" / "checkpoints" / "*.pt"))] == [f"{stopped:07d}.pt"]
+    assert glob.glob(str(tmp_path / "r" / "*" / "samples" / f"{stopped:07d}_stages.png"))
+
+
 def test_data_order_continues_at_the_same_global_position_on_another_world_size():
     n, G = 50, 8
     one = DataOrder(n, 1, 0, G, seed=3)

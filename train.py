@@ -440,11 +440,14 @@ def train(args):
             meter.add(out, gnorm, ok)
             step, pos = step + 1, pos + args.global_batch_size
 
-            if args.time_limit and step % args.log_every == 0:  # rank 0's clock decides for everyone
-                stop = torch.tensor([float(time.time() - t_start > 60 * args.time_limit)], device=device)
+            # rank 0's clock decides for everyone: every step alone, at log steps under DDP (a broadcast)
+            if args.time_limit and (step % args.log_every == 0 or not distributed):
+                stop = time.time() - t_start > 60 * args.time_limit
                 if distributed:
-                    dist.broadcast(stop, src=0)
-                if stop.item() and step < total_steps:
+                    flag = torch.tensor([float(stop)], device=device)
+                    dist.broadcast(flag, src=0)
+                    stop = bool(flag.item())
+                if stop and step < total_steps:
                     log(f"--time-limit {args.time_limit} min reached: stopping at step {step} of {total_steps}")
                     total_steps = step
             is_log = step % args.log_every == 0 or step == total_steps

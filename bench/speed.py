@@ -71,20 +71,30 @@ def main():
     p.add_argument("--benchmark-steps", type=int, default=10)
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--max-batch", action="store_true", help="CUDA: also find the largest per-GPU batch that fits")
+    p.add_argument("--load-balance", action="store_true", help="only the load-balance simulation (any model on any machine)")
     args = p.parse_args()
     try:
         train.resolve_args(args, demo=False)
         cdc_cfg = train.build_cdc_config(args)
-        model = train.build_model(args, 1000 if args.num_classes is None else args.num_classes)
+        with torch.device("meta" if args.load_balance else "cpu"):  # meta: shapes and FLOPs, no memory
+            model = train.build_model(args, 1000 if args.num_classes is None else args.num_classes)
     except ConfigError as e:
         die(str(e))
+    flops_of = [model.flops_per_sample(r) for r in cdc_cfg.resolutions]
+    if args.load_balance:
+        print(f"{args.model}, stages {cdc_cfg.resolutions}, windows {cdc_cfg.widths().tolist()}: training TFLOP per image "
+              f"{', '.join(f'{3 * f / 1e12:.3g}' for f in flops_of)}")
+        for world, batch in sorted({(args.world_size, args.batch), (32, 8), (8, 32)}):
+            iid, strat = load_balance(cdc_cfg, flops_of, world, batch)
+            print(f"load balance {world:>3} ranks x {batch:>3} images: slowest rank / mean FLOPs per step: "
+                  f"iid {iid:.2f}x, stratified {strat:.2f}x")
+        return
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(args.global_seed)
     model.to(device).grad_checkpointing = args.grad_checkpointing
-    flops_of = [model.flops_per_sample(r) for r in cdc_cfg.resolutions]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.model}: {sum(q.numel() for q in model.parameters()) / 1e6:.1f}M parameters, stages "
           f"{cdc_cfg.resolutions}, training GFLOP per image {', '.join(f'{3 * f / 1e9:.2f}' for f in flops_of)}; "
