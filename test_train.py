@@ -6,6 +6,7 @@ codes, error lines and files on disk."""
 import dataclasses
 import glob
 import io
+import math
 import os
 import pickle
 import subprocess
@@ -154,6 +155,45 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index_in_any_worker(tmp_pa
     assert torch.equal(first, ev[3][0]) and torch.equal(first, ev[4][0])
 
 
+def crop_positions(out, full, size):
+    """The (x, y) at which `out` (size x size, HWC uint8) sits in `full`, and whether it is mirrored."""
+    h, w = full.shape[:2]
+    hits = [(x, y, flip) for y in range(h - size + 1) for x in range(w - size + 1) for flip in (False, True)
+            if np.array_equal(out, full[y:y + size, x:x + size][:, ::-1] if flip else full[y:y + size, x:x + size])]
+    assert len(hits) == 1, hits
+    return hits[0]
+
+
+def test_table7_crop_is_uniform_over_all_positions_of_the_1125x_resize():
+    """Table 7: shorter side -> round(1.125 size) (LANCZOS), then a uniformly random size x size crop:
+    every crop equals a window of the resized image, and every window position occurs."""
+    pic = Image.fromarray(np.random.default_rng(1).integers(0, 256, (36, 44, 3), dtype=np.uint8))
+    resized = np.asarray(pic.resize((22, 18), Image.LANCZOS))        # 36 -> round(1.125 * 16) = 18
+    seen = set()
+    for seed in range(300):
+        out = np.asarray(data.random_crop_arr(pic, 16, np.random.default_rng(seed)))
+        x, y, flip = crop_positions(out, resized, 16)
+        assert not flip
+        seen.add((x, y))
+    assert seen == {(x, y) for x in range(7) for y in range(3)}
+
+
+def test_train_transform_crops_uniformly_and_flips_half_the_time(tmp_path):
+    """Through the data set's transform: an image already at 1.125 x size is not resized, each item is
+    one window of it, mirrored with probability 1/2 (Table 7's RandomHorizontalFlip)."""
+    pic = np.random.default_rng(2).integers(0, 256, (18, 22, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", arr_0=np.stack([pic] * 300))
+    ds = data.build_dataset(str(tmp_path / "d.npz"), 16, seed=1)
+    hits = [crop_positions(((ds[i][0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy(), pic, 16)
+            for i in range(300)]
+    assert {(x, y) for x, y, _ in hits} == {(x, y) for x in range(7) for y in range(3)}
+    flips = sum(f for _, _, f in hits)
+    assert abs(flips - 150) < 4 * math.sqrt(300 / 4), flips          # Binomial(300, 1/2), 4 sd
+    ev = data.build_dataset(str(tmp_path / "d.npz"), 16, train=False)  # evaluation: the resized centre
+    assert crop_positions(((ev[0][0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy(),
+                          np.asarray(Image.fromarray(pic).resize((20, 16), Image.LANCZOS)), 16) == (2, 0, False)
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_data_order_ranks_split_every_global_batch(world):
     """Rank r's step-i batch (the DataLoader cuts rank r's stream into G / world blocks) holds a share of
@@ -272,7 +312,10 @@ def test_bf16_autocast_training_step_and_sampler_match_fp32():
         assert all(torch.isfinite(p).all() for p in m.parameters()) and torch.isfinite(grad).all()
         res[precision] = out["loss"].item(), gnorm.item(), grad, torch.cat([p.detach().flatten() for p in m.parameters()])
     (l32, g32, d32, w32), (l16, g16, d16, w16) = res["fp32"], res["bf16"]
-    assert l16 != l32 and l16 == pytest.approx(l32, rel=2e-2)
+    torch.manual_seed(1)  # fp32 is the plain computation, bit for bit; bf16 is not
+    plain = cdc.training_losses(deepcopy(model), x, y, config, class_dropout=0.1, generator=torch.Generator().manual_seed(1),
+                                step=0)["loss"].item()
+    assert l32 == plain and l16 != l32 and l16 == pytest.approx(l32, rel=2e-2)
     assert g16 == pytest.approx(g32, rel=5e-2)
     assert torch.nn.functional.cosine_similarity(d16, d32, dim=0) > 0.99
     assert (w16 - w32).abs().max() <= 2.5e-3                           # one AdamW step of lr 1e-3 each
