@@ -261,10 +261,11 @@ def test_a_run_with_an_inf_gradient_stops_before_saving(tmp_path, monkeypatch, c
 def test_time_limit_stops_between_log_steps_and_saves(tmp_path):
     """The demo's guarantee (under 10 minutes on any machine): the limit is checked every step in one
     process, not only at log steps, and the stop writes a checkpoint and the sample grid."""
-    p = ok(run("train.py", *TINY[:-2], "--log-every", 1000, "--ckpt-every", 1000, "--max-steps", 1000,
+    p = ok(run("train.py", *TINY[:-2], "--log-every", 1000, "--ckpt-every", 1000, "--max-steps", 300,
                "--time-limit", 0.002, "--results-dir", "r", cwd=tmp_path))
+    assert "stopping at step " in p.stdout, p.stdout
     stopped = int(p.stdout.split("stopping at step ")[1].split()[0])
-    assert 0 < stopped < 1000
+    assert 0 < stopped < 300
     assert [os.path.basename(c) for c in glob.glob(str(tmp_path / "r" / "*" / "checkpoints" / "*.pt"))] == [f"{stopped:07d}.pt"]
     assert glob.glob(str(tmp_path / "r" / "*" / "samples" / f"{stopped:07d}_stages.png"))
 

@@ -159,7 +159,7 @@ class Meter:
 # the limit comes first, then checkpoints and draws). Threads: on an idle 2-core machine torch's default
 # (2) was 1.54x faster than 1; on one whose other core is busy, 2 threads were 3-6x slower: --threads 1.
 DEMO_DEFAULTS = dict(model="tiny", patch_size=2, image_size=16, resolutions="8,16", global_batch_size=16, lr=2e-3,
-                     max_steps=4000, log_every=100, ckpt_every=500, sample_every=0, num_workers=0, time_limit=8.0)
+                     max_steps=4000, log_every=100, ckpt_every=500, sample_every=0, num_workers=0, time_limit=7.5)
 # With --data-path: the paper's ImageNet 256 recipe (Table 7; 32 GPUs x 8 = 256 images per step).
 RECIPE_DEFAULTS = dict(model="XL", patch_size=None, image_size=256, resolutions=None, global_batch_size=256, lr=1e-4,
                        max_steps=None, log_every=100, ckpt_every=50_000, sample_every=10_000, num_workers=8, time_limit=None)
