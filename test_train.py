@@ -217,6 +217,9 @@ def test_data_order_ranks_split_every_global_batch(world):
         assert list(o) != streams[r]                             # a new epoch: a new permutation
     assert list(data.DataOrder(size, 1, 0, G, seed=seed)) == ref
     assert list(data.DataOrder(size, 1, 0, G, seed=seed + 1)) != ref
+    start = data.DataOrder(size, 1, 0, G, seed=seed)
+    start.set_position(0, 0)
+    assert list(start) == ref                                    # a fresh order starts at epoch 0, image 0
 
 
 def test_step_seed_differs_per_rank_step_and_seed():
@@ -377,6 +380,29 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     os.rename(tmp_path / "run", tmp_path / "000-tiny-16")
     ckpt, path = runs.find_resume("auto", str(tmp_path), "tiny-16")
     assert path.endswith("0000004.pt") and ckpt["step"] == 4
+
+
+def test_save_checkpoint_is_durable_before_and_after_the_rename(tmp_path, monkeypatch):
+    """The order that makes a save survive a power cut: every byte written and fsync'ed to the temporary
+    file, then os.replace, then the directory fsync'ed (so the rename itself persists)."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync-dir",) if os.path.isdir(f"/proc/self/fd/{fd}") else ("fsync-file", st.st_size))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", os.path.getsize(a)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = str(tmp_path / "0000001.pt")
+    runs.save_checkpoint({"w": torch.arange(1000.0), "step": 1}, path)
+    size = os.path.getsize(path)
+    assert events == [("fsync-file", size), ("replace", size), ("fsync-dir",)], events
+    assert load(path)["step"] == 1 and os.listdir(tmp_path) == ["0000001.pt"]
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path):
