@@ -372,6 +372,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         runs.save_checkpoint({"step": 8}, str(tmp_path / "run" / "checkpoints" / "0000008.pt"))
     monkeypatch.undo()
     assert runs.list_checkpoints(str(tmp_path / "run")) == [good]
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["0000004.pt"]  # the partial file was removed
     assert load(good)["step"] == 4
     # A SIGKILL leaves the temporary file behind (no finally runs): it is never taken for a checkpoint.
     (tmp_path / "run" / "checkpoints" / "0000012.pt.tmp999").write_bytes(b"partial")
