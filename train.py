@@ -344,6 +344,14 @@ def open_run(args, config, model, ema, opt, rank, world, distributed):
     return run_dir, step, epoch, pos, notes
 
 
+def checkpoint_state(model, ema, opt, args, config, step, epoch, pos, world):
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "args": {k: _prim(v) for k, v in vars(args).items()}, "config": config, "step": step,
+            "data": {"epoch": epoch, "pos": pos},  # images of this epoch already consumed (all ranks)
+            # No RNG state: every draw of step s on rank r is seeded by step_seed(seed, r, s).
+            "rng": {"scheme": "step_seed", "global_seed": args.global_seed, "world_size": world}}
+
+
 @torch.no_grad()
 def sample_grid(ema, cdc_cfg, args, device, path, stages_path=None):
     """EMA samples, one row per class (ImageNet: DiT's favourite classes), the same noise every time so
@@ -410,21 +418,6 @@ def train(args):
     model.train()
     gen = torch.Generator()  # CPU generator of training_losses (timesteps, label dropout)
 
-    def save(step):
-        path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
-        if rank == 0:
-            save_checkpoint({
-                "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "args": {k: _prim(v) for k, v in vars(args).items()}, "config": config, "step": step,
-                "data": {"epoch": epoch, "pos": pos},  # images of this epoch already consumed (all ranks)
-                # No RNG state: every draw of step s is seeded by step_seed(seed, rank, s).
-                "rng": {"scheme": "step_seed", "global_seed": args.global_seed, "world_size": world},
-            }, path)
-            log(f"saved checkpoint {path}")
-        if distributed:
-            dist.barrier()
-        return path
-
     meter = Meter(model, cdc_cfg, device, distributed)
     t_start = t_last = time.time()
     last_ckpt = None
@@ -462,7 +455,12 @@ def train(args):
                     meter.reset()
                     t_last = time.time()
                 if is_ckpt:
-                    last_ckpt = save(step)
+                    last_ckpt = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+                    if rank == 0:
+                        save_checkpoint(checkpoint_state(model, ema, opt, args, config, step, epoch, pos, world), last_ckpt)
+                        log(f"saved checkpoint {last_ckpt}")
+                    if distributed:
+                        dist.barrier()
             if args.sample_every and step % args.sample_every == 0 and step != total_steps and rank == 0:
                 sample_grid(ema, cdc_cfg, args, device, os.path.join(run_dir, "samples", f"{step:07d}.png"))
             if step >= total_steps:
