@@ -9,6 +9,7 @@ import io
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 from argparse import Namespace
@@ -358,7 +359,7 @@ def test_train_runs_and_resume_is_bit_exact(tmp_path):
     assert "step 0000008 loss" in log and "img/s" in log and "4px" in log
 
 
-def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     good = str(tmp_path / "run" / "checkpoints" / "0000004.pt")
     runs.save_checkpoint({"step": 4, "w": torch.ones(3)}, good)
@@ -379,8 +380,13 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     # A damaged newest checkpoint (e.g. full disk) is skipped by --resume auto, with a warning.
     (tmp_path / "run" / "checkpoints" / "0000016.pt").write_bytes(b"PK\x03\x04 partial")
     os.rename(tmp_path / "run", tmp_path / "000-tiny-16")
+    run_dir = str(tmp_path / "000-tiny-16")
+    assert [os.path.basename(p) for p in runs.list_checkpoints(run_dir)] == ["0000016.pt", "0000004.pt"]  # newest first
     ckpt, path = runs.find_resume("auto", str(tmp_path), "tiny-16")
     assert path.endswith("0000004.pt") and ckpt["step"] == 4
+    assert "warning: skipping unreadable checkpoint" in capsys.readouterr().err
+    with pytest.raises(runs.ConfigError, match="cannot load"):  # a run named explicitly: no silent fallback
+        runs.find_resume(run_dir, str(tmp_path), "tiny-16")
 
 
 def test_save_checkpoint_is_durable_before_and_after_the_rename(tmp_path, monkeypatch):
@@ -389,8 +395,8 @@ def test_save_checkpoint_is_durable_before_and_after_the_rename(tmp_path, monkey
     events, real_fsync, real_replace = [], os.fsync, os.replace
 
     def fsync(fd):
-        st = os.fstat(fd)
-        events.append(("fsync-dir",) if os.path.isdir(f"/proc/self/fd/{fd}") else ("fsync-file", st.st_size))
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync-dir", target) if os.path.isdir(target) else ("fsync-file", os.fstat(fd).st_size))
         real_fsync(fd)
 
     def replace(a, b):
@@ -400,10 +406,45 @@ def test_save_checkpoint_is_durable_before_and_after_the_rename(tmp_path, monkey
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     path = str(tmp_path / "0000001.pt")
+    fds = len(os.listdir("/proc/self/fd"))
     runs.save_checkpoint({"w": torch.arange(1000.0), "step": 1}, path)
     size = os.path.getsize(path)
-    assert events == [("fsync-file", size), ("replace", size), ("fsync-dir",)], events
+    assert events == [("fsync-file", size), ("replace", size), ("fsync-dir", str(tmp_path))], events
+    assert len(os.listdir("/proc/self/fd")) == fds                     # no descriptor left open
     assert load(path)["step"] == 1 and os.listdir(tmp_path) == ["0000001.pt"]
+
+
+class NotATensor:
+    """Anything a plain pickle would run code for: weights_only loading must refuse it."""
+
+
+def test_find_resume_and_check_compatible(tmp_path):
+    runs.save_checkpoint({"step": 2}, str(tmp_path / "0000002.pt"))
+    (tmp_path / "001-S-32" / "checkpoints").mkdir(parents=True)
+    runs.save_checkpoint({"step": 3}, str(tmp_path / "001-S-32" / "checkpoints" / "0000003.pt"))
+    runs.save_checkpoint({"step": 7}, str(tmp_path / "001-S-32" / "checkpoints" / "0000007.pt"))
+    assert runs.find_resume("auto", str(tmp_path), "tiny-16") is None             # nothing of this model yet
+    assert runs.find_resume("auto", str(tmp_path), "S-32")[0]["step"] == 7
+    assert runs.find_resume(str(tmp_path / "001-S-32"), str(tmp_path), "x")[0]["step"] == 7
+    assert runs.find_resume(str(tmp_path / "0000002.pt"), str(tmp_path), "x")[0]["step"] == 2
+    (tmp_path / "002-S-32").mkdir()
+    with pytest.raises(runs.ConfigError, match="no checkpoints"):
+        runs.find_resume(str(tmp_path / "002-S-32"), str(tmp_path), "S-32")
+    with pytest.raises(runs.ConfigError, match="no such file"):
+        runs.find_resume(str(tmp_path / "nope"), str(tmp_path), "S-32")
+    runs.save_checkpoint({"step": 9, "x": NotATensor()}, str(tmp_path / "0000009.pt"))
+    with pytest.raises(runs.ConfigError, match="cannot load"):                      # weights_only=True
+        runs.find_resume(str(tmp_path / "0000009.pt"), str(tmp_path), "x")
+
+    config = {"model": {"width": 32, "resolutions": (4, 8)}, "cdc": {"sigma": 1.0, "windows": None}}
+    same = {"model": {"width": 32, "resolutions": [4, 8]}, "cdc": {"sigma": 1.0, "windows": None}}
+    runs.check_compatible({"config": same}, config, "c.pt")                        # lists and tuples compare equal
+    for old, words in (({"model": {"width": 64, "resolutions": [4, 8]}, "cdc": {"sigma": 1.0, "windows": None}}, "width=64"),
+                       ({"model": {"width": 32, "resolutions": [4, 8]}, "cdc": {"sigma": 1.0, "windows": [0.5, 0.5]}},
+                        "windows=[0.5, 0.5] (checkpoint) vs None (flags)"),
+                       ({"model": {"resolutions": [4, 8]}, "cdc": {"sigma": 1.0, "windows": None}}, "width=None (checkpoint) vs 32")):
+        with pytest.raises(runs.ConfigError, match=re.escape(words)):
+            runs.check_compatible({"config": old}, config, "c.pt")
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path):
