@@ -5,10 +5,8 @@ codes, error lines and files on disk."""
 
 import dataclasses
 import glob
-import io
 import math
 import os
-import pickle
 import re
 import subprocess
 import sys
@@ -23,7 +21,6 @@ from PIL import Image
 import cdc
 import data
 import runs
-import sample
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -574,82 +571,3 @@ def test_sample_npz_is_the_same_for_one_and_two_processes(tmp_path):
         assert a["arr_0"].shape == (10, 16, 16, 3) and np.array_equal(a["arr_0"], b["arr_0"])
         assert np.array_equal(a["labels"], b["labels"]) and len(set(a["labels"].tolist())) > 1
         assert len({x.tobytes() for x in a["arr_0"]}) == 10  # ten different images, not one repeated
-
-
-# ------------------------------------------------------------------------------------------------
-# sampling and FID
-
-
-def test_frechet_distance_closed_form():
-    rng = np.random.default_rng(0)
-    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
-    a, b = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
-    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert sample.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
-    # A full covariance against itself, and a rotation of both (FID is rotation invariant).
-    f = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6))
-    mu, s = sample.feature_stats(f)
-    assert abs(sample.frechet_distance(mu, s, mu, s)) < 1e-8
-    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
-    assert sample.frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T) == pytest.approx(expected, rel=1e-6)
-
-
-DETECTOR_SRC = '''
-import torch
-class Detector(torch.nn.Module):
-    """Stands in for Inception: uint8 NCHW -> 48 features (4x4 average colours)."""
-    def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:
-        return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 4).flatten(1)
-'''
-
-
-class _PickledTorchScript:
-    """Pickles to a TorchScript module (how Inception pickles are distributed)."""
-
-    def __init__(self, data):
-        self.data = data
-
-    def __reduce__(self):
-        return torch.jit.load, (io.BytesIO(self.data),)
-
-
-def make_detector(tmp_path):
-    (tmp_path / "detector_src.py").write_text(DETECTOR_SRC)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import detector_src
-        scripted = torch.jit.script(detector_src.Detector())
-    finally:
-        sys.path.remove(str(tmp_path))
-    buf = io.BytesIO()
-    torch.jit.save(scripted, buf)
-    path = tmp_path / "detector.pkl"
-    path.write_bytes(pickle.dumps(_PickledTorchScript(buf.getvalue())))
-    return path
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit: the detector format is TorchScript
-def test_sample_npz_stages_and_fid(tmp_path):
-    ok(run("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
-    ckpt = ckpts(tmp_path / "r")[-1]
-    p = ok(run("sample.py", "--ckpt", ckpt, "--num-fid-samples", 10, "--per-proc-batch-size", 4, "--steps-per-stage", "1,2,1",
-               "--class-labels", "1,3", "--save-stages", "--solver", "heun", "--sample-dir", "s", cwd=tmp_path))
-    assert "images/s" in p.stdout
-    (npz,) = glob.glob(str(tmp_path / "s" / "*.npz"))
-    with np.load(npz) as f:
-        assert f["arr_0"].shape == (10, 16, 16, 3) and f["arr_0"].dtype == np.uint8
-        assert list(f["labels"]) == [1, 3] * 5
-    assert len(glob.glob(npz[:-4] + "/*.png")) == 10
-    sheet = Image.open(npz[:-4] + "_stages.png")  # 4 samples x (3 stages + 2 details), upscaled x4
-    assert sheet.size == (4 * (5 * 18 + 2), 4 * (4 * 18 + 2))
-
-    # FID of the samples against reference statistics of themselves is ~0; against other data it is not.
-    det = make_detector(tmp_path)
-    ok(run("sample.py", "--make-ref", npz, "--image-size", 16, "--detector", det, "--ref-out", "ref.npz",
-           "--num-workers", 0, cwd=tmp_path))
-    p = ok(run("sample.py", "--images", npz, "--fid-ref", "ref.npz", "--detector", det, cwd=tmp_path))
-    assert abs(float(p.stdout.split("FID ")[1].split()[0])) < 1e-6
-    np.savez(tmp_path / "other.npz", arr_0=np.full((10, 16, 16, 3), 200, np.uint8) + np.arange(10, dtype=np.uint8)[:, None, None, None])
-    p = ok(run("sample.py", "--images", "other.npz", "--fid-ref", "ref.npz", "--detector", det, cwd=tmp_path))
-    assert float(p.stdout.split("FID ")[1].split()[0]) > 0.1
-    one_line_error(run("sample.py", "--images", npz, "--fid-ref", "ref.npz", cwd=tmp_path), "--detector")
