@@ -142,7 +142,7 @@ def _psd_factor(sigma):
     if info < 0:
         raise ValueError(f"pivoted Cholesky failed (LAPACK info {info})")
     r = np.empty((len(s), rank))
-    r[piv - 1] = np.tril(c)[:, :rank]
+    r[piv - 1] = np.tril(c[:, :rank])
     return r, float(np.linalg.norm(s - r @ r.T))
 
 
