@@ -70,3 +70,37 @@ def test_config_normalises_windows_to_a_tuple_of_floats():
 def test_config_refuses_empty_or_negative_windows(windows):
     with pytest.raises(ValueError, match="positive widths summing to 1"):
         cdc.CDCConfig(resolutions=(4, 8) if len(windows) == 2 else (4, 8, 16), windows=windows)
+
+
+def test_levels_between_stages_and_below_the_top():
+    c = cdc.CDCConfig(resolutions=(16, 32, 128, 256))
+    assert [c.levels(s) for s in range(4)] == [0, 1, 2, 1]            # stage 0 has no stage before it
+    assert [c.levels_below_top(s) for s in range(4)] == [4, 3, 1, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+#                                          Model config
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(width=64, heads=6), "divisible by heads"),        # 64 = 6 * 10 + 4: not divisible (even quotient)
+    (dict(width=36, heads=4), "even head dim"),             # head dim 9
+    (dict(width=6, heads=1), "divisible by 4"),
+    (dict(width=64.0), "positive int"),
+    (dict(depth=0), "positive int"),
+    (dict(num_classes=-1), "num_classes must be >= 0"),
+    (dict(resolutions=(8, 12), patch_size=8), "not divisible by patch size"),
+    (dict(fusion="cat"), "unknown fusion"),
+])
+def test_model_config_refuses(kw, words):
+    with pytest.raises(ValueError, match=words):
+        cdc.DiTConfig(**{**dict(depth=1, width=32, heads=2, patch_size=2, resolutions=(4, 8)), **kw})
+
+
+def test_model_config_edge_values_are_allowed():
+    c = cdc.DiTConfig(depth=1, width=4, heads=2, patch_size=1, in_channels=1, num_classes=0, freq_dim=1,
+                      resolutions=(1, 2))
+    assert (c.depth, c.width, c.num_classes, c.resolutions) == (1, 4, 0, (1, 2))
+    model = cdc.DiT(cdc.DiTConfig(depth=1, width=8, heads=2, patch_size=1, in_channels=1, num_classes=0, resolutions=(2,)))
+    assert model(torch.zeros(3, 1, 2, 2), torch.rand(3)).shape == (3, 1, 2, 2) and model.null_class == 0
