@@ -22,6 +22,7 @@ from hypothesis import given, strategies as st
 import cdc
 import train
 from data import DataOrder
+from test_cdc import wake
 from theory.prior_equivalence import GaussianOracle, exact_chain_moments
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,15 +31,9 @@ TINY = ["--image-size", "16", "--resolutions", "4,8,16", "--patch-size", "2", "-
         "--global-batch-size", "8", "--dataset-size", "48", "--sample-steps", "2", "--num-workers", "0", "--log-every", "2"]
 
 
-def tiny_model(resolutions=(4, 8, 16), seed=0, wake=True):
+def tiny_model(resolutions=(4, 8, 16), seed=0):
     torch.manual_seed(seed)
-    model = cdc.create_model("tiny", depth=1, width=32, heads=2, num_classes=4, resolutions=resolutions)
-    if wake:  # random weights where adaLN-Zero put zeros, so that the output depends on the weights
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, torch.nn.Linear) and m.weight.abs().sum() == 0:
-                    m.weight.normal_(0, 0.05)
-    return model
+    return wake(cdc.create_model("tiny", depth=1, width=32, heads=2, num_classes=4, resolutions=resolutions))
 
 
 def run(script, *args, cwd):

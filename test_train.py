@@ -22,6 +22,7 @@ import cdc
 import data
 import runs
 import train
+from test_cdc import wake
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A network of a few thousand parameters on 16 px images with 3 stages: seconds per run.
@@ -279,15 +280,6 @@ def test_three_step_run_checkpoints_the_ema_computed_by_hand(tmp_path):
         for k in ema:
             torch.testing.assert_close(c["ema"][k], ema[k], rtol=1e-5, atol=1e-7, msg=f"step {s + 1}, {k}")
     assert any(not torch.allclose(saved[-1]["ema"][k], saved[-1]["model"][k]) for k in ema)
-
-
-def wake(model):
-    """Random weights where adaLN-Zero put zeros, so that the output depends on every input."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear) and m.weight.abs().sum() == 0:
-                m.weight.normal_(0, 0.05)
-    return model
 
 
 def test_bf16_autocast_training_step_and_sampler_match_fp32():
