@@ -46,10 +46,7 @@ import cdc  # noqa: E402
 import train  # noqa: E402
 from theory.common import read_idx_images  # noqa: E402
 
-try:  # the project's Frechet distance (fid.py when present, else sample.py's copy)
-    from fid import frechet_distance  # noqa: E402
-except ImportError:  # pragma: no cover
-    from sample import frechet_distance  # noqa: E402
+from fid import frechet_distance  # noqa: E402  (results before fid.py landed used scipy's sqrtm; see README)
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(BENCH, "results")
