@@ -99,6 +99,15 @@ def table_claim1():
     return "\n".join(rows), g
 
 
+def save_figure(fig, plt, name):
+    """Lay out, write bench/figures/<name> and free the figure; returns the path."""
+    fig.tight_layout()
+    path = os.path.join(FIGURES, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def fig_claim1(g, plt):
     fl = floor()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -123,11 +132,7 @@ def fig_claim1(g, plt):
     fig.suptitle("Claim 1: MNIST 32 px, DiT width 192 depth 4 patch 4, batch 32, equal training FLOPs, "
                  "mean ± sd over seeds; EMA, S_cfg 3, Euler 8 steps/stage, 200 samples\n"
                  f"2-core CPU, 1 thread, no GPU; {CMD}", fontsize=9)
-    fig.tight_layout()
-    path = os.path.join(FIGURES, "claim1_compute.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plt, "claim1_compute.png")
 
 
 def sampling_rows(set_name):
@@ -180,11 +185,7 @@ def fig_claim9(g, plt):
         ax.grid(alpha=0.3)
     fig.suptitle("Claims 1 and 9: quality against sampling time (labels: Euler steps per stage), claim-1 EMA models\n"
                  f"2-core CPU, 1 thread, no GPU; {CMD}", fontsize=9)
-    fig.tight_layout()
-    path = os.path.join(FIGURES, "claim9_sampling.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plt, "claim9_sampling.png")
 
 
 def table_claim8():
@@ -233,11 +234,7 @@ def fig_claim8(g, plt):
         ax.grid(alpha=0.3)
     fig.suptitle("Claim 8: per-stage quality against S_cfg, K = 3 claim-1 models (dashed: held-out real digits)\n"
                  f"2-core CPU, 1 thread, no GPU; {CMD}", fontsize=9)
-    fig.tight_layout()
-    path = os.path.join(FIGURES, "claim8_cfg.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plt, "claim8_cfg.png")
 
 
 def table_single(set_name):
