@@ -434,31 +434,37 @@ def cdc_lr():
     return lr
 
 
+# The ablations (claims 2-7) evaluate once, at the end of the budget: evaluation draws its own noise
+# (seed 1234) and never touches the training RNG, so the final numbers equal those of a 4-point run
+# (claim 1's K = 3 row, their baseline) and each run saves ~2 minutes of sampling on the CPU.
+def ablation(**kw):
+    return spec(lr=cdc_lr(), n_evals=1, **kw)
+
+
 def set_claim2():
-    return [spec(resolutions=res, lr=cdc_lr(), seed=0) for res in ((16, 32), (8, 32))]
+    return [ablation(resolutions=res, seed=0) for res in ((16, 32), (8, 32))]
 
 
 def set_claim3():
-    lr = cdc_lr()
-    return ([spec(gamma=g, lr=lr, seed=0) for g in (1.0, 1.5, 3.0, 4.0)]
-            + [spec(sigma=s, lr=lr, seed=0) for s in (0.5, 2.0)])  # gamma 2, sigma 1 is claim 1's K = 3
+    return ([ablation(gamma=g, seed=0) for g in (1.0, 1.5, 3.0, 4.0)]
+            + [ablation(sigma=s, seed=0) for s in (0.5, 2.0)])  # gamma 2, sigma 1 is claim 1's K = 3
 
 
 def set_claim4():
-    return [spec(interpolant=i, lr=cdc_lr(), seed=0) for i in ("trigonometric", "score")]
+    return [ablation(interpolant=i, seed=0) for i in ("trigonometric", "score")]
 
 
 def set_claim5():
-    return [spec(fusion="add", lr=cdc_lr(), seed=0)]
+    return [ablation(fusion="add", seed=0)]
 
 
 def set_claim6():
-    return [spec(stage_specific=True, lr=cdc_lr(), seed=0)]
+    return [ablation(stage_specific=True, seed=0)]
 
 
-def set_claim7():
-    lr = cdc_lr()
-    return [spec(reduction="sum", lr=lr, seed=0), spec(stage_sampling="iid", lr=lr, seed=0)]
+def set_claim7():  # seed 0 of both variants first, then seeds 1 and 2
+    return [ablation(seed=seed, **kw) for seed in HEADLINE_SEEDS
+            for kw in (dict(reduction="sum"), dict(stage_sampling="iid"))]
 
 
 SETS = {"lrgrid": set_lrgrid, "claim1": set_claim1, "claim2": set_claim2, "claim3": set_claim3,
