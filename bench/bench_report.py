@@ -237,16 +237,85 @@ def fig_claim8(g, plt):
     return save_figure(fig, plt, "claim8_cfg.png")
 
 
-def table_single(set_name):
-    rows = ["| run | seeds | PFLOP | steps | train s | cfd | acc |", "|---|---|---|---|---|---|---|"]
-    for r in load(set_name):
-        if r.get("diverged_at_step") is not None:
-            rows.append(f"| {r['_file']} | 1 | diverged at step {r['diverged_at_step']} | | | | |")
+ABLATION_SETS = ("claim2", "claim3", "claim4", "claim5", "claim6", "claim7")
+VARIANT_KEYS = ("resolutions", "gamma", "sigma", "interpolant", "fusion", "reduction", "stage_sampling",
+                "stage_specific")
+
+
+def baseline_runs():
+    """The claim-1 CDC runs (K = 3, paper's defaults): the baseline every ablation changes one thing of."""
+    return [r for r in by_method(load("claim1")).get("K = 3 (8, 16, 32)", [])]
+
+
+def variant(spec, base):
+    """What a run changes from the baseline's spec, e.g. 'gamma = 3'."""
+    diff = [(k, spec.get(k)) for k in VARIANT_KEYS if spec.get(k) != base.get(k) and not (k == "stage_specific" and not spec.get(k))]
+    if not diff:
+        return "baseline"
+    return ", ".join("K stage-specific models" if k == "stage_specific" else
+                     f"{k} = {', '.join(map(str, v)) if isinstance(v, list) else f'{v:g}' if isinstance(v, float) else v}"
+                     for k, v in diff)
+
+
+def ablation_groups():
+    """{(set, variant): [runs]} for claims 2-7, in file order."""
+    base = baseline_runs()
+    g = {}
+    for s in ABLATION_SETS:
+        for r in load(s):
+            g.setdefault((s, variant(r["spec"], base[0]["spec"])), []).append(r)
+    return g, base
+
+
+def table_ablations():
+    g, base = ablation_groups()
+    if not base or not g:
+        return "", g, base
+    bc, ba = [r["final"]["cfd"] for r in base], [r["final"]["acc"] for r in base]
+    rows = [f"Baseline: claim 1's K = 3 runs ({len(base)} seeds): cfd {fmt(bc)}, acc {fmt(ba, 3)}. A variant is "
+            "called better or worse only when its mean differs from the baseline's by more than the larger seed sd "
+            "(the baseline's, where the variant has one seed).", "",
+            "| claim | variant | seeds | steps | train s | cfd | acc | vs baseline (cfd; acc) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for (s, v), runs in g.items():
+        ok = [r for r in runs if r.get("diverged_at_step") is None]
+        if not ok:
+            rows.append(f"| {s[5:]} | {v} | {len(runs)} | diverged | | | | |")
             continue
-        f = r["final"]
-        rows.append(f"| {r['_file']} | {r['spec']['seed']} | {r['pflop']:.4f} | {r['steps']} | {r['train_seconds']:.0f} "
-                    f"| {f['cfd']:.1f} | {f['acc']:.3f} |")
-    return "\n".join(rows) if len(rows) > 2 else ""
+        c, a = [r["final"]["cfd"] for r in ok], [r["final"]["acc"] for r in ok]
+        word = {"first better": "better", "second better": "worse", "inconclusive": "inconclusive"}
+        rows.append(f"| {s[5:]} | {v} | {len(ok)} ({', '.join(str(r['spec']['seed']) for r in ok)}) "
+                    f"| {fmt([r['steps'] for r in ok], 0)} | {fmt([r['train_seconds'] for r in ok], 0)} | {fmt(c)} "
+                    f"| {fmt(a, 3)} | {word[verdict(c, bc)]}; {word[verdict(a, ba, lower_better=False)]} |")
+    return "\n".join(rows), g, base
+
+
+def fig_claim3(g, base, plt):
+    """Claim 3's cross through (gamma 2, sigma 1): cfd and acc against gamma at sigma 1 and sigma at gamma 2."""
+    runs3 = [r for (s, _), rs in g.items() if s == "claim3" for r in rs if r.get("diverged_at_step") is None]
+    if not runs3 or not base:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharey="row")
+    for col, (key, fixed, fixed_val) in enumerate((("gamma", "sigma", 1.0), ("sigma", "gamma", 2.0))):
+        pts = [(r["spec"][key], [r]) for r in runs3 if r["spec"][fixed] == fixed_val and r["spec"][key] != base[0]["spec"][key]]
+        pts.append((base[0]["spec"][key], base))
+        pts.sort(key=lambda p: p[0])
+        for row, (m, label) in enumerate((("cfd", "classifier Fréchet distance"), ("acc", "conditional accuracy"))):
+            ax = axes[row, col]
+            xs = [p[0] for p in pts]
+            vals = [[r["final"][m] for r in rs] for _, rs in pts]
+            ax.errorbar(xs, [np.mean(v) for v in vals], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
+                        marker="o", capsize=3)
+            for x, v in zip(xs, vals):
+                ax.annotate(f"{len(v)} seed{'s' * (len(v) > 1)}", (x, np.mean(v)), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+            ax.set_xlabel(f"{'γ' if key == 'gamma' else 'σ'} ({fixed} = {fixed_val:g})")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    fig.suptitle("Claim 3: diminish factor γ and coupling noise σ (K = 3, 8/16/32 px, 0.008 PFLOP each; "
+                 "the point with 3 seeds is claim 1's baseline)\n"
+                 f"2-core CPU, 1 thread, no GPU; {CMD}", fontsize=9)
+    return save_figure(fig, plt, "claim3_gamma_sigma.png")
 
 
 def report():
@@ -283,7 +352,9 @@ def report():
     print("\n## claim 8\n\n" + t8)
     if g8:
         print("\nfigure:", fig_claim8(g8, plt))
-    for s in ("claim2", "claim3", "claim4", "claim5", "claim7"):
-        t = table_single(s)
-        if t:
-            print(f"\n## {s}\n\n" + t)
+    ta, ga, base = table_ablations()
+    if ta:
+        print("\n## claims 2-7 (ablations of the K = 3 baseline, equal training FLOPs)\n\n" + ta)
+        f3 = fig_claim3(ga, base, plt)
+        if f3:
+            print("\nfigure:", f3)
