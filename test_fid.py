@@ -18,7 +18,7 @@ import data
 import fid
 import sample
 from runs import ConfigError
-from test_train import TINY, ckpts, make_checkpoint, ok, run
+from test_train import TINY, ckpts, inproc, make_checkpoint, ok, run
 
 # ------------------------------------------------------------------------------------------------
 # Frechet distance
@@ -334,7 +334,7 @@ def main_error(capsys, *argv):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit: the detector format is TorchScript
 def test_sample_npz_stages_and_fid(tmp_path, monkeypatch, capsys):
-    ok(run("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
+    ok(inproc("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
     ckpt = ckpts(tmp_path / "r")[-1]
     p = ok(run("sample.py", "--ckpt", ckpt, "--num-fid-samples", 10, "--per-proc-batch-size", 4, "--steps-per-stage", "1,2,1",
                "--class-labels", "1,3", "--save-stages", "--solver", "heun", "--sample-dir", "s",

@@ -23,27 +23,16 @@ import cdc
 import train
 from data import DataOrder
 from test_cdc import wake
+from test_train import TINY, inproc, ok, run
 from theory.prior_equivalence import GaussianOracle, exact_chain_moments
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 f64 = torch.float64
-TINY = ["--image-size", "16", "--resolutions", "4,8,16", "--patch-size", "2", "--width", "32", "--depth", "1", "--heads", "2",
-        "--global-batch-size", "8", "--dataset-size", "48", "--sample-steps", "2", "--num-workers", "0", "--log-every", "2"]
 
 
 def tiny_model(resolutions=(4, 8, 16), seed=0):
     torch.manual_seed(seed)
     return wake(cdc.create_model("tiny", depth=1, width=32, heads=2, num_classes=4, resolutions=resolutions))
-
-
-def run(script, *args, cwd):
-    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-
-
-def ok(p):
-    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
-    return p
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,7 +273,7 @@ def test_data_order_continues_at_the_same_global_position_on_another_world_size(
 
 
 def test_resume_on_another_number_of_processes(tmp_path):
-    ok(run("train.py", *TINY, "--max-steps", 4, "--ckpt-every", 4, "--results-dir", "r", cwd=tmp_path))
+    ok(inproc("train.py", *TINY, "--max-steps", 4, "--ckpt-every", 4, "--results-dir", "r", cwd=tmp_path))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(HERE, "train.py"), *TINY, "--max-steps", "8", "--ckpt-every", "4", "--results-dir", "r",
            "--resume", "auto"]
@@ -307,12 +296,12 @@ def test_resume_auto_before_the_first_checkpoint_reuses_the_empty_run(tmp_path):
     p.kill()
     p.wait()
     assert len(glob.glob(str(tmp_path / "r" / "*"))) == 1
-    out = ok(run("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", "--resume", "auto",
+    out = ok(inproc("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", "--resume", "auto",
                  cwd=tmp_path)).stdout
     assert "reusing the empty run" in out
     assert [os.path.basename(r) for r in glob.glob(str(tmp_path / "r" / "*"))] == ["000-tiny-16"]
     assert glob.glob(str(tmp_path / "r" / "000-tiny-16" / "checkpoints" / "0000002.pt"))
-    ok(run("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
+    ok(inproc("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
     assert sorted(os.path.basename(r) for r in glob.glob(str(tmp_path / "r" / "*"))) == ["000-tiny-16", "001-tiny-16"]
 
 
@@ -386,7 +375,7 @@ def test_sampler_prior_on_a_4x_path_is_the_upsampled_output_plus_sigma_k_noise()
 
 def test_train_and_sample_scripts_on_a_4x_path(tmp_path):
     args = ["--image-size", "16", "--resolutions", "4,16", *TINY[4:]]
-    ok(run("train.py", *args, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
+    ok(inproc("train.py", *args, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
     ckpt = glob.glob(str(tmp_path / "r" / "*" / "checkpoints" / "0000002.pt"))[0]
     assert list(torch.load(ckpt, weights_only=True)["config"]["cdc"]["resolutions"]) == [4, 16]
     ok(run("sample.py", "--ckpt", ckpt, "--num-fid-samples", 4, "--per-proc-batch-size", 4, "--steps-per-stage", 2,

@@ -1,10 +1,14 @@
 """Tests of train.py and sample.py on the CPU: tiny networks, 16 px images, a few steps each.
 
 The scripts run as the user runs them (subprocess, sys.executable), so the tests also check exit
-codes, error lines and files on disk."""
+codes, error lines and files on disk. Where a run only sets up a test, or a test checks what `main()`
+does rather than the process around it, `inproc` calls the script's `main()` in this process instead:
+the same code and the same exit codes and output, without the seconds of a Python + torch start-up."""
 
+import contextlib
 import dataclasses
 import glob
+import io
 import math
 import os
 import re
@@ -34,6 +38,21 @@ TINY = ["--image-size", "16", "--resolutions", "4,8,16", "--patch-size", "2", "-
 def run(script, *args, cwd, env=None):
     return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, env=env, timeout=600)
+
+
+def inproc(script, *args, cwd):
+    """`run` without the interpreter start-up: the script's main() in this process, in `cwd`, with its
+    stdout and stderr captured and SystemExit turned into a return code (an uncaught exception propagates
+    and fails the test, as a traceback would)."""
+    import sample
+    main = {"train.py": train.main, "sample.py": sample.main}[script]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def ok(p):
@@ -449,25 +468,26 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path):
 def test_bad_inputs_give_one_error_line(tmp_path):
     one_line_error(run("train.py", *TINY, "--data-path", tmp_path / "nope", cwd=tmp_path), "does not exist")
     (tmp_path / "bad.npz").write_bytes(b"garbage")
-    one_line_error(run("train.py", *TINY, "--data-path", tmp_path / "bad.npz", cwd=tmp_path), "npz")
-    one_line_error(run("train.py", *TINY, "--image-size", "24", cwd=tmp_path), "--image-size")
-    one_line_error(run("train.py", *TINY, "--resolutions", "4,9,16", cwd=tmp_path), "power-of-two")
-    one_line_error(run("train.py", *TINY[:4], "--patch-size", "3", *TINY[6:], cwd=tmp_path), "patch size")
+    # the process's exit code and stderr are checked above and below; the other cases in this process
+    one_line_error(inproc("train.py", *TINY, "--data-path", tmp_path / "bad.npz", cwd=tmp_path), "npz")
+    one_line_error(inproc("train.py", *TINY, "--image-size", "24", cwd=tmp_path), "--image-size")
+    one_line_error(inproc("train.py", *TINY, "--resolutions", "4,9,16", cwd=tmp_path), "power-of-two")
+    one_line_error(inproc("train.py", *TINY[:4], "--patch-size", "3", *TINY[6:], cwd=tmp_path), "patch size")
     one_line_error(run("sample.py", "--ckpt", tmp_path / "none.pt", cwd=tmp_path), "does not exist")
 
 
 def test_checkpoint_config_mismatch_is_a_clear_error(tmp_path):
-    ok(run("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
+    ok(inproc("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
     before = {p: os.path.getmtime(p) for p in ckpts(tmp_path / "r")}
     args = [a if a != "32" else "64" for a in TINY]  # --width 64
-    p = run("train.py", *args, "--max-steps", 4, "--results-dir", "r", "--resume", "auto", cwd=tmp_path)
+    p = inproc("train.py", *args, "--max-steps", 4, "--results-dir", "r", "--resume", "auto", cwd=tmp_path)
     one_line_error(p, "does not match", "width=32")
     assert {p: os.path.getmtime(p) for p in ckpts(tmp_path / "r")} == before  # nothing touched
 
 
 def test_image_folder_with_corrupt_files_trains(tmp_path):
     make_folder(tmp_path / "data")
-    p = ok(run("train.py", *TINY, "--data-path", tmp_path / "data", "--model", "tiny", "--max-steps", 2,
+    p = ok(inproc("train.py", *TINY, "--data-path", tmp_path / "data", "--model", "tiny", "--max-steps", 2,
                "--ckpt-every", 2, "--results-dir", "r", "--epochs", 1, cwd=tmp_path))
     assert "2 classes" in p.stdout and "skipped_images" in p.stdout
 

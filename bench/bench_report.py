@@ -249,7 +249,8 @@ def baseline_runs():
 
 def variant(spec, base):
     """What a run changes from the baseline's spec, e.g. 'gamma = 3'."""
-    diff = [(k, spec.get(k)) for k in VARIANT_KEYS if spec.get(k) != base.get(k) and not (k == "stage_specific" and not spec.get(k))]
+    diff = [(k, spec.get(k)) for k in VARIANT_KEYS
+            if spec.get(k) != base.get(k) and not (k == "stage_specific" and not spec.get(k))]
     if not diff:
         return "baseline"
     return ", ".join("K stage-specific models" if k == "stage_specific" else

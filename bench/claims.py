@@ -24,7 +24,6 @@ Floors: the same numbers for as many held-out real digits as there are samples.
 """
 
 import argparse
-import glob
 import json
 import math
 import os
