@@ -245,6 +245,55 @@ def test_model_output_shape_every_stage_and_zero_at_init(fusion):
         assert torch.equal(out, torch.zeros_like(out))       # adaLN-Zero + zero final layer
 
 
+def test_initialisation_is_dits_adaln_zero():
+    """DiT's initialisation (kept by App. F): every block is the identity and the field is zero (adaLN-Zero:
+    gates, shifts, scales and the output layer start at zero), linear layers are Xavier-uniform with zero
+    bias, the patch embedding is Xavier-uniform as a (D, C p p) matrix, and the label, time and resolution
+    embeddings are N(0, 0.02^2)."""
+    model = cdc.create_model("tiny", depth=2, width=256, heads=4, num_classes=5, resolutions=RES)
+    h, c = torch.randn(2, 16, 256), torch.randn(2, 256)
+    for block in model.blocks:
+        assert torch.equal(block(h, c), h)                                  # identity at initialisation
+    for mod in [*(b.adaLN_modulation[-1] for b in model.blocks), model.final_layer.adaLN_modulation[-1],
+                model.final_layer.linear]:
+        assert not mod.weight.any() and not mod.bias.any()
+
+    def xavier_uniform(w, fan_in, fan_out):
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        return w.abs().max() <= bound and abs(w.std().item() - bound / math.sqrt(3)) < 0.05 * bound
+    D, p, C = 256, model.config.patch_size, model.config.in_channels
+    w = model.x_embedder.weight
+    assert xavier_uniform(w, C * p * p, D) and not model.x_embedder.bias.any()  # not Conv2d's fan_out D p p
+    qkv = model.blocks[0].attn.qkv
+    assert xavier_uniform(qkv.weight, D, 3 * D) and not qkv.bias.any()
+    assert xavier_uniform(model.blocks[1].mlp[2].weight, 4 * D, D)
+    for w in (model.y_embedder.weight, *(e.mlp[i].weight for e in (model.t_embedder, model.r_embedder) for i in (0, 2))):
+        assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002, w.shape
+
+
+def test_gradient_checkpointing_changes_memory_not_results(monkeypatch):
+    """grad_checkpointing recomputes each block in the backward pass, in training only: the loss and every
+    gradient are the same as without, and in evaluation (or with the flag off) no block is checkpointed."""
+    calls = []
+    real = cdc.checkpoint
+    monkeypatch.setattr(cdc, "checkpoint", lambda *a, **k: calls.append(k) or real(*a, **k))
+    model = wake(small_model())
+    x, tau, y = torch.randn(3, 3, 16, 16), torch.rand(3), torch.tensor([0, 1, 2])
+    grads = []
+    for flag in (False, True):
+        model.grad_checkpointing = flag
+        model.zero_grad()
+        model.train()(x, tau, y).pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        assert len(calls) == (model.config.depth if flag else 0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    with torch.no_grad():
+        model.eval()(x, tau, y)                                             # flag on, evaluation: not used
+    assert calls == []
+
+
 def test_model_rejects_a_size_it_was_not_built_for():
     with pytest.raises(ValueError, match="does not match the model"):
         small_model()(torch.randn(1, 3, 24, 24), torch.rand(1))
@@ -280,23 +329,24 @@ def test_resolution_embedding_sees_the_feature_map_side_and_reaches_the_output(f
         assert not torch.allclose(model(x[r], torch.tensor([0.3, 0.7]), None), before[r], atol=1e-4)
 
 
-@pytest.mark.parametrize("fusion", cdc.FUSIONS)
-def test_flops_per_sample_matches_counted_flops(fusion):
+@pytest.mark.parametrize("fusion, patch, channels", [("xattn", 2, 3), ("add", 2, 3), ("xattn", 4, 1)])
+def test_flops_per_sample_matches_counted_flops(fusion, patch, channels):
     """The analytic count used for MFU equals torch's FLOP counter, attention included. The CPU's fused
     attention kernel is invisible to the counter, so the forward runs on the math backend, where
     attention is two batched matmuls (q k^T and a v) that the counter sees: nothing is added back."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    model = small_model(fusion=fusion)
+    model = small_model(fusion=fusion, patch_size=patch, in_channels=channels)
     cfg = model.config
     for r in RES:
         counter = FlopCounterMode(display=False)
         with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
-            model(torch.randn(1, 3, r, r), torch.rand(1), torch.tensor([1]))
+            model(torch.randn(1, channels, r, r), torch.rand(1), torch.tensor([1]))
         n = (r // cfg.patch_size) ** 2
         counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
         assert counts.get("aten.bmm") == cfg.depth * 4 * n * n * cfg.width  # attention seen, not assumed
         assert model.flops_per_sample(r) == counter.get_total_flops()
+        assert isinstance(model.flops_per_sample(r), int)  # exact: sums over billions of samples stay exact
 
 
 # ------------------------------------------------------------------------------------------------
