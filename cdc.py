@@ -292,7 +292,7 @@ def pos_embed_2d(side: int, dim: int) -> torch.Tensor:
 class ScalarEmbedder(nn.Module):
     """Sinusoid + MLP. As Gamma it embeds time (eq. 39); as E it embeds the feature-map side r_k (eq. 40)."""
 
-    def __init__(self, width: int, freq_dim: int = 256, scale: float = 1.0):
+    def __init__(self, width: int, freq_dim: int, scale: float = 1.0):
         super().__init__()
         self.freq_dim, self.scale = freq_dim, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))

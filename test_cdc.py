@@ -314,6 +314,22 @@ def test_xattn_fusion_is_a_linear_map_of_e_k_independent_of_W_q():
     assert torch.equal(fusion.W_q.weight.grad, torch.zeros_like(fusion.W_q.weight))
 
 
+def test_fusion_by_addition_and_the_bias_free_maps_of_eqs_41_43():
+    g, e = torch.randn(5, 32), torch.randn(1, 32)
+    torch.testing.assert_close(cdc.ResolutionFusion(32, 8, "add")(g, e), g + e, rtol=0, atol=0)  # Table 4
+    fusion = cdc.ResolutionFusion(32, 8, "xattn")
+    assert all(m.bias is None for m in (fusion.W_q, fusion.W_k, fusion.W_v, fusion.W_o))
+
+
+def test_model_defaults_attention_bias_and_what_a_checkpoint_holds():
+    model = small_model()
+    assert model.grad_checkpointing is False                      # opt-in: it trades compute for memory
+    assert all(b.attn.qkv.bias is not None for b in model.blocks)  # Table 7: attention bias true
+    assert model.y_embedder.num_embeddings == model.config.num_classes + 1  # the labels and one null class
+    # the position tables are recomputed from the config, not saved: a checkpoint holds parameters only
+    assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}
+
+
 @pytest.mark.parametrize("fusion", cdc.FUSIONS)
 def test_resolution_embedding_sees_the_feature_map_side_and_reaches_the_output(fusion):
     """§3.2 / App. F: E embeds r_k = H / patch (not H), and e_k changes the field through the fusion."""
@@ -461,8 +477,25 @@ def test_training_step_drops_labels_to_the_null_class():
 
 
 def test_training_step_rejects_wrong_image_size():
-    with pytest.raises(ValueError, match="must be 32x32"):
-        cdc.training_losses(Recorder(), torch.randn(2, 3, 16, 16), None, cdc.CDCConfig(resolutions=RES))
+    for h, w in ((16, 16), (16, 32), (32, 16)):  # either side wrong
+        with pytest.raises(ValueError, match="must be 32x32"):
+            cdc.training_losses(Recorder(), torch.randn(2, 3, h, w), None, cdc.CDCConfig(resolutions=RES))
+
+
+@pytest.mark.parametrize("stage_sampling", cdc.STAGE_SAMPLINGS)
+def test_training_step_feeds_every_sample_once_and_labels_only_when_given(stage_sampling):
+    """The model sees the whole batch, each sample once, at its stage's side (the stage counts); without
+    labels it sees y = None whatever the label dropout."""
+    config = cdc.CDCConfig(resolutions=RES)
+    for y in (torch.arange(12) % 5, None):
+        model = Recorder()
+        out = cdc.training_losses(model, torch.randn(12, 3, 32, 32), y, config, class_dropout=0.5,
+                                  stage_sampling=stage_sampling, step=1, generator=torch.Generator().manual_seed(0))
+        assert sum(shape[0] for shape, _, _ in model.calls) == 12
+        fed = {shape[-1]: shape[0] for shape, _, _ in model.calls}
+        assert [fed.get(r, 0) for r in RES] == out["stage_count"]
+        if y is None:
+            assert all(labels is None for _, _, labels in model.calls)
 
 
 def test_training_step_trains_the_dit_end_to_end():
@@ -498,6 +531,8 @@ def test_cfg_scale_one_is_conditional_zero_is_unconditional_in_one_forward():
         b_c, b_null = model(x, tau, y), model(x, tau, None)
         calls.clear()
         torch.testing.assert_close(cdc.guided_field(model, y, 1.0)(x, tau, 1), b_c, rtol=1e-5, atol=1e-5)
+        calls.clear()
+        torch.testing.assert_close(cdc.guided_field(model, y)(x, tau, 1), b_c, rtol=1e-5, atol=1e-5)  # default: no CFG
         torch.testing.assert_close(cdc.guided_field(model, y, 0.0)(x, tau, 1), b_null, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cdc.guided_field(model, y, 3.0)(x, tau, 1), b_null + 3 * (b_c - b_null),
                                    rtol=1e-4, atol=1e-4)

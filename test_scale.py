@@ -61,6 +61,17 @@ def test_quotas_long_run_mix_is_exact(windows, B, period):
         assert len({tuple(cdc.stage_quotas(config, B, s)) for s in range(period)}) > 1
 
 
+def test_quotas_for_windows_without_a_small_period_converge_to_the_mix():
+    """Irrational windows have no period: the pointer follows the golden-ratio sequence, whose running
+    mix approaches B w_k like (log N) / N, and every step still sums to B with floor/ceil counts."""
+    w = (math.sqrt(2) - 1, 2 - math.sqrt(2))
+    config = cdc.CDCConfig(resolutions=(4, 8), windows=w)
+    assert cdc._quota_wheel(tuple(config.widths().tolist()), 5)[3] is None  # no period below 10^4
+    counts = torch.tensor([cdc.stage_quotas(config, 5, s) for s in range(2000)], dtype=f64)
+    assert set(counts.sum(1).tolist()) == {5.0} and set(counts[:, 0].tolist()) == {2.0, 3.0}
+    assert torch.all((counts.mean(0) - 5 * config.widths()).abs() < 0.005)  # i.i.d. coins: ~0.01
+
+
 def test_quotas_without_a_step_are_unbiased_draws():
     config = cdc.CDCConfig(resolutions=(4, 8, 16), windows=(0.2, 0.3, 0.5))
     g = torch.Generator().manual_seed(0)

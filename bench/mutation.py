@@ -171,7 +171,7 @@ def mutants_of(path, wanted):
                     continue
                 seen.add(key)
                 out.append(dict(file=os.path.basename(path), function=qual, line=target.lineno, col=a - off(target.lineno, 0),
-                                start=a, end=b,
+                                start=a, end=b, body=(fn.body[0].lineno, fn.end_lineno),
                                 old=" ".join(old.split()), new=text, kind=kind))
     return out
 
@@ -403,7 +403,10 @@ def main(argv=None):
         if a.max_minutes and time.time() - start > 60 * a.max_minutes:
             print(f"time limit: {len(muts) - i} mutants not run", flush=True)
             break
-        tests = sorted((t for t in set(trace["cover"].get(f"{m['file']}:{m['line']}", [])) if t in dur), key=dur.get)
+        # a mutant in the signature (a default value) is evaluated at import, not on a traced line: it is
+        # reached through the function's body, so it gets the tests that run the body
+        lines = [m["line"]] if m["line"] >= m["body"][0] else range(m["body"][0], m["body"][1] + 1)
+        tests = sorted({t for ln in lines for t in trace["cover"].get(f"{m['file']}:{ln}", []) if t in dur}, key=dur.get)
         tests = tests[:a.max_tests]
         sub = SUBPROCESS_TESTS.get(m["file"], []) + SUBPROCESS_TESTS.get(f"{m['file']}:{m['function'].split('.')[0]}", [])
         tests += [t for t in sub if t in dur and t not in tests]
