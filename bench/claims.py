@@ -440,25 +440,28 @@ def ablation(**kw):
     return spec(lr=cdc_lr(), n_evals=1, **kw)
 
 
+ABLATION_SEEDS = (0,)  # claims 2-6; `run --seeds 0,1,2` adds seeds (claim 7 always runs the headline seeds)
+
+
 def set_claim2():
-    return [ablation(resolutions=res, seed=0) for res in ((16, 32), (8, 32))]
+    return [ablation(resolutions=res, seed=s) for s in ABLATION_SEEDS for res in ((16, 32), (8, 32))]
 
 
 def set_claim3():
-    return ([ablation(gamma=g, seed=0) for g in (1.0, 1.5, 3.0, 4.0)]
-            + [ablation(sigma=s, seed=0) for s in (0.5, 2.0)])  # gamma 2, sigma 1 is claim 1's K = 3
+    return [run for seed in ABLATION_SEEDS for run in  # gamma 2, sigma 1 is claim 1's K = 3
+            [ablation(gamma=g, seed=seed) for g in (1.0, 1.5, 3.0, 4.0)] + [ablation(sigma=s, seed=seed) for s in (0.5, 2.0)]]
 
 
 def set_claim4():
-    return [ablation(interpolant=i, seed=0) for i in ("trigonometric", "score")]
+    return [ablation(interpolant=i, seed=s) for s in ABLATION_SEEDS for i in ("trigonometric", "score")]
 
 
 def set_claim5():
-    return [ablation(fusion="add", seed=0)]
+    return [ablation(fusion="add", seed=s) for s in ABLATION_SEEDS]
 
 
 def set_claim6():
-    return [ablation(stage_specific=True, seed=0)]
+    return [ablation(stage_specific=True, seed=s) for s in ABLATION_SEEDS]
 
 
 def set_claim7():  # seed 0 of both variants first, then seeds 1 and 2
@@ -530,6 +533,11 @@ def read_json(path):
 
 
 def cmd_run(a):
+    global ABLATION_SEEDS
+    try:
+        ABLATION_SEEDS = tuple(int(v) for v in a.seeds.split(","))
+    except ValueError:
+        raise SystemExit(f"error: --seeds takes comma-separated integers, got {a.seeds!r}") from None
     torch.set_num_threads(a.threads)
     log = lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)  # noqa: E731
     data = load_mnist(a.mnist)
@@ -573,6 +581,7 @@ def main(argv=None):
                    help="folder with mnist-t10k-{images-idx3,labels-idx1}-ubyte.gz")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--dry-run", action="store_true")
+    r.add_argument("--seeds", default="0", help="comma-separated seeds of the ablations, claims 2-6 (default 0)")
     sub.add_parser("report", help="markdown tables and figures from bench/results")
     a = p.parse_args(argv)
     if a.cmd == "run":
