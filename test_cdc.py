@@ -540,6 +540,31 @@ def test_cfg_scale_one_is_conditional_zero_is_unconditional_in_one_forward():
     assert not torch.allclose(b_c, b_null)
 
 
+def test_sample_defaults_to_table7_24_euler_steps_per_stage():
+    calls = []
+    cdc.sample(lambda x, t, s: calls.append((s, t[0].item())) or torch.zeros_like(x), cdc.CDCConfig(resolutions=(4, 8, 16)), 2)
+    assert [s for s, _ in calls] == [0] * 24 + [1] * 24 + [2] * 24       # one evaluation per Euler step
+    assert [t for _, t in calls[:24]] == pytest.approx([n / 24 for n in range(24)])
+
+
+def test_sde_without_noise_is_euler_and_both_samplers_default_to_scale_one():
+    """App. D's SDE at sde_scale 0 (no diffusion, no score drift) is Alg. 2's Euler step for step, and
+    integrate_stage and sample share the default sde_scale 1."""
+    config = cdc.CDCConfig(resolutions=(4, 8, 16))
+    field = lambda x, t, s: -0.7 * x + t.view(-1, 1, 1, 1)  # noqa: E731  any smooth field
+    x = torch.randn(3, 3, 8, 8)
+    one = lambda solver, **kw: cdc.integrate_stage(field, x, 1, 4, config, solver,  # noqa: E731
+                                                   generator=torch.Generator().manual_seed(1), **kw)
+    torch.testing.assert_close(one("sde", sde_scale=0.0), one("euler"), rtol=0, atol=1e-7)
+    torch.testing.assert_close(one("sde"), one("sde", sde_scale=1.0), rtol=0, atol=0)
+    assert not torch.allclose(one("sde"), one("euler"))
+    # the last step adds no noise: one step of the SDE is deterministic, whatever the generator
+    last = [cdc.integrate_stage(field, x, 1, 1, config, "sde", generator=torch.Generator().manual_seed(g)) for g in (1, 2)]
+    torch.testing.assert_close(last[0], last[1], rtol=0, atol=0)
+    run = lambda **kw: cdc.sample(field, config, 3, steps=4, generator=torch.Generator().manual_seed(0), **kw)  # noqa: E731
+    torch.testing.assert_close(run(solver="sde"), run(solver="sde", sde_scale=1.0), rtol=0, atol=0)
+
+
 def gaussian_problem(seed, C=1, R=8, diagonal=True):
     g = torch.Generator().manual_seed(seed)
     d = C * R * R

@@ -201,6 +201,11 @@ class LineTrace:
         return None
     def pytest_runtest_logstart(self, nodeid, location):
         self.current = nodeid
+        for mod in list(sys.modules.values()):  # empty lru caches: a cache hit would hide the lines a test needs
+            if getattr(mod, "__file__", None) in self.files:
+                for v in list(vars(mod).values()):
+                    if callable(getattr(v, "cache_clear", None)):
+                        v.cache_clear()
         sys.settrace(self._global); threading.settrace(self._global)
     def pytest_runtest_logfinish(self, nodeid, location):
         sys.settrace(None); threading.settrace(None)
