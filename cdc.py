@@ -570,8 +570,8 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
         since the quotas' long-run mix is exactly B w_k. The data are i.i.d. either way. Its variance
         is never larger: stratification with proportional allocation removes the between-stage term
         (1/B) sum_k w_k (E[l | k] - E[l])^2 of the i.i.d. variance and keeps the within-stage one.
-        Every rank (same step) carries the same stage mix, and shapes repeat: see the issue of load
-        balance and compilation in the README.
+        Every rank (same step) carries the same stage mix, and shapes repeat: see the README on load
+        balance and compilation.
     Samples are grouped by stage and the model runs once per non-empty stage (stages differ in token
     count). t and the label-dropout coins come from `generator` (a CPU generator, or None for the global
     CPU RNG), so the grouping is known on the host and the step needs no device sync; zeta comes from the

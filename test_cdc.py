@@ -629,7 +629,7 @@ def test_sde_score_from_velocity_is_the_exact_score(kind, stage, tau, seed):
 @pytest.mark.parametrize("solver, steps, kind", [("euler", 100, "linear"), ("heun", 20, "linear"), ("sde", 100, "linear"),
                                                  ("sde", 100, "trigonometric"), ("sde", 100, "score")])
 def test_samplers_reproduce_gaussian_mean_and_variance(solver, steps, kind):
-    """The issue's acceptance test: diagonal-covariance Gaussian data, the exact field, cdc.sample.
+    """An acceptance test of the samplers: diagonal-covariance Gaussian data, the exact field, cdc.sample.
     Tolerance: 5 Monte-Carlo standard errors per coordinate plus 3% of the variance for discretisation."""
     mu, Sigma = gaussian_problem(2, diagonal=True)
     config = cdc.CDCConfig(resolutions=(2, 4, 8), interpolant=kind)

@@ -174,7 +174,7 @@ def main(argv=None):
                              a.warmup, a.repeats, a.seed),
          "scaling": scaling(a.model, a.sizes, len(res), a.scaling_steps, a.batch_size, a.device,
                             a.scaling_patch_size, a.warmup, a.repeats, a.seed)}
-    # the flat keys, for machines
+    # flat keys, for machines
     for k in ("speedup_equal_nfe", "analytic_speedup_equal_nfe", "speedup_equal_steps", "analytic_speedup_equal_steps"):
         r[k] = r["speedup"][k]
     r["exponent"] = r["scaling"]["exponent"]
