@@ -237,6 +237,22 @@ def fig_claim8(g, plt):
     return save_figure(fig, plt, "claim8_cfg.png")
 
 
+def table_inception():
+    """Standard Inception FID of the claim-1 models (claims.py inception), mean ± sd over seeds."""
+    runs = load("inception")
+    floor_ = [r for r in runs if "checkpoint_spec" not in r]
+    g = by_method([dict(r, spec=r["checkpoint_spec"]) for r in runs if "checkpoint_spec" in r])
+    if not g:
+        return ""
+    n, ref_n = runs[0]["n"], runs[0]["ref_n"]
+    rows = [f"| method | seeds | Inception FID (n = {n} vs {ref_n} held-out digits) |", "|---|---|---|"]
+    for m, rs in sorted(g.items()):
+        rows.append(f"| {m} | {len(rs)} | {fmt([r['fid'] for r in rs])} |")
+    for r in floor_:
+        rows.append(f"| {r['n']} real training digits (floor) | - | {r['fid']:.1f} |")
+    return "\n".join(rows)
+
+
 ABLATION_SETS = ("claim2", "claim3", "claim4", "claim5", "claim6", "claim7")
 VARIANT_KEYS = ("resolutions", "gamma", "sigma", "interpolant", "fusion", "reduction", "stage_sampling",
                 "stage_specific")
@@ -365,6 +381,9 @@ def report():
     print("\n## claim 8\n\n" + t8)
     if g8:
         print("\nfigure:", fig_claim8(g8, plt))
+    ti = table_inception()
+    if ti:
+        print("\n## claim 1: standard Inception FID\n\n" + ti)
     ta, ga, base = table_ablations()
     if ta:
         print("\n## claims 2-7 (ablations of the K = 3 baseline, equal training FLOPs)\n\n" + ta)

@@ -572,6 +572,60 @@ def cmd_run(a):
                 sampling_sweep(name, data, ev, log, seeds)
 
 
+INCEPTION_N, INCEPTION_REF = 100, 500
+
+
+def cmd_inception(a):
+    """The standard Inception FID (fid.py's packaged TF-Inception, the FID of published numbers) of the
+    headline rows: each claim-1 EMA model's first INCEPTION_N final samples (10 per digit, the same noise and
+    sampler as its cfd) against INCEPTION_REF held-out digits; floor: as many training digits. Tiny n (the
+    CPU runs ~1 image/s through Inception at 299 px), so the numbers carry a large small-sample bias, the
+    same for every row: read them against the floor."""
+    import fid
+    from data import to_uint8
+    torch.set_num_threads(a.threads)
+    log = lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)  # noqa: E731
+    data = load_mnist(a.mnist)
+    det = fid.load_detector(None, "cpu")
+    out_dir = os.path.join(RESULTS, "inception")
+
+    def stats(x):
+        u8 = to_uint8(x.float().repeat(1, 3, 1, 1)).numpy()
+        return fid.extract(det, fid.npz_batches(u8, 50), "cpu", every=1e9)["pool"].result()
+
+    ref_cache = os.path.join(CACHE, f"inception_ref{INCEPTION_REF}.npz")
+    if not os.path.exists(ref_cache):
+        mu, sigma = stats(data[2][:INCEPTION_REF])
+        np.savez(ref_cache, mu=mu, sigma=sigma)
+    with np.load(ref_cache) as f:
+        ref = (f["mu"], f["sigma"])
+    jobs = [("floor", None)] + [(run_name(spec(resolutions=res, lr=best_lr(res), seed=seed)), res)
+                                for seed in HEADLINE_SEEDS for res in (K3, K1)]
+    for name, res in jobs:
+        path = os.path.join(out_dir, name + ".json")
+        if os.path.exists(path):
+            continue
+        t0 = time.time()
+        if res is None:
+            x = data[0][:INCEPTION_N]
+            meta = {"what": f"{INCEPTION_N} training digits (the floor)"}
+        else:
+            saved = torch.load(os.path.join(CACHE, "ema", f"claim1__{name}.pt"), weights_only=False)
+            s = saved["spec"]
+            cfg = cdc.CDCConfig(resolutions=tuple(s["resolutions"]), sigma=s["sigma"], gamma=s["gamma"],
+                                interpolant=s["interpolant"])
+            ema = make_model(s, cfg.resolutions)
+            ema.load_state_dict(saved["ema"])
+            x, _, _ = draw(ema.eval(), cfg, s["eval_n"] // 10, s, seed=1234)
+            x = x.view(10, -1, *x.shape[1:])[:, :INCEPTION_N // 10].reshape(-1, *x.shape[1:])  # 10 per digit
+            meta = {"what": "claim-1 final EMA samples", "checkpoint_spec": s}
+        d = fid.frechet_distance(*stats(x), *ref)
+        write_json(path, {"kind": "inception", "fid": d, "n": len(x), "ref_n": INCEPTION_REF,
+                          "ref": f"the first {INCEPTION_REF} held-out digits", "detector_sha1": det.sha1,
+                          "seconds": time.time() - t0, "machine": MACHINE, "torch": torch.__version__, **meta})
+        log(f"{path}: FID {d:.2f} ({time.time() - t0:.0f}s)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -582,10 +636,15 @@ def main(argv=None):
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--dry-run", action="store_true")
     r.add_argument("--seeds", default="0", help="comma-separated seeds of the ablations, claims 2-6 (default 0)")
+    i = sub.add_parser("inception", help="standard Inception FID of the claim-1 models (needs their cached EMA weights)")
+    i.add_argument("--mnist", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
+    i.add_argument("--threads", type=int, default=1)
     sub.add_parser("report", help="markdown tables and figures from bench/results")
     a = p.parse_args(argv)
     if a.cmd == "run":
         cmd_run(a)
+    elif a.cmd == "inception":
+        cmd_inception(a)
     else:
         from bench_report import report  # noqa: E402  (bench/bench_report.py)
         report()
