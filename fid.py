@@ -386,8 +386,8 @@ def load_detector(path=None, device="cpu"):
     """path None: the packaged standard Inception (sha1 checked). Otherwise a TorchScript archive
     (torch.jit.save) or a pickle that unpickles to a callable module, e.g. EDM's / StyleGAN3's Inception
     pickle. Loading a pickle runs code from it: use files you trust. Returns a Detector."""
+    name, sha1 = detector_identity(path)  # the file exists (and, packaged, has the expected sha1)
     if path is None:
-        name, sha1 = detector_identity(None)
         path = packaged_inception_path()
         try:
             with warnings.catch_warnings():
@@ -396,8 +396,6 @@ def load_detector(path=None, device="cpu"):
         except Exception as e:
             raise ConfigError(f"cannot load the packaged Inception {path} ({type(e).__name__}: {e})") from None
         return Detector(InceptionV3(net).eval(), sha1, name).to(device)
-    if not os.path.isfile(path):
-        raise ConfigError(f"--detector {path} does not exist")
     try:
         with open(path, "rb") as f:
             is_archive = f.read(4) == b"PK\x03\x04"  # torch.jit.save writes a zip; a pickle may embed one
@@ -411,7 +409,7 @@ def load_detector(path=None, device="cpu"):
         net = net.eval()
     except Exception as e:
         raise ConfigError(f"cannot load detector {path} ({type(e).__name__}: {e})") from None
-    return Detector(net, file_sha1(path), os.path.basename(path)).to(device)
+    return Detector(net, sha1, name).to(device)
 
 
 @contextlib.contextmanager
