@@ -483,8 +483,9 @@ def test_training_step_rejects_wrong_image_size():
 
 
 @pytest.mark.parametrize("stage_sampling", cdc.STAGE_SAMPLINGS)
-def test_training_step_feeds_every_sample_once_and_labels_only_when_given(stage_sampling):
-    """The model sees the whole batch, each sample once, at its stage's side (the stage counts); without
+def test_training_step_feeds_the_whole_batch_by_stage_and_labels_only_when_given(stage_sampling):
+    """The model sees as many samples as the batch holds, split over the stages' sides as the stage counts
+    say (which sample goes where: test_training_step_equals_alg1_rebuilt_by_hand_per_sample); without
     labels it sees y = None whatever the label dropout."""
     config = cdc.CDCConfig(resolutions=RES)
     for y in (torch.arange(12) % 5, None):

@@ -260,7 +260,7 @@ VARIANT_KEYS = ("resolutions", "gamma", "sigma", "interpolant", "fusion", "reduc
 
 def baseline_runs():
     """The claim-1 CDC runs (K = 3, paper's defaults): the baseline every ablation changes one thing of."""
-    return [r for r in by_method(load("claim1")).get("K = 3 (8, 16, 32)", [])]
+    return by_method(load("claim1")).get("K = 3 (8, 16, 32)", [])
 
 
 def variant(spec, base):
