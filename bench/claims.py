@@ -24,9 +24,11 @@ Floors: the same numbers for as many held-out real digits as there are samples.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from copy import deepcopy
@@ -218,8 +220,9 @@ def save_digits(x, path, nrow=10):
     save_grid(x.float().repeat(1, 3, 1, 1), path, nrow)
 
 
-def train_run(spec, data, ev, out_path, log):
-    """Train one model to spec['budget_pflop'] training FLOPs, evaluating the EMA n_evals times."""
+def build(spec):
+    """The run's CDC config, model (initialised from spec['seed']), EMA, optimiser arguments, optimiser,
+    objective and training FLOPs per sample of each stage."""
     res = tuple(spec["resolutions"])
     cfg = cdc.CDCConfig(resolutions=res, sigma=spec["sigma"], gamma=spec["gamma"], interpolant=spec["interpolant"])
     torch.manual_seed(spec["seed"])
@@ -230,6 +233,12 @@ def train_run(spec, data, ev, out_path, log):
     opt = train.make_optimizer(model, args)
     objective = train.Objective(model, cfg, 0.1, spec["reduction"], spec["stage_sampling"])
     flops_of = [3.0 * model.flops_per_sample(r) for r in res]
+    return res, cfg, model, ema, args, opt, objective, flops_of
+
+
+def train_run(spec, data, ev, out_path, log):
+    """Train one model to spec['budget_pflop'] training FLOPs, evaluating the EMA n_evals times."""
+    res, cfg, model, ema, args, opt, objective, flops_of = build(spec)
     tx, ty = data[0], data[1]
     budget = spec["budget_pflop"] * 1e15
     marks = [budget * (i + 1) / spec["n_evals"] for i in range(spec["n_evals"])]
@@ -276,6 +285,167 @@ def train_run(spec, data, ev, out_path, log):
             "train_seconds": train_s, "stage_count_total": counts_total,
             "params": sum(p.numel() for p in model.parameters()), "evals": evals, "final": evals[-1],
             "machine": MACHINE, "torch": torch.__version__}
+
+
+# ------------------------------------------------------------------------------------------------
+#                     Curves: long, stoppable, exactly resumable training runs
+# ------------------------------------------------------------------------------------------------
+
+CKPT = os.path.join(CACHE, "ckpt")  # resume checkpoints (not committed)
+CKPT_EVERY_S = 180.0  # wall seconds between resume checkpoints (also one at every evaluation)
+
+
+class Interrupted(Exception):
+    """Raised by train_curve(interrupt_at_step=...): a simulated kill, for bench/check_resume.py."""
+
+
+def git_out(*cmd):
+    try:
+        r = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        return r.stdout.strip() if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def code_version():
+    """The code this process runs: HEAD, and the .py files that differ from it (with a sha1 of that diff)."""
+    dirty = git_out("diff", "--name-only", "HEAD", "--", "*.py")
+    diff = git_out("diff", "HEAD", "--", "*.py") or ""
+    return {"commit": git_out("rev-parse", "HEAD"), "dirty_py": dirty.split() if dirty else [],
+            "dirty_diff_sha1": hashlib.sha1(diff.encode()).hexdigest() if dirty else None}
+
+
+PROCESS_CODE = None  # code_version() at the start of this process (set by main; the code in memory)
+
+
+def save_ckpt(path, spec, model, ema, opt, order_gen, perm, pos, st):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save({"spec": spec, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "order_gen": order_gen.get_state(), "perm": perm, "pos": pos, "state": st}, tmp)
+    os.replace(tmp, path)
+
+
+def train_curve(spec, data, ev, out_path, log, max_pflop=None, ckpt_path=None, ckpt_every_s=CKPT_EVERY_S,
+                on_write=None, interrupt_at_step=None, ema_dir=os.path.join(CACHE, "ema")):
+    """Like train_run, with the EMA evaluated at the absolute compute marks spec['eval_pflop'] (PFLOP), and
+    stoppable and exactly resumable:
+
+    - it stops after the last mark <= max_pflop (default: the whole budget) and writes the JSON with
+      "complete": false until the last mark is reached; a later call with a larger max_pflop continues;
+    - every ckpt_every_s wall seconds and at every evaluation it saves model, EMA, optimiser state, data
+      order (the permutation generator's state, the permutation and the position in it), step, FLOPs,
+      stage counts, the loss window, the evaluations so far and the training seconds to ckpt_path; a call
+      that finds ckpt_path continues from it. Every random draw of a step is re-seeded from (seed, step)
+      (train.step_seed) and evaluation draws its own noise, so a resumed run is bit-identical to an
+      uninterrupted one under the same code (bench/check_resume.py checks this);
+    - "code" lists the code version (git HEAD, modified .py files) at the start and at every resume.
+
+    The JSON (and the grid of the latest evaluation's samples beside it) is rewritten at every evaluation;
+    on_write(paths, message, final) is called after each write (final: the call is about to return). A
+    complete run also leaves its final EMA in ema_dir/<set>__<name>.pt, like train_run."""
+    res, cfg, model, ema, args, opt, objective, flops_of = build(spec)
+    tx, ty = data[0], data[1]
+    marks = list(spec["eval_pflop"])
+    stop = spec["budget_pflop"] if max_pflop is None else max_pflop
+    n_target = sum(1 for m in marks if m <= stop * (1 + 1e-9))
+    order_gen = torch.Generator().manual_seed(spec["seed"])
+    perm, pos = torch.randperm(len(tx), generator=order_gen), 0
+    st = dict(step=0, flops=0.0, train_seconds=0.0, loss_sum=0.0, loss_n=0, counts=[0] * len(res), evals=[], code=[])
+    code = PROCESS_CODE or code_version()
+    if ckpt_path and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, weights_only=False)
+        if ck["spec"] != spec:
+            raise SystemExit(f"{ckpt_path} holds another spec: move it away to start afresh")
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        order_gen.set_state(ck["order_gen"])
+        perm, pos, st = ck["perm"], ck["pos"], ck["state"]
+        log(f"  resumed from {os.path.relpath(ckpt_path, ROOT)}: step {st['step']}, {st['flops'] / 1e15:.5f} PFLOP, "
+            f"{len(st['evals'])} evaluations")
+        event = "resume"
+    else:
+        event = "start"
+    st["code"].append({"event": event, "step": st["step"], "pflop": st["flops"] / 1e15,
+                       "time": time.strftime("%Y-%m-%d %H:%M:%S"), **code})
+    name = os.path.splitext(os.path.basename(out_path))[0]
+    png = os.path.join(os.path.dirname(out_path), name + ".png")
+
+    def result(extra=None):
+        r = {"kind": "train", "set_kind": "curve", "spec": spec, "cdc": cfg.to_dict(), "steps": st["step"],
+             "pflop": st["flops"] / 1e15, "train_seconds": st["train_seconds"], "stage_count_total": st["counts"],
+             "params": sum(p.numel() for p in model.parameters()), "complete": len(st["evals"]) >= len(marks),
+             "n_marks": len(marks), "evals": st["evals"], "final": st["evals"][-1] if st["evals"] else None,
+             "code": st["code"], "machine": MACHINE, "torch": torch.__version__}
+        r.update(extra or {})
+        return r
+
+    def ckpt():
+        if ckpt_path:
+            save_ckpt(ckpt_path, spec, model, ema, opt, order_gen, perm, pos, st)
+
+    gen = torch.Generator()
+    model.train()
+    last_ckpt = time.time()
+    while len(st["evals"]) < n_target:
+        if interrupt_at_step is not None and st["step"] == interrupt_at_step:
+            raise Interrupted(st["step"])
+        t0 = time.time()
+        if pos + spec["batch"] > len(tx):
+            perm, pos = torch.randperm(len(tx), generator=order_gen), 0
+        idx = perm[pos:pos + spec["batch"]]
+        pos += spec["batch"]
+        seed = train.step_seed(spec["seed"], 0, st["step"])
+        torch.manual_seed(seed)
+        gen.manual_seed(seed)
+        out, gnorm, ok = train.train_step(objective, model, ema, opt, tx[idx], ty[idx], gen, st["step"], args)
+        if not bool(ok):  # terminal: recorded, never resumed
+            log(f"  non-finite loss or gradient at step {st['step']}: diverged")
+            r = result({"diverged_at_step": st["step"], "complete": True})
+            write_json(out_path, r)
+            if on_write:
+                on_write([out_path], f"{name}: diverged at step {st['step']}", True)
+            return r
+        st["step"] += 1
+        st["flops"] += sum(c * f for c, f in zip(out["stage_count"], flops_of))
+        st["counts"] = [a + b for a, b in zip(st["counts"], out["stage_count"])]
+        st["loss_sum"], st["loss_n"] = st["loss_sum"] + float(out["loss"].detach()), st["loss_n"] + 1
+        st["train_seconds"] += time.time() - t0
+        if st["flops"] >= marks[len(st["evals"])] * 1e15:
+            x, y, sample_s = draw(ema, cfg, spec["eval_n"] // 10, spec, seed=1234)
+            m = ev.metrics(x, y)
+            st["evals"].append({"mark_pflop": marks[len(st["evals"])], "step": st["step"], "pflop": st["flops"] / 1e15,
+                                "train_seconds": st["train_seconds"], "sample_seconds": sample_s,
+                                "loss_recent": st["loss_sum"] / st["loss_n"], **m})
+            log(f"  step {st['step']} {st['flops'] / 1e15:.5f} PFLOP train {st['train_seconds']:.0f}s "
+                f"loss {st['loss_sum'] / st['loss_n']:.4f} cfd {m['cfd']:.2f} acc {m['acc']:.3f} "
+                f"(sampling {sample_s:.1f}s)")
+            st["loss_sum"], st["loss_n"] = 0.0, 0
+            ckpt()
+            last_ckpt = time.time()
+            save_digits(x[::max(1, len(x) // 100)][:100], png)
+            r = result()
+            write_json(out_path, r)
+            done = len(st["evals"]) >= n_target
+            if on_write:
+                on_write([out_path, png], f"{name} to {m_label(r)}", done)
+        elif time.time() - last_ckpt >= ckpt_every_s:
+            ckpt()
+            last_ckpt = time.time()
+    r = result()
+    if r["complete"]:
+        os.makedirs(ema_dir, exist_ok=True)
+        set_name = os.path.basename(os.path.dirname(out_path))
+        torch.save({"ema": ema.state_dict(), "spec": spec}, os.path.join(ema_dir, f"{set_name}__{name}.pt"))
+    if not os.path.exists(out_path) or read_json(out_path)["evals"] != r["evals"]:
+        write_json(out_path, r)  # resumed past the stop already (a smaller max_pflop than before)
+    return r
+
+
+def m_label(r):
+    last = r["evals"][-1]["mark_pflop"] if r["evals"] else 0.0
+    return f"{last:g} PFLOP ({len(r['evals'])}/{r['n_marks']} evals, {'complete' if r['complete'] else 'partial'})"
 
 
 class StageObjective(nn.Module):
@@ -469,9 +639,38 @@ def set_claim7():  # seed 0 of both variants first, then seeds 1 and 2
             for kw in (dict(reduction="sum"), dict(stage_sampling="iid"))]
 
 
+def curve_marks():
+    """The evaluation marks of the curves (PFLOP, 21 points, log-spaced): 0.001 * 2^(i/2) up to 0.008,
+    2^(1/4) apart from 0.008 to 0.064 (where single-stage flow matching learns), 2^(1/2) apart to 0.128."""
+    m = [0.001 * 2 ** (i / 2) for i in range(7)]
+    m += [0.008 * 2 ** (j / 4) for j in range(1, 13)]
+    m += [0.064 * 2 ** (j / 2) for j in range(1, 3)]
+    return [float(f"{v:.6g}") for v in m]
+
+
+CURVE_BUDGET = 0.128
+
+
+def set_curves():
+    """Claim 1's pair (K = 1 and K = 3 at their grid learning rates, the same network, batch and optimiser)
+    trained to CURVE_BUDGET, evaluated (200 samples) at curve_marks(); K = 1 before K = 3, seed by seed."""
+    marks = curve_marks()
+    out = []
+    for seed in HEADLINE_SEEDS:
+        for res in (K1, K3):
+            lr = best_lr(res)
+            if lr is None:
+                raise SystemExit("curves needs the lr grid first: python bench/claims.py run lrgrid")
+            out.append(spec(resolutions=res, lr=lr, seed=seed, budget_pflop=CURVE_BUDGET, n_evals=len(marks),
+                            eval_pflop=marks))
+    return out
+
+
+CURVE_SETS = ("curves",)  # trained with train_curve (stoppable at --max-pflop, resumable)
+
 SETS = {"lrgrid": set_lrgrid, "claim1": set_claim1, "claim2": set_claim2, "claim3": set_claim3,
         "claim4": set_claim4, "claim5": set_claim5, "claim6": set_claim6,
-        "claim7": set_claim7}
+        "claim7": set_claim7, "curves": set_curves}
 # sampling-only sets on the claim-1 checkpoints (no training)
 SAMPLING_SETS = ("claim8", "claim9")
 
@@ -555,6 +754,9 @@ def cmd_run(a):
             continue
         for s in SETS[name]():
             path = os.path.join(RESULTS, name, run_name(s) + ".json")
+            if name in CURVE_SETS:
+                run_curve(name, s, path, data, ev, log, a)
+                continue
             if os.path.exists(path):
                 log(f"done already: {path}")
                 continue
@@ -570,6 +772,65 @@ def cmd_run(a):
         for seeds in ((HEADLINE_SEEDS[0],), HEADLINE_SEEDS):
             for name in sweeps:
                 sampling_sweep(name, data, ev, log, seeds)
+
+
+def git_commit(paths, message, log, tries=40):
+    """git add + git commit of exactly these paths (never anything else), retried while another git
+    process holds the index lock."""
+    rel = [os.path.relpath(p, ROOT) for p in paths if os.path.exists(p)]
+    lock = git_out("rev-parse", "--git-path", "index.lock")
+    lock = os.path.join(ROOT, lock) if lock else None
+    err = "the index stayed locked"
+    for _ in range(tries):
+        if lock and os.path.exists(lock):
+            time.sleep(3)
+            continue
+        add = subprocess.run(["git", "add", "--", *rel], cwd=ROOT, capture_output=True, text=True)
+        if add.returncode != 0:
+            err = add.stderr
+            time.sleep(3)
+            continue
+        if subprocess.run(["git", "diff", "--cached", "--quiet", "HEAD", "--", *rel], cwd=ROOT).returncode == 0:
+            return True  # nothing new in these files
+        com = subprocess.run(["git", "commit", "-q", "-m", message, "--", *rel], cwd=ROOT, capture_output=True,
+                             text=True)
+        if com.returncode == 0:
+            log(f"  committed {' '.join(rel)}")
+            return True
+        err = com.stderr or com.stdout
+        time.sleep(3)
+    log(f"  could not commit {' '.join(rel)} (left in the working tree): {err.strip()[:300]}")
+    return False
+
+
+COMMIT_EVERY_S = 900.0  # --commit: a run's partial JSON at most every 15 min, and always when it stops
+
+
+def run_curve(name, s, path, data, ev, log, a):
+    """One run of a curve set, up to the last mark <= --max-pflop; skipped when its JSON is there already."""
+    stop = s["budget_pflop"] if a.max_pflop is None else a.max_pflop
+    n_target = sum(1 for m in s["eval_pflop"] if m <= stop * (1 + 1e-9))
+    ckpt_path = os.path.join(CKPT, f"{name}__{run_name(s)}.pt")
+    if os.path.exists(path):
+        r = read_json(path)
+        if r.get("complete") or len(r["evals"]) >= n_target:
+            log(f"done already to {m_label(r)}: {path}")
+            return
+        if not os.path.exists(ckpt_path):
+            log(f"  {path} is partial but {ckpt_path} is missing: the run starts again from step 0")
+    if a.dry_run:
+        log(f"to run (to the mark {s['eval_pflop'][n_target - 1]:g} PFLOP): {path}")
+        return
+    last = [0.0]
+
+    def on_write(paths, message, final):
+        if a.commit and (final or time.time() - last[0] >= COMMIT_EVERY_S):
+            git_commit(paths, f"bench: curves {message}", log)
+            last[0] = time.time()
+
+    log(f"run {path} (to {stop:g} PFLOP)")
+    r = train_curve(s, data, ev, path, log, max_pflop=a.max_pflop, ckpt_path=ckpt_path, on_write=on_write)
+    log(f"wrote {path}: {m_label(r)}")
 
 
 INCEPTION_N, INCEPTION_REF = 100, 500
@@ -636,11 +897,17 @@ def main(argv=None):
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--dry-run", action="store_true")
     r.add_argument("--seeds", default="0", help="comma-separated seeds of the ablations, claims 2-6 (default 0)")
+    r.add_argument("--max-pflop", type=float, default=None,
+                   help="curves: stop each run after its last evaluation mark <= this (a later call continues)")
+    r.add_argument("--commit", action="store_true",
+                   help="curves: git-commit each run's JSON and sample grid (only those files) as they are written")
     i = sub.add_parser("inception", help="standard Inception FID of the claim-1 models (needs their cached EMA weights)")
     i.add_argument("--mnist", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
     i.add_argument("--threads", type=int, default=1)
     sub.add_parser("report", help="markdown tables and figures from bench/results")
     a = p.parse_args(argv)
+    global PROCESS_CODE
+    PROCESS_CODE = code_version()
     if a.cmd == "run":
         cmd_run(a)
     elif a.cmd == "inception":
