@@ -509,8 +509,9 @@ def _to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def drop_labels(y: torch.Tensor, p: float, null_class: int, generator=None) -> torch.Tensor:
-    """eq. 74: replace each label by the null class with probability p (coins drawn on the CPU)."""
-    drop = torch.rand(y.shape, generator=generator) < p
+    """eq. 74: replace each label by the null class with probability p. The coins come from `generator`
+    (drawn on its device) or, without one, from the global RNG of y's device (no host copy)."""
+    drop = torch.rand(y.shape, generator=generator, device=y.device if generator is None else generator.device) < p
     return torch.where(_to_device(drop, y.device), torch.full_like(y, null_class), y)
 
 
@@ -538,8 +539,10 @@ def stage_quotas(cdc: CDCConfig, batch: int, step: Optional[int] = None, generat
     (P = the smallest period with every F_k P an integer, at most K for equal windows): over any P consecutive
     steps stage k gets exactly P f_k extras, so the long-run mix is exactly B w_k, and every rank, which
     passes the same step, has the same counts. step=None draws theta ~ U[0, 1) from `generator`
-    instead: E[count_k] = B w_k at every step (randomised systematic sampling)."""
-    base, frac, starts, period = _quota_wheel(tuple(cdc.widths().tolist()), int(batch))
+    instead: E[count_k] = B w_k at every step (randomised systematic sampling). Pure Python on the host:
+    no tensor is read, so the step never waits for the device."""
+    widths = cdc.windows or (1.0 / cdc.K,) * cdc.K
+    base, frac, starts, period = _quota_wheel(tuple(widths), int(batch))
     if sum(base) == batch:
         return list(base)
     if step is None:
@@ -552,6 +555,14 @@ def stage_quotas(cdc: CDCConfig, batch: int, step: Optional[int] = None, generat
     if sum(counts) != batch:  # cannot happen for valid windows; never train on a wrong mix silently
         raise RuntimeError(f"stage quotas {counts} do not add up to the batch {batch}")
     return counts
+
+
+def stage_loss(model: nn.Module, x1: torch.Tensor, y: Optional[torch.Tensor], tau: torch.Tensor, stage: int,
+               cdc: CDCConfig, reduction: str = "mean") -> torch.Tensor:
+    """Per-sample loss of one stage (Alg. 1 lines 6-18) for images x1 = x1^(k) at the stage's side."""
+    x0 = coupling_source(x1, stage, cdc)                        # lines 6-12 (eq. 8, 9)
+    I, I_dot = cdc.interpolate(x0, x1, tau)                     # lines 13-14
+    return velocity_loss(model(I, tau, y), I_dot, reduction)    # lines 16-18
 
 
 def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], cdc: CDCConfig,
@@ -572,11 +583,13 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
         (1/B) sum_k w_k (E[l | k] - E[l])^2 of the i.i.d. variance and keeps the within-stage one.
         Every rank (same step) carries the same stage mix, and shapes repeat: see the README on load
         balance and compilation.
-    Samples are grouped by stage and the model runs once per non-empty stage (stages differ in token
-    count). t and the label-dropout coins come from `generator` (a CPU generator, or None for the global
-    CPU RNG), so the grouping is known on the host and the step needs no device sync; zeta comes from the
-    global RNG of x's device. Pass the bare (or compiled) model: it reads model.null_class. For DDP, wrap
-    a module that calls this function.
+    Samples are grouped by stage (stratified: the first n_1 samples go to stage 1, and so on; the data
+    are already in random order) and the model runs once per non-empty stage (stages differ in token
+    count). Random numbers: under 'iid', t comes from `generator` (a CPU generator, or None for the
+    global CPU RNG) so that the grouping is known on the host; the quota pointer of step=None too.
+    Everything else (stratified tau, label-dropout coins, zeta) comes from the global RNG of x's device:
+    the default step copies nothing from the host and never waits for the device. Pass the bare (or
+    compiled) model: it reads model.null_class. For DDP, wrap a module that calls this function.
 
     Returns {'loss': batch mean of per-sample losses (scalar, differentiable),
              'stage_loss': (K,) mean loss per stage (detached, NaN where a stage got no sample),
@@ -599,27 +612,27 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
         order = _to_device(torch.argsort(stage, stable=True), device)  # samples sorted by stage
         xs, tau = x[order], _to_device(tau[order], device)
         y = None if y is None else y[order]
-    else:                                                       # the data are already in random order
+    else:
         counts = stage_quotas(cdc, B, step, generator)
-        xs, tau = x, _to_device(torch.rand(B, generator=generator), device)
+        xs, tau = x, torch.rand(B, device=device)
     if y is not None and class_dropout > 0:
-        y = drop_labels(y, class_dropout, model.null_class, generator)  # Alg. 3 line 15
+        y = drop_labels(y, class_dropout, model.null_class)     # Alg. 3 line 15
+    starts = [sum(counts[:s]) for s in range(K)]
     total = torch.zeros((), device=device)
-    stage_loss = torch.full((K,), float("nan"), device=device)
-    start = 0
-    for s, n in enumerate(counts):
-        if n == 0:
+    per_stage = torch.full((K,), float("nan"), device=device)
+    # Largest stage first. Autograd runs the graph built last first, and a parameter's gradient (hence
+    # its DDP bucket) is ready only after its last contribution. Built last, the smallest stage (~1% of
+    # the FLOPs) would hold every bucket back until the backward is over, leaving the whole all-reduce
+    # exposed; built first, the largest stage's backward runs last and buckets launch while it computes.
+    for s in reversed(range(K)):
+        if counts[s] == 0:
             continue
-        part = slice(start, start + n)
-        start += n
+        part = slice(starts[s], starts[s] + counts[s])
         x1 = down(xs[part], cdc.levels_below_top(s))            # x1^(k) = D_{K->k}(x^(K)), line 5
-        x0 = coupling_source(x1, s, cdc)                        # lines 6-12 (eq. 8, 9)
-        I, I_dot = cdc.interpolate(x0, x1, tau[part])           # lines 13-14
-        b = model(I, tau[part], None if y is None else y[part]) # lines 16-17
-        per_sample = velocity_loss(b, I_dot, reduction)         # line 18
+        per_sample = stage_loss(model, x1, None if y is None else y[part], tau[part], s, cdc, reduction)
         total = total + per_sample.sum()
-        stage_loss[s] = per_sample.detach().mean()
-    return {"loss": total / B, "stage_loss": stage_loss, "stage_count": counts}
+        per_stage[s] = per_sample.detach().mean()
+    return {"loss": total / B, "stage_loss": per_stage, "stage_count": counts}
 
 
 # ------------------------------------------------------------------------------------------------
