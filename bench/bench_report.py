@@ -7,6 +7,7 @@ names the machine its runs were measured on and the command that made it.
 
 import glob
 import json
+import math
 import os
 from collections import defaultdict
 
@@ -347,11 +348,201 @@ def fig_claim3(g, base, plt):
     return save_figure(fig, plt, "claim3_gamma_sigma.png")
 
 
-def report():
+# ------------------------------------------------------------------------------------------------
+#                         Curves: quality against compute, compute ratios
+# ------------------------------------------------------------------------------------------------
+
+K1_NAME, K3_NAME = "K = 1 (32)", "K = 3 (8, 16, 32)"
+
+
+def curve_runs():
+    """{method: [runs]} of bench/results/curves (partial runs included), seeds in order."""
+    g = defaultdict(list)
+    for r in load("curves"):
+        if r.get("kind") == "train":
+            g[method(r["spec"])].append(r)
+    for runs in g.values():
+        runs.sort(key=lambda r: r["spec"]["seed"])
+    return g
+
+
+def floor32():
+    """(cfd, acc, n) of n held-out real digits at 32 px (mean of 3 draws) under the classifier the curves are
+    scored with: results/curves_floor.json (results/floor.json belongs to the classifier of claims 1-9)."""
+    with open(os.path.join(RESULTS, "curves_floor.json")) as f:
+        fl = json.load(f)
+    return (float(np.mean([v["cfd"] for v in fl["per_side"]["32"]])),
+            float(np.mean([v["acc"] for v in fl["per_side"]["32"]])), fl["n"])
+
+
+def curve_series(runs, key):
+    """Per mark index: (mean PFLOP, mean, sd or nan, n seeds), over the runs that reached that mark."""
+    out = []
+    for i in range(max((len(r["evals"]) for r in runs), default=0)):
+        ev = [r["evals"][i] for r in runs if len(r["evals"]) > i]
+        v = [e[key] for e in ev]
+        out.append((float(np.mean([e["pflop"] for e in ev])), float(np.mean(v)),
+                    float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), len(v)))
+    return out
+
+
+def compute_to_reach(evals, key, level, lower_better):
+    """PFLOP at which the metric first reaches `level`: ('at', p) interpolated between the two measured
+    points around the first crossing (log PFLOP against acc, log PFLOP against log cfd); ('le', p) when the
+    first point already reaches it (no extrapolation below it); ('nr', p_max) when no measured point does."""
+    pts = [(e["pflop"], e[key]) for e in evals]
+    if not pts:
+        return ("nr", 0.0)
+    f = (lambda v: math.log(v)) if key == "cfd" else (lambda v: v)
+    hit = (lambda v: v <= level) if lower_better else (lambda v: v >= level)
+    for i, (p, v) in enumerate(pts):
+        if hit(v):
+            if i == 0:
+                return ("le", p)
+            (p0, v0) = pts[i - 1]
+            t = (f(level) - f(v0)) / (f(v) - f(v0))
+            return ("at", math.exp(math.log(p0) + t * (math.log(p) - math.log(p0))))
+    return ("nr", pts[-1][0])
+
+
+def cell(c):
+    kind, p = c
+    return {"at": f"{p:.4f}", "le": f"≤ {p:.4f}", "nr": f"not reached by {p:.4f}"}[kind]
+
+
+def ratio_cell(a, b):
+    """K = 1 / K = 3 from two compute_to_reach results: a number, a bound, or '-' (with the reason)."""
+    (ka, pa), (kb, pb) = a, b
+    if ka == "nr" and kb == "nr":
+        return "-", None
+    if ka == "nr":  # K = 1 needs more than it was run for
+        lo = pa / pb
+        return (f"> {lo:.2f}" if kb == "at" else f"> {lo:.2f} (K = 3 at first point)"), None
+    if kb == "nr":
+        return f"< {pa / pb:.2f}", None
+    if kb == "le" and ka == "at":
+        return f"≥ {pa / pb:.2f}", None
+    if kb == "le" or ka == "le":
+        return "- (both at or below the first point)", None
+    return f"{pa / pb:.2f}", pa / pb
+
+
+def curve_levels():
+    f, _, n = floor32()
+    return [("acc", 0.9, False, "acc ≥ 0.9"), ("acc", 0.95, False, "acc ≥ 0.95"),
+            ("cfd", 4 * f, True, f"cfd ≤ 4 × floor ({4 * f:.1f})"), ("cfd", 2 * f, True, f"cfd ≤ 2 × floor ({2 * f:.1f})")]
+
+
+def table_curves(g):
+    """Compute each method needs to reach fixed quality levels, per seed, and the ratio K = 1 / K = 3."""
+    if not g:
+        return ""
+    lines = []
+    fcfd, facc, n = floor32()
+    a, b = g.get(K1_NAME, []), g.get(K3_NAME, [])
+    for m, runs in ((K1_NAME, a), (K3_NAME, b)):
+        if runs:
+            lines.append(f"- {m}: {len(runs)} seed{'s' * (len(runs) > 1)} "
+                         f"({', '.join(str(r['spec']['seed']) for r in runs)}), measured to "
+                         + ", ".join(f"{r['evals'][-1]['pflop']:.4f}" if r["evals"] else "0" for r in runs)
+                         + f" PFLOP (of {runs[0]['spec']['budget_pflop']:g})")
+    lines += ["", "PFLOP needed to reach each level (per run):", ""]
+    lines.append("| method | seed | evals | PFLOP reached | " + " | ".join(l[3] for l in curve_levels()) + " |")
+    lines.append("|---|---|---|---|" + "---|" * len(curve_levels()))
+    for m, runs in ((K1_NAME, a), (K3_NAME, b)):
+        for r in runs:
+            cells = [cell(compute_to_reach(r["evals"], k, lv, lb)) for k, lv, lb, _ in curve_levels()]
+            last = r["evals"][-1]["pflop"] if r["evals"] else 0.0
+            lines.append(f"| {m} | {r['spec']['seed']} | {len(r['evals'])}/{r['n_marks']}"
+                         f"{' (complete)' if r.get('complete') else ''} | {last:.4f} | " + " | ".join(cells) + " |")
+    seeds = sorted(set(r["spec"]["seed"] for r in a) & set(r["spec"]["seed"] for r in b))
+    if seeds:
+        lines += ["", "Compute ratio K = 1 / K = 3 (how many times the training FLOPs single-stage flow matching "
+                  "needs to reach the level CDC reaches), per seed; mean ± sd over the seeds where both reached it:",
+                  "", "| level | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
+                  "|---|" + "---|" * (len(seeds) + 1)]
+        by_seed = {(method(r["spec"]), r["spec"]["seed"]): r for r in a + b}
+        for k, lv, lb, label in curve_levels():
+            cells, vals = [], []
+            for s in seeds:
+                c, v = ratio_cell(compute_to_reach(by_seed[(K1_NAME, s)]["evals"], k, lv, lb),
+                                  compute_to_reach(by_seed[(K3_NAME, s)]["evals"], k, lv, lb))
+                cells.append(c)
+                if v is not None:
+                    vals.append(v)
+            summary = (f"{fmt(vals, 2)} ({len(vals)} seed{'s' * (len(vals) != 1)})" if vals else "-")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {summary} |")
+    lines += ["", f"Floor: {n} held-out real digits, cfd {fcfd:.1f}, acc {facc:.3f} (mean of 3 draws). PFLOP at a "
+              "level: first crossing, interpolated between the two measured points around it (log PFLOP "
+              "against acc; log PFLOP against log cfd); '≤' when the first point (0.001 PFLOP) already reaches "
+              "it; 'not reached' when no measured point does (never extrapolated)."]
+    return "\n".join(lines)
+
+
+def fig_curves(g, plt):
+    if not g:
+        return None
+    fcfd, facc, n = floor32()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m in (K1_NAME, K3_NAME):
+        runs = g.get(m, [])
+        if not runs:
+            continue
+        seeds = ", ".join(str(r["spec"]["seed"]) for r in runs)
+        common = min(len(r["evals"]) for r in runs)  # marks every seed has reached: mean (± sd band)
+        for ax, key in zip(axes, ("cfd", "acc")):
+            s = curve_series(runs, key)[:common]
+            x, mean, sd = (np.array([p[i] for p in s]) for i in range(3))
+            line, = ax.plot(x, mean, marker="o", ms=3,
+                            label=f"{m}, lr {runs[0]['spec']['lr']:g}, "
+                                  + (f"mean of seeds {seeds}" if len(runs) > 1 else f"seed {seeds}"))
+            if len(runs) > 1:
+                ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
+            for r in runs:  # seeds that ran further than the others: their own points, thin
+                if len(r["evals"]) > common:
+                    tail = r["evals"][max(common - 1, 0):]
+                    ax.plot([e["pflop"] for e in tail], [e[key] for e in tail], ls="--", lw=0.8, marker=".",
+                            color=line.get_color(), label=f"{m}, seed {r['spec']['seed']} alone")
+    axes[0].axhline(fcfd, color="grey", ls="--", label=f"held-out real digits (n = {n}): {fcfd:.1f}")
+    for k, style in ((2, ":"), (4, "-.")):
+        axes[0].axhline(k * fcfd, color="grey", ls=style, lw=0.8, label=f"{k} × floor")
+    axes[1].axhline(facc, color="grey", ls="--", label="held-out real digits")
+    for lv in (0.9, 0.95):
+        axes[1].axhline(lv, color="grey", ls=":", lw=0.8)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("classifier Fréchet distance (lower is better)")
+    axes[1].set_ylabel("conditional accuracy")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("training compute (PFLOP)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    nseeds = "; ".join(f"{m}: {len(r)}" for m, r in sorted(g.items()))
+    fig.suptitle("Curves: MNIST 32 px, DiT width 192 depth 4 patch 4, batch 32, equal training FLOPs; EMA, S_cfg 3, "
+                 f"Euler 8 steps/stage, 200 samples per point; bands: ± sd over seeds (seeds {nseeds})\n"
+                 f"2-core CPU, 1 thread, no GPU; {CMD} curves", fontsize=8)
+    return save_figure(fig, plt, "curves_compute.png")
+
+
+def report_curves(plt):
+    g = curve_runs()
+    if not g:
+        print("\n## curves\n\n(no results yet)")
+        return
+    print("\n## curves: quality against training compute, and the compute to reach fixed quality\n")
+    print(table_curves(g))
+    print("\nfigure:", fig_curves(g, plt))
+
+
+def report(sections=None):
+    """Every table and figure; sections=("curves",) only the curves' table and figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(FIGURES, exist_ok=True)
+    if sections and set(sections) == {"curves"}:
+        report_curves(plt)
+        return
     fl = floor()
     with open(os.path.join(RESULTS, "classifier.json")) as f:
         clf = json.load(f)
@@ -390,3 +581,4 @@ def report():
         f3 = fig_claim3(ga, base, plt)
         if f3:
             print("\nfigure:", f3)
+    report_curves(plt)
