@@ -434,12 +434,12 @@ class DiT(nn.Module):
             raise ValueError(f"input {tuple(x.shape[1:])} does not match the model: expected "
                              f"({self.config.in_channels}, r, r) with r in {self.config.resolutions}")
         r_k = H // self.config.patch_size
-        # Under bf16 autocast the patch embedding is bf16 and this fp32 table promotes h: the residual
-        # stream stays fp32 (as in DiT). Kept on purpose: every matmul still runs in bf16 (autocast casts
-        # its inputs), and only the adds, LayerNorms and modulations of the stream run in fp32, so 28
-        # blocks of residual updates do not accumulate in bf16's 8-bit mantissa. The price is activation
-        # memory and bandwidth of those elementwise ops (not measured on a GPU here).
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + getattr(self, f"pos_embed_{H}")
+        # The residual stream is fp32 on purpose, cast explicitly (under bf16 autocast the patch embedding
+        # comes out bf16): every matmul still runs in bf16 (autocast casts its inputs), and only the adds,
+        # LayerNorms and modulations of the stream run in fp32, so 28 blocks of residual updates do not
+        # accumulate in bf16's 8-bit mantissa (as in DiT, where the fp32 position table promotes it
+        # implicitly). The price: fp32 activations for those elementwise ops (bench/gpu_check.sh).
+        h = self.x_embedder(x).flatten(2).transpose(1, 2).float() + getattr(self, f"pos_embed_{H}")
         gamma_t = self.t_embedder(tau)                     # eq. 39
         e_k = self.r_embedder(x.new_full((1,), r_k))       # eq. 40, shared by the batch
         c = self.fusion(gamma_t, e_k)                      # eqs. 41-44

@@ -2,8 +2,8 @@
 Data for CDC-FM: the data sets (ImageFolder, .npz, built-in shapes), Table 7's transforms, the data
 order of a (resumable, distributed) run, and images back to PNG (sample grids, Fig. 9 stage sheets).
 
-Every item is (float32 (3, H, W) in [-1, 1], int label); every data set has .num_classes and
-.num_skipped. Problems with the data raise DataError, which the scripts print as one line.
+Every item is (uint8 (3, H, W), int label), mapped to [-1, 1] by `normalize` on the device; every data
+set has .num_classes and .num_skipped. Problems with the data raise DataError, which the scripts print as one line.
 """
 
 import math
@@ -41,9 +41,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    """uint8 RGB image -> float32 (3, H, W) in [-1, 1] (Table 7: normalise with mean = std = 0.5)."""
+    """uint8 RGB image -> uint8 (3, H, W). Items stay uint8 through the loader workers, pinned memory
+    and the bus (4x fewer bytes than float32); `normalize` maps them to [-1, 1] on the device."""
     a = np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], 3)
-    return torch.from_numpy(a.astype(np.float32)).permute(2, 0, 1).div_(127.5).sub_(1.0)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [-1, 1] (Table 7: normalise with mean = std = 0.5)."""
+    return x.float().div_(127.5).sub_(1.0)
 
 
 def random_crop_arr(img: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
@@ -276,7 +282,7 @@ class ProceduralShapes(torch.utils.data.Dataset):
 
 def build_dataset(data_path, image_size, *, train=True, center_crop=False, seed=0, **kw):
     """data_path None -> ProceduralShapes (kw: size, num_classes); a directory -> ImageFolder-style;
-    a .npz -> arr_0 uint8 NHWC (+ optional labels). Items are (float32 (3, H, W) in [-1, 1], int label);
+    a .npz -> arr_0 uint8 NHWC (+ optional labels). Items are (uint8 (3, H, W), int label);
     every dataset has .num_classes and .num_skipped. Raises DataError with a readable message."""
     if data_path is None:
         return ProceduralShapes(image_size=image_size, seed=seed, **kw)
@@ -328,7 +334,7 @@ class DataOrder(torch.utils.data.Sampler):
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C): the inverse of to_tensor, as PNG and .npz store it."""
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C): the inverse of normalize, as PNG and .npz store it."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 

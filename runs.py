@@ -69,6 +69,54 @@ def peak_memory_gb(device):
 
 
 # ------------------------------------------------------------------------------------------------
+#                                   Attention kernels (SDPA)
+# ------------------------------------------------------------------------------------------------
+
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+_SDPA_OPS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_flash_attention_for_cpu": "flash (cpu)",
+             "_scaled_dot_product_efficient_attention": "efficient", "_scaled_dot_product_cudnn_attention": "cudnn"}
+
+
+def set_attention_backend(name):
+    """Allow exactly one SDPA kernel for the whole process ('auto': all, PyTorch picks). XL's head dim
+    is 72: FlashAttention-2 has kernels for 32, 64, 96, 128 ..., so it pads to 96 and a quarter of its
+    attention work is padding; cuDNN and the memory-efficient kernel may not. bench/gpu_check.sh
+    measures them. The flags are global (they also govern the CPU's kernels)."""
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    on = {b: name in ("auto", b) for b in ATTENTION_BACKENDS[1:]}
+    torch.backends.cuda.enable_flash_sdp(on["flash"])
+    torch.backends.cuda.enable_cudnn_sdp(on["cudnn"])
+    torch.backends.cuda.enable_mem_efficient_sdp(on["efficient"])
+    torch.backends.cuda.enable_math_sdp(on["math"])
+
+
+def attention_kernel(model, device, precision):
+    """Which SDPA kernel runs for this model's heads on this device and precision: one small attention
+    call, its fused kernel op seen by a dispatch mode ('math' when none ran: the math path decomposes
+    into matmuls). A backend that cannot run here is a ConfigError."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    cfg = model.config
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    q = torch.zeros(1, cfg.heads, (min(cfg.resolutions) // cfg.patch_size) ** 2, cfg.width // cfg.heads, device=device, dtype=dtype)
+    try:
+        with Seen() as seen:
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as e:
+        raise ConfigError(f"the chosen --attention-backend cannot run here (head dim {q.shape[-1]}, {dtype}, "
+                          f"{device.type}): {str(e).splitlines()[0]}") from None
+    return next((_SDPA_OPS[op] for op in seen.ops if op in _SDPA_OPS), "math")
+
+
+# ------------------------------------------------------------------------------------------------
 #                                          Checkpoints
 # ------------------------------------------------------------------------------------------------
 

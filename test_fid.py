@@ -164,7 +164,7 @@ def test_missing_package_message(monkeypatch):
 
 def shapes(n, seed, size=32):
     ds = data.ProceduralShapes(size=10_000, image_size=size, num_classes=4, seed=seed)
-    return np.stack([data.to_uint8(ds[i][0][None])[0].numpy() for i in range(n)])
+    return np.stack([ds[i][0].permute(1, 2, 0).numpy() for i in range(n)])
 
 
 def add_noise(x, std, seed=0):

@@ -86,8 +86,10 @@ def load(path):
 def test_procedural_shapes_deterministic_and_in_range():
     ds = data.ProceduralShapes(size=20, image_size=24, num_classes=5, seed=3)
     x, y = ds[7]
-    assert x.shape == (3, 24, 24) and x.dtype == torch.float32
-    assert -1 <= x.min() and x.max() <= 1 and x.std() > 0.05  # not a blank image
+    assert x.shape == (3, 24, 24) and x.dtype == torch.uint8  # uint8 through the loader, normalised on the device
+    v = data.normalize(x)
+    assert v.dtype == torch.float32 and -1 <= v.min() and v.max() <= 1 and v.std() > 0.05  # not a blank image
+    torch.testing.assert_close(v, x.double().mul(2 / 255).sub(1).float())
     assert 0 <= y < 5 and isinstance(y, int)
     x2, y2 = data.ProceduralShapes(size=20, image_size=24, num_classes=5, seed=3)[7]
     assert torch.equal(x, x2) and y == y2
@@ -115,7 +117,7 @@ def test_image_folder_labels_modes_and_skips(tmp_path):
     ds = data.build_dataset(str(tmp_path / "data"), 16)
     assert len(ds) == 16 and ds.num_classes == 2
     items = [ds[i] for i in range(len(ds))]
-    assert all(x.shape == (3, 16, 16) and -1 <= x.min() and x.max() <= 1 for x, _ in items)
+    assert all(x.shape == (3, 16, 16) and x.dtype == torch.uint8 for x, _ in items)
     assert [y for _, y in items] == [0] * 8 + [1] * 8  # labels from the sorted class names
     assert ds.num_skipped == 2  # the truncated png and the junk jpg, each replaced by a readable image
 
@@ -129,7 +131,7 @@ def test_npz_dataset_and_errors(tmp_path):
     np.savez(tmp_path / "e.npz", arr_0=imgs[:, :16, :16])
     ev = data.build_dataset(str(tmp_path / "e.npz"), 16, train=False)
     assert ev.num_classes == 0
-    assert torch.equal(((ev[0][0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0), torch.from_numpy(imgs[0, :16, :16]))
+    assert torch.equal(ev[0][0].permute(1, 2, 0), torch.from_numpy(imgs[0, :16, :16]))
     (tmp_path / "bad.npz").write_bytes(b"garbage")
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
     for bad in ("missing", "bad.npz", "float.npz"):
@@ -202,13 +204,13 @@ def test_train_transform_crops_uniformly_and_flips_half_the_time(tmp_path):
     pic = np.random.default_rng(2).integers(0, 256, (18, 22, 3), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", arr_0=np.stack([pic] * 300))
     ds = data.build_dataset(str(tmp_path / "d.npz"), 16, seed=1)
-    hits = [crop_positions(((ds[i][0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy(), pic, 16)
+    hits = [crop_positions(ds[i][0].permute(1, 2, 0).numpy(), pic, 16)
             for i in range(300)]
     assert {(x, y) for x, y, _ in hits} == {(x, y) for x in range(7) for y in range(3)}
     flips = sum(f for _, _, f in hits)
     assert abs(flips - 150) < 4 * math.sqrt(300 / 4), flips          # Binomial(300, 1/2), 4 sd
     ev = data.build_dataset(str(tmp_path / "d.npz"), 16, train=False)  # evaluation: the resized centre
-    assert crop_positions(((ev[0][0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy(),
+    assert crop_positions(ev[0][0].permute(1, 2, 0).numpy(),
                           np.asarray(Image.fromarray(pic).resize((20, 16), Image.LANCZOS)), 16) == (2, 0, False)
 
 

@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import time
+from contextlib import nullcontext
 from copy import deepcopy
 
 import numpy as np
@@ -25,9 +26,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import cdc
-from runs import (ConfigError, Logger, check_compatible, die, find_resume, find_runs, list_checkpoints,
-                  peak_memory_gb, save_checkpoint, setup_distributed)
-from data import DataError, DataOrder, build_dataset, save_grid, save_stage_sheet
+from runs import (ConfigError, Logger, attention_kernel, check_compatible, die, find_resume, find_runs,
+                  list_checkpoints, load_checkpoint, peak_memory_gb, save_checkpoint, set_attention_backend,
+                  setup_distributed)
+from runs import ATTENTION_BACKENDS
+from data import DataError, DataOrder, build_dataset, normalize, save_grid, save_stage_sheet
 
 # ------------------------------------------------------------------------------------------------
 #                                  Training step, EMA, seeding
@@ -56,8 +59,12 @@ def make_optimizer(model, args):
 @torch.no_grad()
 def update_ema(ema, model, decay, apply=None):
     """ema = decay * ema + (1 - decay) * param; where the 0-dim bool tensor `apply` is False, unchanged."""
-    w = 1.0 - decay if apply is None else (1.0 - decay) * apply.float()
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), w)
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    if apply is None:
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    else:  # a 0-dim tensor weight would take the Scalar overload, which reads it on the host (a sync per
+        w = (1.0 - decay) * apply.float()  # step); one weight tensor per parameter stays on the device
+        torch._foreach_lerp_(ema_params, params, [w] * len(ema_params))
 
 
 def ema_decay_at(step, decay, warmup):
@@ -68,15 +75,46 @@ def ema_decay_at(step, decay, warmup):
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
+def stage_sums(out):
+    """(K,) per-stage loss sums of one training_losses result (0 where a stage got no sample). Python
+    ints times device scalars: nothing is copied from the host."""
+    sl = out["stage_loss"]
+    return torch.stack([sl[s] * n if n else sl.new_zeros(()) for s, n in enumerate(out["stage_count"])])
+
+
+def merge_micro_batches(outs):
+    """One result for the whole step from equal-sized micro-batches: mean loss, per-stage means, counts."""
+    if len(outs) == 1:
+        return outs[0]
+    counts = [sum(c) for c in zip(*(o["stage_count"] for o in outs))]
+    sums = torch.stack([stage_sums(o) for o in outs]).sum(0)
+    stage_loss = torch.stack([sums[s] / n if n else sums[s] * float("nan") for s, n in enumerate(counts)])
+    return {"loss": torch.stack([o["loss"].detach() for o in outs]).mean(), "stage_loss": stage_loss,
+            "stage_count": counts}
+
+
 def train_step(objective, model, ema, opt, x, y, gen, step, args):
-    """One update. Returns (losses, grad norm, ok). ok (a device bool) is False when the loss or the
-    gradient norm is not finite; then the weights, the optimiser state and the EMA do not move: fused
-    AdamW skips the update on the device when found_inf = 1 (as under GradScaler), so no step waits for
-    the host. The loop stops at its next check, before anything is saved."""
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-        out = objective(x, y, gen, step)
+    """One update from args.grad_accum equal micro-batches of this rank's batch x. Returns (losses, grad
+    norm, ok). The gradient is that of the mean loss over the whole (global) batch: each micro-batch's
+    mean is divided by their number, DDP averages over ranks, and it all-reduces only in the last
+    micro-batch (no_sync before). Micro-batch i of step s takes the stage quotas of quota step
+    s * N + i, so shapes stay static and the long-run stage mix stays exact. ok (a device bool) is False
+    when the loss or the gradient norm is not finite; then the weights, the optimiser state and the EMA
+    do not move: fused AdamW skips the update on the device when found_inf = 1 (as under GradScaler).
+    Nothing here reads a device value on the host (test_hotpath.py runs it under fake tensors)."""
+    n = getattr(args, "grad_accum", 1)
+    if getattr(args, "compile_mode", None) == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new iteration, outputs may be reused
     opt.zero_grad(set_to_none=True)
-    out["loss"].backward()
+    outs = []
+    for i, (xi, yi) in enumerate(zip(x.chunk(n), y.chunk(n) if y is not None else [None] * n)):
+        last = i == n - 1
+        with nullcontext() if last or not hasattr(objective, "no_sync") else objective.no_sync():
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+                out = objective(xi, yi, gen, step * n + i)
+            (out["loss"] / n if n > 1 else out["loss"]).backward()
+        outs.append(out)
+    out = merge_micro_batches(outs)
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     ok = torch.isfinite(out["loss"].detach()) & torch.isfinite(gnorm)
     opt.found_inf = (~ok).float()
@@ -93,43 +131,50 @@ def step_seed(global_seed, rank, step):
     return int(np.random.SeedSequence((global_seed, rank, step)).generate_state(1, np.uint64)[0] >> 1)
 
 
-def compile_model(model, backend="inductor"):
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def compile_model(model, backend="inductor", mode="default"):
     """torch.compile with static shapes: each stage (one token count, one per-stage batch under
     stratified sampling) compiles once, train and no-grad separately, and never again. The default
-    recompile limit (8) would silently fall back to eager beyond 2 stages x 2 modes x 2 batch sizes."""
+    recompile limit (8) would silently fall back to eager beyond 2 stages x 2 modes x 2 batch sizes.
+    mode 'reduce-overhead' adds CUDA graphs: the 32 and 64 px stages (128 and 512 tokens through 28
+    blocks at patch 4) are bound by kernel launches, which a graph replays in one call."""
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-    return torch.compile(model, dynamic=False, backend=backend)
+    return torch.compile(model, dynamic=False, backend=backend, mode=None if mode == "default" else mode)
 
 
 class Meter:
-    """Running sums of the log, kept on the device (no host sync per step) and all-reduced once per
-    log interval: loss, grad norm, steps, non-finite steps, training FLOPs (3 x the analytic forward
-    FLOPs of the stage mix actually drawn), per-stage loss sums and sample counts."""
+    """Running sums of the log, all-reduced once per log interval. What the device computed (loss, grad
+    norm, non-finite steps, per-stage loss sums) stays on the device; what the host already knows
+    (steps, stage counts, training FLOPs = 3 x the analytic forward FLOPs of the stage mix drawn) is
+    counted in Python. So add() neither reads the device nor copies to it."""
 
     def __init__(self, model, cdc_cfg, device, distributed):
         self.res, self.device, self.distributed, K = cdc_cfg.resolutions, device, distributed, cdc_cfg.K
-        self.flops_of = torch.tensor([3.0 * model.flops_per_sample(r) for r in self.res], dtype=torch.float64)
+        self.flops_of = [3.0 * model.flops_per_sample(r) for r in self.res]
         self.world = dist.get_world_size() if distributed else 1
-        self.sums = torch.zeros(5 + 2 * K, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(3 + K, dtype=torch.float64, device=device)
+        self.host = [0.0] * (2 + K)  # steps, flops, counts per stage
 
     def add(self, out, gnorm, ok):
-        cnt = torch.tensor(out["stage_count"], dtype=torch.float64)
-        host = torch.cat([torch.ones(1), (cnt * self.flops_of).sum().view(1), cnt])
-        host = host.to(self.device, non_blocking=True)  # a pageable copy would wait for the GPU every step
-        sl = out["stage_loss"].detach().double().nan_to_num(0.0)
+        cnt = out["stage_count"]
+        self.host = [a + b for a, b in zip(self.host, [1, sum(c * f for c, f in zip(cnt, self.flops_of)), *cnt])]
         self.sums += torch.cat([out["loss"].detach().double().view(1), gnorm.detach().double().view(1),
-                                (~ok).double().view(1), host[:2], sl * host[2:], host[2:]])
+                                (~ok).double().view(1), stage_sums(out).detach().double()])
 
     def reduce(self):
-        s = self.sums.clone()
+        s = torch.cat([self.sums, torch.tensor(self.host, dtype=torch.float64, device=self.device)])
         if self.distributed:
             dist.all_reduce(s)
         s, K = s.tolist(), len(self.res)
-        return dict(loss=s[0], gnorm=s[1], nonfinite=s[2], steps=s[3], flops=s[4], stage_loss=s[5:5 + K], count=s[5 + K:])
+        return dict(loss=s[0], gnorm=s[1], nonfinite=s[2], stage_loss=s[3:3 + K], steps=s[3 + K], flops=s[4 + K],
+                    count=s[5 + K:])
 
     def reset(self):
         self.sums.zero_()
+        self.host = [0.0] * len(self.host)
 
     def line(self, s, dt, args, skipped):
         if self.distributed:
@@ -221,7 +266,14 @@ def get_parser():
     a("--ema-decay", type=float, default=0.9999)
     a("--ema-warmup", action=argparse.BooleanOptionalAction, default=True, help="decay min(ema, (1+t)/(10+t))")
     a("--precision", type=str, default=None, choices=["bf16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
-    a("--compile", action="store_true", help="torch.compile the network (static shapes: one graph per stage)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the network (static shapes: one graph per stage); default on with CUDA, off on CPU")
+    a("--compile-mode", type=str, default="default", choices=COMPILE_MODES,
+      help="reduce-overhead: CUDA graphs for the launch-bound small stages")
+    a("--attention-backend", type=str, default="auto", choices=ATTENTION_BACKENDS,
+      help="SDPA kernel; the log names the one that ran. XL's head dim 72 is padded to 96 by flash")
+    a("--grad-accum", type=int, default=1, help="micro-batches per step (the global batch is unchanged)")
+    a("--bucket-mb", type=float, default=25.0, help="DDP gradient bucket size in MB (all-reduce granularity)")
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     a("--epochs", type=int, default=200)
     a("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs; demo 4000, or the time limit)")
@@ -251,7 +303,7 @@ def resolve_args(args, demo):
     args.windows = None if args.windows is None else parse_list(args.windows, "--windows", float)
     if args.image_size != args.resolutions[-1]:
         raise ConfigError(f"--image-size {args.image_size} must equal the last of --resolutions {args.resolutions}")
-    for name in ("global_batch_size", "log_every", "ckpt_every", "epochs"):
+    for name in ("global_batch_size", "log_every", "ckpt_every", "epochs", "grad_accum"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     return ("demo defaults (no --data-path): " if demo else "recipe defaults: ") + ", ".join(filled)
@@ -303,19 +355,61 @@ def build_data(args, world, rank):
 def open_run(args, config, model, ema, opt, rank, world, distributed):
     """Resume (weights, EMA, optimiser, step, data position) or choose a new numbered run directory
     (DiT's results/000-XL-256 layout). --resume auto with no checkpoint yet reuses the newest run
-    if it has none either (a run killed before its first save), instead of leaving empty runs behind."""
+    if it has none either (a run killed before its first save), instead of leaving empty runs behind.
+
+    Rank 0 alone decides (which checkpoint, which directory) and every rank follows: ranks that looked
+    for themselves could see different newest files (a results directory that is not shared, a file
+    that fails to read on one node) and would silently train from different steps and Adam states. A
+    rank that cannot read rank 0's choice stops the whole job with one line."""
     suffix = f"{args.model}-{args.image_size}"
-    found = find_resume(args.resume, args.results_dir, suffix) if args.resume else None
-    notes, step, epoch, pos = [], 0, 0, 0
-    if found is not None:
-        ckpt, path = found
+    decision, ckpt = {"path": None, "run_dir": None, "note": None, "error": None}, None
+    if rank == 0:
+        try:
+            found = find_resume(args.resume, args.results_dir, suffix) if args.resume else None
+        except ConfigError as e:
+            found, decision["error"] = None, str(e)
+        if found is not None:
+            ckpt, decision["path"] = found
+            decision["run_dir"] = os.path.dirname(os.path.dirname(os.path.abspath(decision["path"])))
+        elif decision["error"] is None:
+            runs = find_runs(args.results_dir, suffix)
+            if args.resume == "auto" and runs and not list_checkpoints(runs[-1]):
+                decision["run_dir"] = runs[-1]
+                decision["note"] = f"--resume auto: no checkpoint yet; reusing the empty run {runs[-1]}"
+            else:
+                idx = max([int(os.path.basename(r)[:3]) for r in glob.glob(os.path.join(args.results_dir, "[0-9]" * 3 + "-*"))] + [-1]) + 1
+                decision["run_dir"] = os.path.join(args.results_dir, f"{idx:03d}-{suffix}")
+    if distributed:
+        holder = [decision]
+        dist.broadcast_object_list(holder, src=0)
+        decision = holder[0]
+    if decision["error"]:
+        raise ConfigError(decision["error"])
+    path, run_dir, notes, step, epoch, pos = decision["path"], decision["run_dir"], [], 0, 0, 0
+    if decision["note"]:
+        notes.append(decision["note"])
+    if path is not None:
+        failure = None
+        if ckpt is None:
+            try:
+                ckpt = load_checkpoint(path)
+            except Exception as e:
+                failure = f"{type(e).__name__}: {e}"
+        if distributed:
+            failures = [None] * world
+            dist.all_gather_object(failures, failure)
+            bad = [(r, f) for r, f in enumerate(failures) if f]
+            if bad:
+                raise ConfigError(f"rank {bad[0][0]} cannot read the checkpoint {path} that rank 0 resumes from "
+                                  f"({bad[0][1]}); every rank must see the same file (a shared results directory)")
+        elif failure:
+            raise ConfigError(f"cannot load checkpoint {path} ({failure})")
         check_compatible(ckpt, config, path)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         step = int(ckpt["step"])
         epoch, pos = ckpt["data"]["epoch"], ckpt["data"]["pos"]
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
         old = ckpt["args"]
         changed = [f"{k}: {old[k]} -> {_prim(v)}" for k, v in vars(args).items()
                    if k in old and k not in ("resume", "max_steps", "epochs") and _prim(v) != old[k]]
@@ -324,20 +418,6 @@ def open_run(args, config, model, ema, opt, rank, world, distributed):
         if ckpt["rng"]["world_size"] != world:
             notes.append(f"the checkpoint was written by {ckpt['rng']['world_size']} process(es), this run has {world}: "
                          f"the data continues where it stopped, but per-rank noise differs; bit-exact resume needs the same world size")
-    elif rank == 0:
-        runs = find_runs(args.results_dir, suffix)
-        if args.resume == "auto" and runs and not list_checkpoints(runs[-1]):
-            run_dir = runs[-1]
-            notes.append(f"--resume auto: no checkpoint yet; reusing the empty run {run_dir}")
-        else:
-            idx = max([int(os.path.basename(r)[:3]) for r in glob.glob(os.path.join(args.results_dir, "[0-9]" * 3 + "-*"))] + [-1]) + 1
-            run_dir = os.path.join(args.results_dir, f"{idx:03d}-{suffix}")
-    else:
-        run_dir = None
-    if distributed:  # every rank needs rank 0's choice of directory
-        holder = [run_dir]
-        dist.broadcast_object_list(holder, src=0)
-        run_dir = holder[0]
     if rank == 0:
         for sub in ("checkpoints", "samples"):
             os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
@@ -352,6 +432,18 @@ def checkpoint_state(model, ema, opt, args, config, step, epoch, pos, world):
             "rng": {"scheme": "step_seed", "global_seed": args.global_seed, "world_size": world}}
 
 
+def sampling_copy(ema, precision):
+    """The network sampling runs: under bf16, a bf16 copy of the EMA made once. Autocast would otherwise
+    re-cast every fp32 weight at every network evaluation: its weight cache serves only weights that
+    require grad, and the EMA does not."""
+    if precision != "bf16":
+        return ema
+    net = deepcopy(ema)
+    for p in net.parameters():  # parameters only: the fixed position tables stay fp32
+        p.data = p.data.to(torch.bfloat16)
+    return net
+
+
 @torch.no_grad()
 def sample_grid(ema, cdc_cfg, args, device, path, stages_path=None):
     """EMA samples, one row per class (ImageNet: DiT's favourite classes), the same noise every time so
@@ -360,8 +452,9 @@ def sample_grid(ema, cdc_cfg, args, device, path, stages_path=None):
     classes = [207, 360, 387, 974, 88, 979, 417, 279] if nc == 1000 else list(range(min(nc, 8)))
     y = torch.tensor([c for c in classes for _ in range(per)], device=device) if nc else None
     gen = torch.Generator(device).manual_seed(args.global_seed)
+    net = sampling_copy(ema, args.precision)
     with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-        stages = cdc.sample(cdc.guided_field(ema, y, args.cfg_scale), cdc_cfg, per * len(classes) if nc else 4 * per,
+        stages = cdc.sample(cdc.guided_field(net, y, args.cfg_scale), cdc_cfg, per * len(classes) if nc else 4 * per,
                             channels=ema.config.in_channels, steps=args.sample_steps, generator=gen, device=device,
                             return_stages=True)
     save_grid(stages[-1], path, per)
@@ -378,11 +471,14 @@ def train(args):
     rank, world, device, distributed = setup_distributed()
     log = Logger(None, rank == 0)
     note = resolve_args(args, demo=args.data_path is None)
-    if args.global_batch_size % world:
-        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
+    if args.global_batch_size % (world * args.grad_accum):
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} process(es) x "
+                          f"--grad-accum {args.grad_accum} (equal micro-batches keep every shape static)")
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    set_attention_backend(args.attention_backend)
     dataset, num_classes, order, loader = build_data(args, world, rank)
     total_steps = args.max_steps if args.max_steps is not None else args.epochs * order.steps_per_epoch
 
@@ -402,21 +498,23 @@ def train(args):
         f"{order.steps_per_epoch} steps/epoch, {total_steps} steps")
     log(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{json.dumps(config['model'])}; stages {cdc_cfg.resolutions}, {args.stage_sampling} stage sampling; "
-        f"precision {args.precision}")
+        f"precision {args.precision}; compile {args.compile}" + (f" ({args.compile_mode})" if args.compile else "")
+        + f"; {args.grad_accum} micro-batch(es) of {args.global_batch_size // world // args.grad_accum} per process; "
+        f"attention kernel {attention_kernel(model, device, args.precision)}")
     if rank == 0:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump({k: _prim(v) for k, v in vars(args).items()}, f, indent=1)
 
     # The network as it runs: compiled and/or checkpointed, inside the DDP-wrapped objective.
     model.grad_checkpointing = args.grad_checkpointing
-    net = compile_model(model) if args.compile else model
+    net = compile_model(model, mode=args.compile_mode) if args.compile else model
     objective = Objective(net, cdc_cfg, args.class_dropout, args.loss_reduction, args.stage_sampling)
-    if distributed:
-        objective = nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)  # the only buffers are fixed position tables
+    if distributed:  # buckets are views of the gradients (no copy, less memory); see cdc.training_losses
+        objective = nn.parallel.DistributedDataParallel(  # on why they fill during the largest stage
+            objective, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=args.bucket_mb,
+            gradient_as_bucket_view=True, broadcast_buffers=False)  # the only buffers are fixed position tables
     model.train()
-    gen = torch.Generator()  # CPU generator of training_losses (timesteps, label dropout)
+    gen = torch.Generator()  # CPU generator of training_losses (iid timesteps)
 
     meter = Meter(model, cdc_cfg, device, distributed)
     t_start = t_last = time.time()
@@ -428,7 +526,7 @@ def train(args):
             seed = step_seed(args.global_seed, rank, step)
             torch.manual_seed(seed)  # coupling noise (global RNG, on the device)
             gen.manual_seed(seed)    # timesteps and label dropout
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)  # uint8 over the bus
             out, gnorm, ok = train_step(objective, model, ema, opt, x, y, gen, step, args)
             meter.add(out, gnorm, ok)
             step, pos = step + 1, pos + args.global_batch_size

@@ -49,7 +49,7 @@ def load_images(data_path, image_size: int, n: int, seed: int = 0) -> torch.Tens
         ds = data.build_dataset(data_path, image_size, train=False, center_crop=True, seed=seed)
         total = len(ds)
         idx = np.sort(np.random.default_rng(seed).choice(total, n, replace=False)) if n < total else range(total)
-    return torch.stack([ds[int(i)][0] for i in idx]).double()
+    return data.normalize(torch.stack([ds[int(i)][0] for i in idx])).double()
 
 
 def read_idx_images(path: str) -> np.ndarray:
