@@ -29,7 +29,7 @@ import fid
 from data import DataError, save_stage_sheet, to_uint8
 from fid import feature_stats, frechet_distance  # noqa: F401  (their old home; fid.py has them now)
 from runs import ConfigError, die, list_checkpoints, load_checkpoint, setup_distributed
-from train import compile_model
+from train import compile_model, sampling_copy
 
 # ------------------------------------------------------------------------------------------------
 #                                        Sampling
@@ -86,7 +86,9 @@ def generate(args, rank, world, device, distributed):
     images and extracts their features (an NCCL collective would time out after 10 minutes)."""
     model, cdc_cfg, train_args, ckpt_path = load_model(args.ckpt, use_ema=not args.no_ema)
     model.to(device)
-    net = compile_model(model) if args.compile else model
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    net = sampling_copy(model, precision)  # bf16 weights cast once, not at every network evaluation
+    net = compile_model(net) if (device.type == "cuda" if args.compile is None else args.compile) else net
     steps = parse_ints(args.steps_per_stage, "--steps-per-stage")
     steps = steps[0] if len(steps) == 1 else steps
     try:
@@ -97,7 +99,6 @@ def generate(args, rank, world, device, distributed):
     class_labels = parse_ints(args.class_labels, "--class-labels") if args.class_labels else None
     if class_labels and (min(class_labels) < 0 or max(class_labels) >= max(num_classes, 1)):
         raise ConfigError(f"--class-labels must lie in [0, {num_classes})")
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if args.fid_ref:  # a reference that cannot be used stops the run (every rank) before sampling, not after
         name, sha1 = fid.detector_identity(args.detector)
         fid.check_reference(fid.load_reference(args.fid_ref), args.fid_ref, SimpleNamespace(name=name, sha1=sha1),
@@ -215,7 +216,8 @@ def get_parser():
     a("--seed", type=int, default=0)
     a("--save-stages", action="store_true", help="also save a Fig. 9 sheet of every stage and its added detail")
     a("--precision", type=str, default=None, choices=["bf16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
-    a("--compile", action="store_true", help="torch.compile the network (static shapes: one graph per stage)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the network (static shapes: one graph per stage); default on with CUDA")
     a("--progress-every", type=float, default=30.0, help="seconds between progress lines (sampling, features)")
     # evaluation
     a("--fid-ref", type=str, default=None, help="reference statistics from --make-ref (.npz)")

@@ -348,13 +348,16 @@ def test_bf16_autocast_training_step_and_sampler_match_fp32():
 # training runs
 
 
-def test_train_runs_and_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_train_runs_and_resume_is_bit_exact(tmp_path, accum):
     """2N steps straight == N steps, resume, N steps: every model and EMA tensor bit-identical
-    (the run crosses an epoch boundary: 48 images / 8 = 6 steps per epoch)."""
-    ok(run("train.py", *TINY, "--max-steps", 8, "--ckpt-every", 4, "--results-dir", "a", cwd=tmp_path))
-    ok(run("train.py", *TINY, "--max-steps", 4, "--ckpt-every", 4, "--results-dir", "b", cwd=tmp_path))
-    p = ok(run("train.py", *TINY, "--max-steps", 8, "--ckpt-every", 4, "--results-dir", "b", "--resume", "auto", cwd=tmp_path))
-    assert "resumed from" in p.stdout
+    (the run crosses an epoch boundary: 48 images / 8 = 6 steps per epoch), also with 2 micro-batches."""
+    go = run if accum == 1 else inproc  # one real process per behaviour is enough
+    flags = [*TINY, "--grad-accum", accum, "--ckpt-every", 4]
+    ok(go("train.py", *flags, "--max-steps", 8, "--results-dir", "a", cwd=tmp_path))
+    ok(go("train.py", *flags, "--max-steps", 4, "--results-dir", "b", cwd=tmp_path))
+    p = ok(go("train.py", *flags, "--max-steps", 8, "--results-dir", "b", "--resume", "auto", cwd=tmp_path))
+    assert "resumed from" in p.stdout and f"{accum} micro-batch(es) of {8 // accum} per process" in p.stdout
     a, b = load(ckpts(tmp_path / "a")[-1]), load(ckpts(tmp_path / "b")[-1])
     assert a["step"] == b["step"] == 8
     for part in ("model", "ema"):
