@@ -1,0 +1,468 @@
+"""Flags of train.py and sample.py that change what is computed: each test fails when the code ignores
+its flag (silently uses the default) or inverts it. Flags go in as the user gives them, parsed by the
+script's own parser, then through the functions the script itself calls, or through main() in this
+process, so that a flag the parser accepts but the code never reads is caught.
+
+Two recorded training runs (`run_a`, `run_b`: 2 steps each of a tiny network, each flag of interest
+away from its default in at least one of them) serve most train.py tests; sample.py runs on a
+checkpoint whose weights, EMA and interpolant are all non-default, and its images are compared with
+samples drawn here by hand.
+
+Covered elsewhere, not repeated here: --lr ignored makes test_train.py's
+test_nan_loss_stops_with_one_line_and_keeps_checkpoints fail (--lr 1e30 no longer diverges; its value
+is also checked below with the other AdamW flags); the horizontal flip (not a flag: Table 7 always
+flips) is test_train.py's test_train_transform_crops_uniformly_and_flips_half_the_time; train_step's
+own reading of args.precision is test_train.py's test_bf16_autocast_training_step_and_sampler_match_fp32.
+"""
+
+import contextlib
+import dataclasses
+import glob
+import io
+import os
+from copy import deepcopy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cdc
+import data
+import runs
+import sample
+import train
+from test_cdc import wake
+from test_train import TINY, initial_weights, inproc, ok
+
+DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # as runs.setup_distributed
+EAGER = ["--no-compile"] if DEVICE.type == "cuda" else []  # the scripts compile by default on CUDA only
+RES = (4, 8, 16)   # TINY's stages
+NULL = 4           # TINY's built-in shapes: 4 classes, label 4 is the null class
+
+
+# ------------------------------------------------------------------------------------------------
+#                           Two recorded train.py runs (main() in this process)
+# ------------------------------------------------------------------------------------------------
+
+# Run A: stratified stage sampling (the default) with everything else away from its default.
+FLAGS_A = ["--lr", "3e-3", "--beta1", "0.8", "--beta2", "0.9", "--eps", "1e-5", "--weight-decay", "0.05",
+           "--ema-decay", "0.3", "--no-ema-warmup", "--fusion", "add", "--windows", "0.25,0.25,0.5",
+           "--sigma", "0.7", "--gamma", "3", "--interpolant", "trigonometric", "--class-dropout", "1",
+           "--loss-reduction", "sum", "--precision", "bf16", "--grad-checkpointing"]
+CDC_A = cdc.CDCConfig(resolutions=RES, sigma=0.7, gamma=3.0, windows=(0.25, 0.25, 0.5), interpolant="trigonometric")
+# Run B: Alg. 1's i.i.d. stage sampling, the other value of each two-valued flag, and an EMA whose
+# decay binds at step 1 while the warm-up binds at step 0: d_0 = min(0.15, 1/10), d_1 = min(0.15, 2/11).
+FLAGS_B = ["--stage-sampling", "iid", "--class-dropout", "0", "--precision", "fp32", "--ema-decay", "0.15",
+           "--sigma", "1.3", "--gamma", "1.5", "--interpolant", "score"]
+CDC_B = cdc.CDCConfig(resolutions=RES, sigma=1.3, gamma=1.5, interpolant="score")
+SETTINGS = {"a": dict(flags=FLAGS_A, cdc=CDC_A, class_dropout=1.0, reduction="sum", stage_sampling="stratified"),
+            "b": dict(flags=FLAGS_B, cdc=CDC_B, class_dropout=0.0, reduction="mean", stage_sampling="iid")}
+
+
+def recorded_run(root, name):
+    """train.main on TINY for 2 steps (a checkpoint after each) with run `name`'s flags, recording what it
+    computed: per training_losses call its inputs, seeds and outputs and the labels the network saw; per
+    velocity_loss call its inputs and value; how often a block was checkpointed."""
+    rec = {"steps": [], "losses": [], "checkpointed": 0}
+    real_losses, real_velocity, real_checkpoint = cdc.training_losses, cdc.velocity_loss, cdc.checkpoint
+
+    def training_losses(model, x, y, cdc_cfg, **kw):
+        seen = []
+        hook = model.register_forward_pre_hook(lambda m, a: seen.append(a[2].clone()))
+        seeds = torch.initial_seed(), kw["generator"].initial_seed()  # train.py seeds both before every step
+        try:
+            out = real_losses(model, x, y, cdc_cfg, **kw)
+        finally:
+            hook.remove()
+        rec["steps"].append(dict(x=x.detach().clone(), y=y.clone(), seeds=seeds, step=kw["step"], cdc=cdc_cfg,
+                                 labels_seen=torch.cat(seen), loss=out["loss"].item(), counts=list(out["stage_count"])))
+        return out
+
+    def velocity_loss(b, I_dot, reduction="mean"):
+        value = real_velocity(b, I_dot, reduction)
+        rec["losses"].append(dict(dtype=b.dtype, b=b.detach().float(), I_dot=I_dot.detach().float(), value=value.detach()))
+        return value
+
+    def checkpoint(*a, **k):
+        rec["checkpointed"] += 1
+        return real_checkpoint(*a, **k)
+
+    argv = [*TINY, *EAGER, "--max-steps", "2", "--ckpt-every", "1", "--results-dir", str(root), *SETTINGS[name]["flags"]]
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setattr(cdc, "training_losses", training_losses)
+        mp.setattr(cdc, "velocity_loss", velocity_loss)
+        mp.setattr(cdc, "checkpoint", checkpoint)
+        train.main(argv)
+    rec["argv"], rec["name"] = argv, name
+    rec["ckpts"] = [torch.load(p, map_location="cpu", weights_only=True)
+                    for p in sorted(glob.glob(os.path.join(root, "*", "checkpoints", "*.pt")))]
+    assert [c["step"] for c in rec["ckpts"]] == [1, 2] and len(rec["steps"]) == 2
+    return rec
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    return recorded_run(tmp_path_factory.mktemp("run_a"), "a")
+
+
+@pytest.fixture(scope="module")
+def run_b(tmp_path_factory):
+    return recorded_run(tmp_path_factory.mktemp("run_b"), "b")
+
+
+@pytest.fixture
+def recorded(request):
+    return request.getfixturevalue(f"run_{request.param}")
+
+
+class ZeroField(torch.nn.Module):
+    """The DiT at initialisation outputs exactly 0 (adaLN-Zero and a zero output layer), so the first
+    step's loss is a function of the data, the random draws and the interpolant alone: this field
+    recomputes it under any configuration."""
+
+    null_class = NULL
+
+    def forward(self, I, tau, y):
+        return torch.zeros_like(I)
+
+
+def recompute(step, cdc_cfg, class_dropout, reduction, stage_sampling):
+    """cdc.training_losses on a recorded step's batch and seeds, with the zero field."""
+    torch.manual_seed(step["seeds"][0])
+    return cdc.training_losses(ZeroField(), step["x"], step["y"], cdc_cfg, class_dropout=class_dropout,
+                               reduction=reduction, generator=torch.Generator().manual_seed(step["seeds"][1]),
+                               stage_sampling=stage_sampling, step=step["step"])
+
+
+# --- Table 7's optimiser -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recorded, want", [
+    ("a", dict(lr=3e-3, betas=(0.8, 0.9), eps=1e-5, weight_decay=0.05)),
+    ("b", dict(lr=2e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0)),   # the demo lr, Table 7's others
+], indirect=["recorded"])
+def test_optimizer_flags_are_the_adamw_hyperparameters_the_run_saved(recorded, want):
+    """--lr, --beta1, --beta2, --eps, --weight-decay: the optimiser state train.py checkpoints (the
+    AdamW it stepped) carries exactly the flags' values. Catches make_optimizer (or train()) ignoring
+    any of them, e.g. betas=(args.beta1, 0.95) or a hard-coded weight decay."""
+    for c in recorded["ckpts"]:
+        (group,) = c["opt"]["param_groups"]
+        got = {k: tuple(group[k]) if k == "betas" else group[k] for k in want}
+        assert got == pytest.approx(want, rel=1e-12), got
+        assert c["opt"]["state"][0]["step"] == c["step"]
+
+
+def test_grad_clip_clips_the_step_to_that_norm():
+    """--grad-clip: one train_step with --grad-clip 1e-7 steps AdamW on the gradient rescaled to norm
+    1e-7 (the weights equal a reference AdamW step on that gradient), not on the raw gradient nor on
+    one clipped to the default 1.0. Catches train_step skipping clip_grad_norm_ or clipping to a
+    constant. (At norm 1e-7 every entry is below eps = 1e-6, so the step itself shows the clip: Adam's
+    first step is lr * g / (|g| + eps), about lr * sign(g) for a gradient of norm near 1.)"""
+    args = train.get_parser().parse_args(["--grad-clip", "1e-7", "--precision", "fp32"])
+    train.resolve_args(args, demo=True)
+    torch.manual_seed(0)
+    model = wake(cdc.create_model("tiny", depth=1, width=32, heads=2, num_classes=4, resolutions=RES))
+    config = cdc.CDCConfig(resolutions=RES)
+    x, y = torch.randn(6, 3, 16, 16).clamp(-1, 1), torch.randint(0, 4, (6,))
+
+    def fresh():
+        m = deepcopy(model)
+        return m, train.Objective(m, config, args.class_dropout, args.loss_reduction, args.stage_sampling)
+
+    ref_model, ref_objective = fresh()             # the raw gradient of the same draws
+    torch.manual_seed(1)
+    ref_objective(x, y, torch.Generator().manual_seed(1), 0)["loss"].backward()
+    raw = [p.grad.clone() for p in ref_model.parameters()]
+    raw_norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in raw]))
+
+    m, objective = fresh()
+    ema, opt = deepcopy(m).requires_grad_(False), train.make_optimizer(m, args)
+    torch.manual_seed(1)
+    _, gnorm, ok_ = train.train_step(objective, m, ema, opt, x, y, torch.Generator().manual_seed(1), 0, args)
+    assert bool(ok_) and raw_norm > 1e-3
+    torch.testing.assert_close(gnorm, raw_norm, rtol=1e-5, atol=0)        # the norm before clipping is logged
+    got = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert got == pytest.approx(1e-7, rel=1e-4), got                       # what the optimiser stepped on
+
+    def adamw_step(grads):
+        w = deepcopy(model)
+        o = torch.optim.AdamW(w.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+                              weight_decay=args.weight_decay, foreach=False)
+        for p, g in zip(w.parameters(), grads):
+            p.grad = g.clone()
+        o.step()
+        return torch.cat([p.detach().flatten() for p in w.parameters()])
+
+    stepped = torch.cat([p.detach().flatten() for p in m.parameters()])
+    clipped = adamw_step([g * (1e-7 / raw_norm) for g in raw])
+    torch.testing.assert_close(stepped, clipped, rtol=1e-5, atol=1e-9)
+    for other in (adamw_step(raw), adamw_step([g * min(1.0, 1.0 / raw_norm) for g in raw])):  # unclipped; clip 1.0
+        assert (stepped - other).abs().max() > 0.5 * args.lr
+
+
+# --- EMA -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recorded, decays", [("a", (0.3, 0.3)), ("b", (0.1, 0.15))], indirect=["recorded"])
+def test_ema_decay_and_warmup_flags_give_the_saved_ema(recorded, decays):
+    """--ema-decay, --ema-warmup / --no-ema-warmup: ema_{s+1} = d_s ema_s + (1 - d_s) theta_{s+1} from the
+    checkpointed weights, with d_s = 0.3 (run A: --ema-decay 0.3 --no-ema-warmup) and d_s = min(0.15,
+    (1 + s) / (10 + s)) = 0.1, 0.15 (run B: --ema-decay 0.15, warm-up on). Catches the decay ignored
+    (0.9999, or 2/11 at step 1 in run B) and the warm-up ignored or inverted (0.1 at step 0 in run A,
+    0.15 at step 0 in run B)."""
+    ema = initial_weights(recorded["argv"])
+    for d, c in zip(decays, recorded["ckpts"]):
+        ema = {k: d * ema[k] + (1 - d) * c["model"][k] for k in ema}
+        for k in ema:
+            torch.testing.assert_close(c["ema"][k], ema[k], rtol=1e-5, atol=1e-7, msg=f"step {c['step']}, {k}")
+
+
+# --- the interpolant and the loss -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recorded, field", [("a", "sigma"), ("a", "gamma"), ("a", "interpolant"), ("a", "windows"),
+                                             ("b", "sigma"), ("b", "gamma"), ("b", "interpolant")],
+                         indirect=["recorded"])
+def test_interpolant_flags_are_what_the_first_step_trained_on(recorded, field):
+    """--sigma, --gamma, --interpolant, --windows: the first step's loss (network still exactly zero)
+    is the loss under the flags' CDCConfig, and not the one with this field at its default; the config
+    handed to every training step and saved in the checkpoint (which sample.py samples with) is the
+    flags' one. Catches build_cdc_config (or train()) dropping any of the four."""
+    s = SETTINGS[recorded["name"]]
+    want = s["cdc"]
+    assert all(step["cdc"] == want for step in recorded["steps"])
+    assert all(cdc.CDCConfig(**c["config"]["cdc"]) == want for c in recorded["ckpts"])
+    first = recorded["steps"][0]
+    kw = {k: s[k] for k in ("class_dropout", "reduction", "stage_sampling")}
+    assert first["loss"] == pytest.approx(recompute(first, want, **kw)["loss"].item(), rel=1e-6)
+    default = dataclasses.replace(want, **{field: getattr(cdc.CDCConfig(), field)})
+    assert default != want
+    assert abs(recompute(first, default, **kw)["loss"].item() / first["loss"] - 1) > 1e-3
+
+
+def test_windows_set_the_stratified_stage_counts(run_a):
+    """--windows 0.25,0.25,0.5 with 8 images per step: every step trains exactly 2, 2 and 4 images at
+    the three stages (B w_k), where equal windows would give 3, 3, 2 in rotation. Catches the windows
+    ignored; with stratified sampling (the default) it also catches i.i.d. sampling used instead."""
+    assert [step["counts"] for step in run_a["steps"]] == [[2, 2, 4], [2, 2, 4]]
+
+
+def test_stage_sampling_iid_draws_the_stage_mix_per_sample(run_b):
+    """--stage-sampling iid: every step's stage counts are those of Alg. 1's i.i.d. draws from that
+    step's seeds, which differ from the stratified quotas of the same seeds at some step. Catches the
+    flag ignored (stratified quotas used)."""
+    iid = [recompute(step, CDC_B, 0.0, "mean", "iid")["stage_count"] for step in run_b["steps"]]
+    stratified = [recompute(step, CDC_B, 0.0, "mean", "stratified")["stage_count"] for step in run_b["steps"]]
+    assert [step["counts"] for step in run_b["steps"]] == iid
+    assert iid != stratified, (iid, stratified)
+
+
+@pytest.mark.parametrize("recorded", ["a", "b"], indirect=True)
+def test_loss_reduction_is_the_per_sample_loss_the_run_trained_on(recorded):
+    """--loss-reduction: every per-sample loss of the run is the sum (run A: --loss-reduction sum) or the
+    mean (run B: the default) of its squared errors over C x H x W, and so is the first step's loss.
+    Catches the flag ignored (mean instead of sum) or inverted."""
+    s = SETTINGS[recorded["name"]]
+    reduction = s["reduction"]
+    assert len(recorded["losses"]) == 2 * len(RES)                         # every stage, both steps
+    for call in recorded["losses"]:
+        sq = (call["b"] - call["I_dot"]).pow(2).flatten(1)
+        torch.testing.assert_close(call["value"].float(), sq.sum(1) if reduction == "sum" else sq.mean(1))
+    first = recorded["steps"][0]
+    loss = {r: recompute(first, s["cdc"], s["class_dropout"], r, s["stage_sampling"])["loss"].item() for r in cdc.REDUCTIONS}
+    assert first["loss"] == pytest.approx(loss[reduction], rel=1e-6)
+    assert first["loss"] != pytest.approx(loss[{"sum": "mean", "mean": "sum"}[reduction]], rel=1e-3)
+
+
+def test_class_dropout_replaces_labels_by_the_null_class(run_a, run_b):
+    """--class-dropout: at 1 the network sees only the null class in training (run A), at 0 only the
+    data's labels (run B). Catches the flag ignored (the default 0.1 drops ~1 label in 10)."""
+    for step in run_a["steps"]:
+        assert len(step["labels_seen"]) == 8 and torch.all(step["labels_seen"] == NULL), step["labels_seen"]
+    for step in run_b["steps"]:
+        assert torch.equal(step["labels_seen"].sort().values, step["y"].sort().values)
+        assert torch.all(step["labels_seen"] < NULL)
+
+
+# --- the network ---------------------------------------------------------------------------------
+
+
+def test_fusion_add_builds_the_addition_model(run_a, run_b):
+    """--fusion add: the network train.py trains and saves fuses c = gamma_t + e_k (Table 4 ablation),
+    with no cross-attention maps W_q, W_k, W_v, W_o; the default is xattn with them. Catches build_model
+    ignoring args.fusion."""
+    for c in run_a["ckpts"]:
+        assert c["config"]["model"]["fusion"] == "add" and not any(".W_" in k for k in c["model"])
+    for c in run_b["ckpts"]:
+        assert c["config"]["model"]["fusion"] == "xattn"
+        assert {"fusion.W_q.weight", "fusion.W_k.weight", "fusion.W_v.weight", "fusion.W_o.weight"} <= set(c["model"])
+    args = train.get_parser().parse_args([*TINY, "--fusion", "add"])
+    train.resolve_args(args, demo=True)
+    model = train.build_model(args, 4)
+    g, e = torch.randn(3, 32), torch.randn(1, 32)
+    torch.testing.assert_close(model.fusion(g, e), g + e, rtol=0, atol=0)
+
+
+def test_precision_flag_sets_the_training_autocast(run_a, run_b):
+    """--precision: the network's output in every training forward is bfloat16 under --precision bf16
+    (run A) and float32 under --precision fp32 (run B), whatever the device's default. Catches train()
+    replacing the flag by the device default (CPU: fp32, CUDA: bf16) or train_step ignoring it."""
+    assert {call["dtype"] for call in run_a["losses"]} == {torch.bfloat16}
+    assert {call["dtype"] for call in run_b["losses"]} == {torch.float32}
+
+
+def test_grad_checkpointing_flag_checkpoints_every_block_in_training(run_a, run_b):
+    """--grad-checkpointing: every block of every stage's training forward runs under
+    torch.utils.checkpoint (1 block x 3 stages x 2 steps), and none without the flag (the final
+    sample grid, in evaluation mode, never). Catches train() not setting model.grad_checkpointing,
+    or setting it whatever the flag says."""
+    assert run_a["checkpointed"] == 1 * len(RES) * 2
+    assert run_b["checkpointed"] == 0
+
+
+# --- augmentation --------------------------------------------------------------------------------
+
+
+def test_center_crop_flag_selects_the_adm_centre_crop(tmp_path):
+    """--center-crop: through train.build_data, every training image of a data set of one picture is
+    ADM's centre crop of it, mirrored about half the time (the flip is not a flag: Table 7 always flips;
+    test_train.py checks its rate); without the flag the crops move (Table 7's 1.125x random crop).
+    Catches the flag ignored or inverted."""
+    pic = np.random.default_rng(0).integers(0, 256, (24, 30, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", arr_0=np.stack([pic] * 16))
+    centre = np.asarray(data.center_crop_arr(Image.fromarray(pic), 16))
+    views = {}
+    for flags in ([], ["--center-crop"]):
+        args = train.get_parser().parse_args(["--data-path", str(tmp_path / "d.npz"), "--image-size", "16",
+                                              "--global-batch-size", "4", "--num-workers", "0", *flags])
+        train.resolve_args(args, demo=False)
+        dataset = train.build_data(args, 1, 0)[0]
+        views[bool(flags)] = [as_uint8(dataset[i][0]) for i in range(len(dataset))]
+    kind = {flag: ["centre" if np.array_equal(v, centre) else "mirrored" if np.array_equal(v, centre[:, ::-1]) else "other"
+                   for v in vs] for flag, vs in views.items()}
+    assert set(kind[True]) == {"centre", "mirrored"}, kind[True]
+    assert kind[False].count("other") > 8 and len({v.tobytes() for v in views[False]}) > 4, kind[False]
+
+
+def as_uint8(image):
+    """A data set item as uint8 HWC, whether the data set hands out uint8 or [-1, 1] floats."""
+    if image.dtype != torch.uint8:
+        image = ((image + 1) * 127.5).round().to(torch.uint8)
+    return image.permute(1, 2, 0).numpy()
+
+
+# --- train.py's sample grids ---------------------------------------------------------------------
+
+
+def woken_model(seed, num_classes=4):
+    """A tiny network with random weights where adaLN-Zero put zeros: its samples depend on its weights,
+    labels and guidance."""
+    torch.manual_seed(seed)
+    return wake(cdc.create_model("tiny", depth=1, width=32, heads=2, num_classes=num_classes, resolutions=RES)).eval()
+
+
+@pytest.mark.parametrize("flags, scale, steps", [(["--cfg-scale", "1", "--sample-steps", "3"], 1.0, 3),
+                                                 (["--cfg-scale", "2"], 2.0, 24)])
+def test_train_sample_grid_uses_cfg_scale_and_sample_steps(monkeypatch, flags, scale, steps):
+    """train.py --cfg-scale, --sample-steps: the EMA grid train.py draws is cdc.sample of the field
+    b_null + S (b_c - b_null) with N steps per stage (S = 1: the conditional field itself), and differs
+    from the grid of the default S = 3 with the same steps. Catches sample_grid ignoring either flag."""
+    args = train.get_parser().parse_args([*flags, "--precision", "fp32"])
+    train.resolve_args(args, demo=True)
+    ema, config = woken_model(3), cdc.CDCConfig(resolutions=RES)
+    grids = []
+    monkeypatch.setattr(train, "save_grid", lambda images, path, nrow: grids.append(images))
+    train.sample_grid(ema, config, args, torch.device("cpu"), "unused.png")
+    y = torch.arange(4).repeat_interleave(8)
+    with torch.no_grad():
+        b_c = lambda x, t, s: ema(x, t, y).float()  # noqa: E731
+        b_null = lambda x, t, s: ema(x, t, None).float()  # noqa: E731
+        field = b_c if scale == 1 else (lambda x, t, s: b_null(x, t, s) + scale * (b_c(x, t, s) - b_null(x, t, s)))
+        draw = lambda f, n: cdc.sample(f, config, 32, steps=n, generator=torch.Generator().manual_seed(0))  # noqa: E731
+        want = draw(field, steps)
+        default_scale = draw(cdc.guided_field(ema, y, 3.0), steps)
+    (got,) = grids
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - default_scale).abs().max() > 1e-2
+    if steps != 24:
+        assert (got - draw(field, 24)).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+#                                   sample.py on a known checkpoint
+# ------------------------------------------------------------------------------------------------
+
+# Non-default sigma, gamma and interpolant: sample.py must sample with the checkpoint's CDCConfig.
+CKPT_CDC = cdc.CDCConfig(resolutions=RES, sigma=0.8, gamma=3.0, interpolant="trigonometric")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint as train.py writes it whose 'model' and 'ema' entries are different networks."""
+    path = tmp_path_factory.mktemp("ckpt") / "000-tiny-16" / "checkpoints" / "0000000.pt"
+    os.makedirs(path.parent)
+    raw, ema = woken_model(1), woken_model(2)
+    runs.save_checkpoint({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": {}, "args": {}, "step": 0,
+                          "config": {"model": dataclasses.asdict(raw.config), "cdc": CKPT_CDC.to_dict()}}, str(path))
+    return path
+
+
+def by_hand(ckpt, entry="ema", scale=3.0, steps=2, solver="euler", sde_scale=1.0, precision="fp32", seed=0, labels=None):
+    """The 4 images of global batch 0 drawn here from the checkpoint's `entry` (sample.py's batch noise
+    and labels), as uint8 NHWC. scale 1 is the conditional field itself, not guided_field."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model = cdc.DiT(cdc.DiTConfig(**state["config"]["model"]))
+    model.load_state_dict(state[entry])
+    model.eval().to(DEVICE)
+    gen = sample.batch_generator(seed, 0, DEVICE)
+    y = sample.batch_labels(0, 4, 4, labels, gen).to(DEVICE)
+    if scale == 1:
+        field = lambda x, t, s: model(x, t, y).float()  # noqa: E731
+    else:
+        field = cdc.guided_field(model, y, scale)
+    with torch.no_grad(), torch.autocast(DEVICE.type, torch.bfloat16, enabled=precision == "bf16"):
+        out = cdc.sample(field, CKPT_CDC, 4, steps=steps, solver=solver, sde_scale=sde_scale, generator=gen, device=DEVICE)
+    return data.to_uint8(out).numpy()
+
+
+def sampled(ckpt, tmp_path, *flags):
+    """sample.py --ckpt ckpt on 4 images, fp32 with 2 steps per stage unless flags say otherwise: its .npz."""
+    out = tmp_path / f"s{len(os.listdir(tmp_path))}"
+    ok(inproc("sample.py", "--ckpt", ckpt, "--num-fid-samples", 4, "--per-proc-batch-size", 4, "--precision", "fp32",
+              "--steps-per-stage", 2, "--sample-dir", out, *EAGER, *flags, cwd=tmp_path))
+    (npz,) = glob.glob(str(out / "*.npz"))
+    with np.load(npz) as f:
+        return f["arr_0"]
+
+
+@pytest.mark.parametrize("flags, want, others", [
+    ([], dict(), [dict(entry="model")]),
+    (["--no-ema"], dict(entry="model"), [dict()]),
+    (["--cfg-scale", "1"], dict(scale=1.0), [dict()]),
+    (["--cfg-scale", "2"], dict(scale=2.0), [dict()]),
+    (["--solver", "heun"], dict(solver="heun"), [dict()]),
+    (["--solver", "sde", "--sde-scale", "0.5"], dict(solver="sde", sde_scale=0.5), [dict(), dict(solver="sde")]),
+    (["--steps-per-stage", "1,3,2"], dict(steps=[1, 3, 2]), [dict(), dict(steps=24)]),
+    (["--steps-per-stage", "3"], dict(steps=3), [dict(), dict(steps=24)]),
+    (["--precision", "bf16"], dict(precision="bf16"), [dict(precision="fp32")]),
+    (["--precision", "fp32"], dict(precision="fp32"), [dict(precision="bf16")]),
+    (["--seed", "5", "--class-labels", "2"], dict(seed=5, labels=[2]), [dict(), dict(seed=5)]),
+], ids=["ema", "no-ema", "cfg1", "cfg2", "heun", "sde", "steps-list", "steps-int", "bf16", "fp32", "seed-labels"])
+def test_sample_flags_give_the_images_drawn_by_hand(checkpoint, tmp_path, flags, want, others):
+    """sample.py --no-ema (default: EMA), --cfg-scale, --solver, --sde-scale, --steps-per-stage,
+    --precision, --seed, --class-labels: the images sample.py writes are exactly those drawn here from
+    the checkpoint's weights entry ('ema', or 'model' under --no-ema) with these settings (--cfg-scale 1:
+    the conditional field alone; bf16 within rounding), and differ from those of the default of the flag
+    under test (precision: fp32 here, whatever the device's default). Catches
+    each flag ignored (or --no-ema inverted), and sample.py sampling with another CDCConfig than the
+    checkpoint's."""
+    got = sampled(checkpoint, tmp_path, *flags)
+    assert got.shape == (4, 16, 16, 3)
+    if want.get("precision") == "bf16":  # sample.py may round the weights to bf16 once, autocast per use:
+        diff = np.abs(got.astype(int) - by_hand(checkpoint, **want).astype(int))  # a level or two apart
+        assert diff.max() <= 4 and diff.mean() < 0.5, (diff.max(), diff.mean())
+    else:
+        np.testing.assert_array_equal(got, by_hand(checkpoint, **want))
+    for other in others:
+        assert not np.array_equal(got, by_hand(checkpoint, **other)), other
