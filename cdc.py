@@ -565,6 +565,15 @@ def stage_loss(model: nn.Module, x1: torch.Tensor, y: Optional[torch.Tensor], ta
     return velocity_loss(model(I, tau, y), I_dot, reduction)    # lines 16-18
 
 
+def forward_order(K: int):
+    """The order in which training_losses runs the stages: largest first. Autograd runs the graph built
+    last first, and a parameter's gradient (hence its DDP bucket) is ready only after its last
+    contribution. Built last, the smallest stage (~1% of the FLOPs) would hold every bucket back until the
+    backward is over, leaving the whole all-reduce exposed; built first, the largest stage's backward runs
+    last and the buckets launch while it computes (test_hotpath.py; bench/speed.py --world-size 2)."""
+    return range(K - 1, -1, -1)
+
+
 def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], cdc: CDCConfig,
                     class_dropout: float = 0.1, reduction: str = "mean", generator=None,
                     stage_sampling: str = "stratified", step: Optional[int] = None) -> dict:
@@ -620,11 +629,7 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
     starts = [sum(counts[:s]) for s in range(K)]
     total = torch.zeros((), device=device)
     per_stage = torch.full((K,), float("nan"), device=device)
-    # Largest stage first. Autograd runs the graph built last first, and a parameter's gradient (hence
-    # its DDP bucket) is ready only after its last contribution. Built last, the smallest stage (~1% of
-    # the FLOPs) would hold every bucket back until the backward is over, leaving the whole all-reduce
-    # exposed; built first, the largest stage's backward runs last and buckets launch while it computes.
-    for s in reversed(range(K)):
+    for s in forward_order(K):
         if counts[s] == 0:
             continue
         part = slice(starts[s], starts[s] + counts[s])

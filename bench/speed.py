@@ -3,6 +3,7 @@ Speed of CDC-FM training and sampling on synthetic data, with train.py's flags a
 
     python bench/speed.py --model XL --image-size 256 --batch 8 --precision bf16 [--compile]   # Table 7, per GPU
     python bench/speed.py --model tiny --patch-size 4 --image-size 32 --resolutions 8,16,32 --batch 32 --num-classes 4
+    python bench/speed.py --world-size 2 --model tiny --image-size 32 --resolutions 8,16,32 --batch 8   # DDP, gloo
 
 Prints, for one process:
   1. load balance of data-parallel training: the expected slowest-rank / mean FLOPs of one step over
@@ -11,6 +12,11 @@ Prints, for one process:
      memory: the equal stage mix (stratified, then i.i.d.), then each resolution alone;
   3. sampling images/s (Euler, --sample-steps per stage, CFG --cfg-scale);
   4. with --max-batch on CUDA: the largest per-GPU batch of the stratified mix that fits in memory.
+
+With --world-size N > 1 it instead times data-parallel steps of N processes on this machine (gloo on the
+CPU, nccl on N GPUs), communication included: the DDP step, the same step without communication
+(no_sync), the all-reduce of the whole gradient alone, hence how much of the all-reduce stays exposed
+after the compute, for the stage order of cdc.forward_order (largest first) and for smallest first.
 """
 
 import dataclasses
@@ -21,6 +27,9 @@ from copy import deepcopy
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cdc  # noqa: E402
@@ -63,11 +72,116 @@ def time_training(model, cdc_cfg, args, device, sampling, batch):
     return args.benchmark_steps * batch / dt, flops / dt, peak_memory_gb(device)
 
 
+def _ddp_worker(rank, world, args, store):
+    """One rank: per stage order, seconds per step with DDP, without communication, and of the
+    all-reduce alone (the gradient as one flat tensor, which is what the buckets add up to)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(args.threads or 1)
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    cdc_cfg = train.build_cdc_config(args)
+    torch.manual_seed(args.global_seed)
+    model = train.build_model(args, 1000 if args.num_classes is None else args.num_classes).to(device)
+    model.grad_checkpointing = args.grad_checkpointing
+    net = train.compile_model(model, mode=args.compile_mode) if args.compile else model
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        train.Objective(net, cdc_cfg, args.class_dropout, args.loss_reduction, args.stage_sampling),
+        device_ids=[rank] if cuda else None, bucket_cap_mb=args.bucket_mb, gradient_as_bucket_view=True,
+        broadcast_buffers=False)
+    ema, opt = deepcopy(model).requires_grad_(False), train.make_optimizer(model, args)
+    R, nc = cdc_cfg.resolutions[-1], model.config.num_classes
+    x = torch.rand(args.batch, model.config.in_channels, R, R, device=device) * 2 - 1
+    y = torch.randint(0, max(nc, 1), (args.batch,), device=device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # When each bucket is launched: before or after the largest stage's backward has passed its patch
+    # embedding (the last layer the gradient reaches in that stage)
+    marks, n_buckets = [], 0
+
+    def on_bucket(state, bucket):
+        marks.append(("bucket", bucket.buffer().numel()))
+        return default_hooks.allreduce_hook(None, bucket)
+    ddp.register_comm_hook(None, on_bucket)
+
+    def top_stage_done(module, inputs, out):
+        if inputs[0].shape[-1] == R:
+            out.register_hook(lambda g: marks.append(("top done", 0)))
+    model.x_embedder.register_forward_hook(top_stage_done)
+
+    def backward_starts(module, inputs, out):  # the loss's gradient is the first one computed
+        out["loss"].register_hook(lambda g: marks.append(("start", 0)))
+    ddp.register_forward_hook(backward_starts)
+
+    def early_share():
+        """Share of the gradient (elements) whose all-reduce launches before the largest stage's backward ends."""
+        nonlocal n_buckets
+        early = total = 0
+        starts = [i for i, (kind, _) in enumerate(marks) if kind == "start"] + [len(marks)]
+        for lo, hi in zip(starts, starts[1:]):
+            step = marks[lo:hi]
+            end = next(i for i, (kind, _) in enumerate(step) if kind == "top done")
+            early += sum(n for i, (kind, n) in enumerate(step) if kind == "bucket" and i < end)
+            total += sum(n for kind, n in step if kind == "bucket")
+            n_buckets = sum(kind == "bucket" for kind, _ in step)
+        return early / max(total, 1)
+
+    def seconds_per_step(communicate):
+        for i in range(args.warmup_steps + args.benchmark_steps):
+            if i == args.warmup_steps:
+                sync()
+                dist.barrier()
+                t0 = time.perf_counter()
+            if communicate:
+                train.train_step(ddp, model, ema, opt, x, y, None, i, args)
+            else:
+                with ddp.no_sync():
+                    train.train_step(ddp, model, ema, opt, x, y, None, i, args)
+        sync()
+        return (time.perf_counter() - t0) / args.benchmark_steps
+
+    flat = torch.zeros(sum(p.numel() for p in model.parameters()), device=device)
+    for _ in range(args.warmup_steps):
+        dist.all_reduce(flat)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.benchmark_steps):
+        dist.all_reduce(flat)
+    sync()
+    comm = (time.perf_counter() - t0) / args.benchmark_steps
+    results, order = {}, cdc.forward_order
+    for name, fn in (("largest first", order), ("smallest first", lambda K: range(K))):
+        cdc.forward_order = fn
+        marks.clear()
+        ddp_s = seconds_per_step(True)
+        share = early_share()
+        results[name] = (ddp_s, seconds_per_step(False), share)
+    cdc.forward_order = order
+    times = torch.tensor([[comm] + [v for r in results.values() for v in r[:2]]], dtype=torch.float64, device=device)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a step takes as long as its slowest rank
+    if rank == 0:
+        t = times[0].tolist()
+        comm = t[0]
+        where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} thread(s) per process"
+        print(f"{world} processes ({'nccl' if cuda else 'gloo'}; {where}), {args.batch} images per process, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {n_buckets} buckets of <= {args.bucket_mb} MB; "
+              f"all-reduce of the whole gradient alone: {comm * 1e3:.1f} ms")
+        for i, name in enumerate(results):
+            ddp_s, compute_s = t[1 + 2 * i], t[2 + 2 * i]
+            exposed = max(ddp_s - compute_s, 0.0)
+            print(f"stages {name:>14}: {results[name][2] * 100:5.1f}% of the gradient launches its all-reduce before the "
+                  f"largest stage's backward ends; DDP step {ddp_s * 1e3:7.1f} ms, without communication {compute_s * 1e3:7.1f} ms: "
+                  f"exposed communication {exposed * 1e3:6.1f} ms = {exposed / comm * 100:5.1f}% of the all-reduce alone", flush=True)
+    dist.destroy_process_group()
+
+
 def main():
     p = train.get_parser()
     p.description = "Speed of training and sampling (synthetic data, one process)."
     p.add_argument("--batch", type=int, default=8, help="images per step of this process (Table 7: 8 per GPU)")
-    p.add_argument("--world-size", type=int, default=32, help="ranks for the load-balance estimate (Table 7: 32)")
+    p.add_argument("--world-size", type=int, default=1, help="> 1: time DDP steps of this many processes, communication included")
+    p.add_argument("--balance-ranks", type=int, default=32, help="ranks for the load-balance estimate (Table 7: 32)")
     p.add_argument("--benchmark-steps", type=int, default=10)
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--max-batch", action="store_true", help="CUDA: also find the largest per-GPU batch that fits")
@@ -84,15 +198,24 @@ def main():
     if args.load_balance:
         print(f"{args.model}, stages {cdc_cfg.resolutions}, windows {cdc_cfg.widths().tolist()}: training TFLOP per image "
               f"{', '.join(f'{3 * f / 1e12:.3g}' for f in flops_of)}")
-        for world, batch in sorted({(args.world_size, args.batch), (32, 8), (8, 32)}):
+        for world, batch in sorted({(args.balance_ranks, args.batch), (32, 8), (8, 32)}):
             iid, strat = load_balance(cdc_cfg, flops_of, world, batch)
             print(f"load balance {world:>3} ranks x {batch:>3} images: slowest rank / mean FLOPs per step: "
                   f"iid {iid:.2f}x, stratified {strat:.2f}x")
+        return
+    if args.world_size > 1:
+        if torch.cuda.is_available() and torch.cuda.device_count() < args.world_size:
+            die(f"--world-size {args.world_size} needs as many GPUs; {torch.cuda.device_count()} found")
+        args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+        args.compile = torch.cuda.is_available() if args.compile is None else args.compile
+        with __import__("tempfile").TemporaryDirectory() as d:
+            mp.spawn(_ddp_worker, args=(args.world_size, args, os.path.join(d, "store")), nprocs=args.world_size, join=True)
         return
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
     torch.manual_seed(args.global_seed)
     model.to(device).grad_checkpointing = args.grad_checkpointing
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -101,7 +224,7 @@ def main():
           f"{args.batch} images/step, {args.precision}, compile={args.compile}, "
           f"grad_checkpointing={args.grad_checkpointing}; {where}")
 
-    for world, batch in sorted({(args.world_size, args.batch), (32, 8), (8, 32)}):
+    for world, batch in sorted({(args.balance_ranks, args.batch), (32, 8), (8, 32)}):
         iid, strat = load_balance(cdc_cfg, flops_of, world, batch)
         print(f"load balance {world:>3} ranks x {batch:>3} images: slowest rank / mean FLOPs per step: "
               f"iid {iid:.2f}x, stratified {strat:.2f}x")
