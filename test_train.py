@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # A network of a few thousand parameters on 16 px images with 3 stages: seconds per run.
 TINY = ["--image-size", "16", "--resolutions", "4,8,16", "--patch-size", "2", "--width", "32", "--depth", "1", "--heads", "2",
         "--global-batch-size", "8", "--dataset-size", "48", "--sample-steps", "2", "--num-workers", "0",
-        "--log-every", "2"]
+        "--log-every", "2", "--threads", "1"]  # fixed threads: bit-exact comparisons across processes
 
 
 def run(script, *args, cwd, env=None):
@@ -588,3 +588,71 @@ def test_sample_npz_is_the_same_for_one_and_two_processes(tmp_path):
         assert a["arr_0"].shape == (10, 16, 16, 3) and np.array_equal(a["arr_0"], b["arr_0"])
         assert np.array_equal(a["labels"], b["labels"]) and len(set(a["labels"].tolist())) > 1
         assert len({x.tobytes() for x in a["arr_0"]}) == 10  # ten different images, not one repeated
+
+
+# ------------------------------------------------------------------------------------------------
+# the knobs: presets, flips, unconditional training, threads
+
+
+def test_presets_fill_the_flags_not_given_and_help_shows_their_values():
+    """--preset is one layer of defaults: it fills what the user left out, never what was given, and
+    --help prints every preset's value (never 'None')."""
+    args = train.get_parser().parse_args(["--preset", "imagenet512", "--data-path", "x", "--lr", "3e-4"])
+    note = train.resolve_args(args, demo=False)
+    assert (args.model, args.patch_size, args.resolutions, args.lr) == ("XL", 8, (32, 64, 128, 256, 512), 3e-4)
+    assert note.startswith("--preset imagenet512") and "lr=" not in note
+    args = train.get_parser().parse_args(["--data-path", "x"])
+    train.resolve_args(args, demo=False)
+    assert (args.preset, args.patch_size, args.resolutions, args.global_batch_size) == ("imagenet256", 4, (32, 64, 128, 256), 256)
+    assert args.num_workers == train.default_workers() <= 8
+    text = " ".join(train.get_parser().format_help().split())
+    assert "imagenet512 32,64,128,256,512" in text and "imagenet64 2" in text and "None" not in text
+
+
+def test_no_hflip_reaches_the_data_set(tmp_path):
+    """--no-hflip: through train.build_data, no training item is ever mirrored (Table 7 flips half)."""
+    pic = np.random.default_rng(2).integers(0, 256, (18, 22, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", arr_0=np.stack([pic] * 100))
+    flips = {}
+    for flag in ([], ["--no-hflip"]):
+        args = train.get_parser().parse_args(["--data-path", str(tmp_path / "d.npz"), "--image-size", "16",
+                                              "--resolutions", "8,16", "--global-batch-size", "4", *flag])
+        train.resolve_args(args, demo=False)
+        ds = train.build_data(args, 1, 0)[0]
+        flips[bool(flag)] = sum(crop_positions(ds[i][0].permute(1, 2, 0).numpy(), pic, 16)[2] for i in range(100))
+    assert flips[True] == 0 and 30 < flips[False] < 70
+
+
+def test_unconditional_trains_a_model_without_classes(tmp_path):
+    """--unconditional on labelled data: the model has no classes (only the null class) and trains."""
+    imgs = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", arr_0=imgs, labels=np.arange(16) % 3)
+    flags = [*TINY, "--data-path", tmp_path / "d.npz", "--max-steps", 2, "--ckpt-every", 2, "--num-workers", 0,
+             "--model", "tiny", "--lr", "1e-3", "--sample-every", 0]
+    ok(inproc("train.py", *flags, "--unconditional", "--results-dir", "u", cwd=tmp_path))
+    ok(inproc("train.py", *flags, "--results-dir", "c", cwd=tmp_path))
+    assert load(ckpts(tmp_path / "u")[-1])["config"]["model"]["num_classes"] == 0
+    assert load(ckpts(tmp_path / "c")[-1])["config"]["model"]["num_classes"] == 3
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_cpu_threads_are_the_faster_measured(monkeypatch, faster):
+    """pick_threads times a throwaway copy at 1 thread and at one per core and keeps the faster (a fake
+    clock makes `faster` the fast one); the model itself is not touched."""
+    clock = [0.0]
+
+    def perf_counter():
+        clock[0] += 1.0 if torch.get_num_threads() == faster else 5.0
+        return clock[0]
+    monkeypatch.setattr(train.time, "perf_counter", perf_counter)
+    torch.set_num_threads(2)
+    try:
+        args = train.get_parser().parse_args(["--lr", "1e-3", "--precision", "fp32"])
+        torch.manual_seed(0)
+        model = cdc.create_model("tiny", depth=1, width=32, heads=2, num_classes=4, resolutions=(4, 8))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        n, measured = train.pick_threads(model, cdc.CDCConfig(resolutions=(4, 8)), args, torch.device("cpu"), 4)
+        assert n == faster == torch.get_num_threads() and "1 thread(s)" in measured and "2 thread(s)" in measured
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    finally:
+        torch.set_num_threads(1)

@@ -123,6 +123,32 @@ def train_step(objective, model, ema, opt, x, y, gen, step, args):
     return out, gnorm, ok
 
 
+def pick_threads(model, cdc_cfg, args, device, batch):
+    """CPU: time a few training steps of a throwaway copy at 1 thread and at one per core, keep the
+    faster. On an idle 2-core machine 2 threads were 1.5x faster than 1; with the other core busy, 2
+    OpenMP threads fighting for one core were 3-6x slower. Returns (threads, what was measured)."""
+    counts = sorted({1, torch.get_num_threads()})
+    if len(counts) == 1:
+        return 1, "1 core"
+    m = deepcopy(model)
+    ema, opt = deepcopy(m).requires_grad_(False), make_optimizer(m, args)
+    objective = Objective(m, cdc_cfg, args.class_dropout, args.loss_reduction, args.stage_sampling)
+    R, nc = cdc_cfg.resolutions[-1], m.config.num_classes
+    x, y = torch.zeros(batch, m.config.in_channels, R, R, device=device), torch.zeros(batch, dtype=torch.long, device=device)
+    seconds = {}
+    with torch.random.fork_rng():  # the run's own random stream is untouched
+        for n in counts:
+            torch.set_num_threads(n)
+            for i in range(4):  # one warm-up step, three timed
+                if i == 1:
+                    t0 = time.perf_counter()
+                train_step(objective, m, ema, opt, x, y if nc else None, None, i, args)
+            seconds[n] = (time.perf_counter() - t0) / 3
+    best = min(seconds, key=seconds.get)
+    torch.set_num_threads(best)
+    return best, ", ".join(f"{n} thread(s) {t * 1e3:.0f} ms/step" for n, t in seconds.items())
+
+
 def step_seed(global_seed, rank, step):
     """Seed of every random draw of one rank at one step (timesteps, coupling noise, label dropout).
 
@@ -194,20 +220,27 @@ class Meter:
 #                                             Flags
 # ------------------------------------------------------------------------------------------------
 
-# Without --data-path, train.py is the CPU demo: these replace the paper's values for the flags the
-# user did not give (printed at start). Everything else stays Table 7. What we measured on a 2-core CPU
-# (8 minutes of training each, EMA grids looked at): patch 4 leaves a visible token grid at these sizes,
-# patch 2 does not; 3 stages at 16 px (4, 8, 16) learn slower than 2 (8, 16); 32 px (8, 16, 32) gets only
-# ~900 steps, too few for recognisable shapes. So the demo is a 2-stage, 16 px, patch-2 model (Table 6
-# also trains a K = 2 hierarchy) with a small batch and a high learning rate: ~2000 updates in 8 minutes.
-# The time limit keeps it under 10 minutes on a 2-core machine (it stops at whichever of max_steps and
-# the limit comes first, then checkpoints and draws). Threads: on an idle 2-core machine torch's default
-# (2) was 1.54x faster than 1; on one whose other core is busy, 2 threads were 3-6x slower: --threads 1.
-DEMO_DEFAULTS = dict(model="tiny", patch_size=2, image_size=16, resolutions="8,16", global_batch_size=16, lr=2e-3,
-                     max_steps=4000, log_every=100, ckpt_every=500, sample_every=0, num_workers=0, time_limit=7.5)
-# With --data-path: the paper's ImageNet 256 recipe (Table 7; 32 GPUs x 8 = 256 images per step).
-RECIPE_DEFAULTS = dict(model="XL", patch_size=None, image_size=256, resolutions=None, global_batch_size=256, lr=1e-4,
-                       max_steps=None, log_every=100, ckpt_every=50_000, sample_every=10_000, num_workers=8, time_limit=None)
+# One layer of defaults: --preset fills every flag below that the user did not give (printed at start
+# and in --help). Without --data-path the preset is the CPU demo, with it Table 7's ImageNet 256 recipe.
+# demo, measured on a 2-core CPU (8 minutes of training each, EMA grids looked at): patch 4 leaves a
+# visible token grid at these sizes, patch 2 does not; 3 stages at 16 px (4, 8, 16) learn slower than 2
+# (8, 16); 32 px (8, 16, 32) gets only ~900 steps, too few for recognisable shapes. So the demo is a
+# 2-stage, 16 px, patch-2 model (Table 6 also trains a K = 2 hierarchy) with a small batch and a high
+# learning rate; the time limit keeps it under 10 minutes.
+# imagenet256: Table 7 (XL, patch 4, 32 GPUs x 8 = 256 images per step, lr 1e-4).
+# imagenet512 and imagenet64 are this repository's choices (the paper gives no recipe): see
+# docs/recipes.md. 512: five stages, patch 8, so every stage above 32 px has the token count of the
+# 256 recipe's stage below it; 64: two stages at patch 2 (256 and 1024 tokens).
+AUTO = "auto"  # num_workers: one per core of this process's share of the machine, at most 8, one core left
+_RECIPE = dict(model="XL", global_batch_size=256, lr=1e-4, max_steps=None, log_every=100, ckpt_every=50_000,
+               sample_every=10_000, num_workers=AUTO, time_limit=None)
+TRAIN_PRESETS = {
+    "demo": dict(model="tiny", patch_size=2, image_size=16, resolutions="8,16", global_batch_size=16, lr=2e-3,
+                 max_steps=4000, log_every=100, ckpt_every=500, sample_every=0, num_workers=0, time_limit=7.5),
+    "imagenet256": dict(_RECIPE, patch_size=4, image_size=256, resolutions="32,64,128,256"),
+    "imagenet512": dict(_RECIPE, patch_size=8, image_size=512, resolutions="32,64,128,256,512"),
+    "imagenet64": dict(_RECIPE, patch_size=2, image_size=64, resolutions="32,64"),
+}
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16 (the MFU denominator; --peak-tflops for other hardware)
 
 
@@ -227,43 +260,58 @@ def parse_resolutions(text, image_size):
     return tuple(res)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default, or the values --preset gives it; never 'None'."""
+
+    def _get_help_string(self, action):
+        preset = {n: v[action.dest] for n, v in TRAIN_PRESETS.items() if action.dest in v}
+        if preset:
+            shown = ", ".join(f"{n} {default_workers() if v == AUTO else 'unset' if v is None else v}" for n, v in preset.items())
+            return f"{action.help} (--preset: {shown})"
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_parser():
     p = argparse.ArgumentParser(description="Train CDC-FM. With no --data-path: the CPU demo on built-in shapes.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_Help)
     a = p.add_argument
+    a("--preset", type=str, default=None, choices=list(TRAIN_PRESETS),
+      help="fills the flags you do not give (default: demo without --data-path, else imagenet256)")
     # data
     a("--data-path", type=str, default=None, help="ImageFolder-style directory or .npz (arr_0 uint8 NHWC, optional labels); none = built-in shapes")
     a("--center-crop", action="store_true", help="ADM-style centre crop instead of Table 7's 1.125x random crop")
     a("--num-classes", type=int, default=None, help="default: from the data")
-    a("--num-workers", type=int, default=None, help="data loader workers per process (demo 0, recipe 8)")
+    a("--num-workers", type=_workers, default=None, help="data loader workers per process")
+    a("--no-hflip", action="store_true", help="no random horizontal flip (Table 7 flips; digits and text must not be)")
+    a("--unconditional", action="store_true", help="ignore the labels: one null class (no CFG)")
     a("--dataset-size", type=int, default=20_000, help="built-in shapes only: number of images")
     # model and interpolant
-    a("--model", type=str, default=None, choices=list(cdc.PRESETS), help="demo tiny, recipe XL")
-    a("--depth", type=int, default=None, help="override the preset")
-    a("--width", type=int, default=None, help="override the preset")
-    a("--heads", type=int, default=None, help="override the preset")
-    a("--patch-size", type=int, default=None, help="default: the preset's (4 as in Table 7; tiny 2)")
-    a("--fusion", type=str, default="xattn", choices=cdc.FUSIONS)
-    a("--image-size", type=int, default=None, help="demo 16, recipe 256")
+    a("--model", type=str, default=None, choices=list(cdc.PRESETS), help="DiT size (Peebles & Xie Table 1)")
+    a("--depth", type=int, default=None, help="override the DiT size's")
+    a("--width", type=int, default=None, help="override the DiT size's")
+    a("--heads", type=int, default=None, help="override the DiT size's")
+    a("--patch-size", type=int, default=None, help="patch side p (Table 7: 4)")
+    a("--fusion", type=str, default="xattn", choices=cdc.FUSIONS, help="resolution fusion: eqs. 41-44 or addition (Table 4)")
+    a("--image-size", type=int, default=None, help="side of the training images (the last stage)")
     a("--resolutions", type=str, default=None, help="stage sides, each a power-of-two multiple of the last, e.g. "
-      "32,64,128,256 or Table 6's 64,256 (default: halve down to 32; demo 8,16)")
+      "32,64,128,256 or Table 6's 64,256; with --image-size alone: halve down to 32")
     a("--windows", type=str, default=None, help="stage time-window widths summing to 1, e.g. 0.2,0.3,0.5 (default equal)")
-    a("--sigma", type=float, default=1.0)
-    a("--gamma", type=float, default=2.0)
-    a("--interpolant", type=str, default="linear", choices=cdc.INTERPOLANTS)
-    a("--loss-reduction", type=str, default="mean", choices=cdc.REDUCTIONS)
+    a("--sigma", type=float, default=1.0, help="stage-1 source std (eq. 8)")
+    a("--gamma", type=float, default=2.0, help="diminish factor, sigma_k = gamma^-(k-1) sigma (eq. 20)")
+    a("--interpolant", type=str, default="linear", choices=cdc.INTERPOLANTS, help="Table 5")
+    a("--loss-reduction", type=str, default="mean", choices=cdc.REDUCTIONS, help="per-sample mean or sum (Alg. 1) over pixels")
     a("--stage-sampling", type=str, default="stratified", choices=cdc.STAGE_SAMPLINGS,
       help="stratified: fixed per-stage quotas, the same on every rank; iid: t ~ U[0,1] per sample (Alg. 1)")
-    a("--class-dropout", type=float, default=0.1)
+    a("--class-dropout", type=float, default=0.1, help="label -> null class probability (eq. 74)")
     # optimisation
-    a("--global-batch-size", type=int, default=None, help="demo 16, recipe 256")
-    a("--lr", type=float, default=None, help="demo 2e-3, recipe 1e-4")
-    a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.95)
-    a("--eps", type=float, default=1e-6)
-    a("--weight-decay", type=float, default=0.0)
-    a("--grad-clip", type=float, default=1.0)
-    a("--ema-decay", type=float, default=0.9999)
+    a("--global-batch-size", type=int, default=None, help="images per step over all processes")
+    a("--lr", type=float, default=None, help="AdamW learning rate")
+    a("--beta1", type=float, default=0.9, help="AdamW (Table 7)")
+    a("--beta2", type=float, default=0.95, help="AdamW (Table 7)")
+    a("--eps", type=float, default=1e-6, help="AdamW (Table 7)")
+    a("--weight-decay", type=float, default=0.0, help="AdamW")
+    a("--grad-clip", type=float, default=1.0, help="gradient norm clip (Table 7)")
+    a("--ema-decay", type=float, default=0.9999, help="Table 7")
     a("--ema-warmup", action=argparse.BooleanOptionalAction, default=True, help="decay min(ema, (1+t)/(10+t))")
     a("--precision", type=str, default=None, choices=["bf16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -275,15 +323,15 @@ def get_parser():
     a("--grad-accum", type=int, default=1, help="micro-batches per step (the global batch is unchanged)")
     a("--bucket-mb", type=float, default=25.0, help="DDP gradient bucket size in MB (all-reduce granularity)")
     a("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    a("--epochs", type=int, default=200)
-    a("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs; demo 4000, or the time limit)")
-    a("--threads", type=int, default=None, help="CPU only: intra-op threads (default: torch's, one per core; 1 on a busy machine)")
-    a("--time-limit", type=float, default=None, help="stop training (checkpoint, grid) after this many minutes (demo 8)")
-    a("--global-seed", type=int, default=0)
+    a("--epochs", type=int, default=200, help="passes over the data unless --max-steps")
+    a("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
+    a("--threads", type=int, default=None, help="CPU only: intra-op threads (default: measured, the faster of 1 and all cores)")
+    a("--time-limit", type=float, default=None, help="stop training (checkpoint, grid) after this many minutes")
+    a("--global-seed", type=int, default=0, help="weights, data order, every random draw")
     # bookkeeping
-    a("--results-dir", type=str, default="results")
-    a("--log-every", type=int, default=None)
-    a("--ckpt-every", type=int, default=None)
+    a("--results-dir", type=str, default="results", help="runs go to RESULTS_DIR/NNN-MODEL-SIZE")
+    a("--log-every", type=int, default=None, help="steps between log lines")
+    a("--ckpt-every", type=int, default=None, help="steps between checkpoints")
     a("--sample-every", type=int, default=None, help="EMA sample grid every N steps (0 = only at the end)")
     a("--resume", type=str, default=None, help="'auto' (newest checkpoint of this model/size, or start fresh) or a checkpoint/run dir")
     a("--cfg-scale", type=float, default=3.0, help="CFG scale of the sample grids")
@@ -292,13 +340,29 @@ def get_parser():
     return p
 
 
+def _workers(text):
+    return text if text == AUTO else int(text)
+
+
+def default_workers():
+    """One loader worker per core of this process's share of the machine (torchrun's local processes
+    share it), one core left for the training process itself, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
 def resolve_args(args, demo):
-    """Fill the flags the user left at None from the demo or the recipe defaults; validate."""
+    """Fill the flags the user left at None from --preset (default: demo, or imagenet256 with data); validate."""
+    args.preset = getattr(args, "preset", None) or ("demo" if demo else "imagenet256")
     filled = []
-    for k, v in (DEMO_DEFAULTS if demo else RECIPE_DEFAULTS).items():
+    for k, v in TRAIN_PRESETS[args.preset].items():
+        if k == "resolutions" and args.image_size is not None and args.image_size != TRAIN_PRESETS[args.preset]["image_size"]:
+            continue  # --image-size alone: the stages halve down to 32 from it (parse_resolutions)
         if getattr(args, k) is None and v is not None:
-            setattr(args, k, v)
-            filled.append(f"{k}={v}")
+            setattr(args, k, default_workers() if v == AUTO else v)
+            filled.append(f"{k}={getattr(args, k)}")
+    if args.num_workers == AUTO:
+        args.num_workers = default_workers()
     args.resolutions = parse_resolutions(args.resolutions, args.image_size)
     args.windows = None if args.windows is None else parse_list(args.windows, "--windows", float)
     if args.image_size != args.resolutions[-1]:
@@ -306,7 +370,7 @@ def resolve_args(args, demo):
     for name in ("global_batch_size", "log_every", "ckpt_every", "epochs", "grad_accum"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-    return ("demo defaults (no --data-path): " if demo else "recipe defaults: ") + ", ".join(filled)
+    return f"--preset {args.preset}: " + ", ".join(filled)
 
 
 def build_model(args, num_classes):
@@ -337,11 +401,13 @@ def _prim(v):
 
 
 def build_data(args, world, rank):
-    kw = dict(size=args.dataset_size, num_classes=args.num_classes or 4) if args.data_path is None else {}
+    kw = dict(size=args.dataset_size, num_classes=args.num_classes or 4) if args.data_path is None else {"hflip": not args.no_hflip}
     dataset = build_dataset(args.data_path, args.image_size, center_crop=args.center_crop, seed=args.global_seed, **kw)
     num_classes = dataset.num_classes if args.num_classes is None else args.num_classes
     if num_classes < dataset.num_classes:
         raise ConfigError(f"--num-classes {num_classes} is smaller than the {dataset.num_classes} classes in the data")
+    if args.unconditional:
+        num_classes = 0  # every label becomes 0, the null class of a model with no classes
     order = DataOrder(len(dataset), world, rank, args.global_batch_size, seed=args.global_seed)
     if order.steps_per_epoch == 0:
         raise ConfigError(f"{len(dataset)} images are fewer than one global batch of {args.global_batch_size}")
@@ -491,7 +557,14 @@ def train(args):
     run_dir, step, epoch, pos, notes = open_run(args, config, model, ema, opt, rank, world, distributed)
     log.path = os.path.join(run_dir, "log.txt")
 
-    log(f"run directory {run_dir}; {world} process(es) on {device.type}; {note}")
+    threads = ""
+    if device.type == "cpu":
+        if args.threads is None and world == 1:
+            n, measured = pick_threads(model, cdc_cfg, args, device, args.global_batch_size // args.grad_accum)
+            threads = f"; {n} CPU thread(s), the faster measured ({measured}; --threads to fix it)"
+        else:
+            threads = f"; {torch.get_num_threads()} CPU thread(s)"
+    log(f"run directory {run_dir}; {world} process(es) on {device.type}{threads}; {note}")
     for n in notes:
         log(n)
     log(f"data: {args.data_path or 'built-in shapes'}: {len(dataset)} images, {num_classes} classes; "
@@ -527,6 +600,8 @@ def train(args):
             torch.manual_seed(seed)  # coupling noise (global RNG, on the device)
             gen.manual_seed(seed)    # timesteps and label dropout
             x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)  # uint8 over the bus
+            if num_classes == 0:
+                y = torch.zeros_like(y)
             out, gnorm, ok = train_step(objective, model, ema, opt, x, y, gen, step, args)
             meter.add(out, gnorm, ok)
             step, pos = step + 1, pos + args.global_batch_size
