@@ -61,7 +61,7 @@ def up(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
 
 def pyramid(x: torch.Tensor, K: int) -> list:
     """[x1^(1), ..., x1^(K)] with x1^(k) = D_{K->k}(x) (§3.1) for sides that double from stage to stage;
-    x is the full-resolution image x^(K). (Any path: [down(x, cdc.levels_below_top(s)) for s ...].)"""
+    x is the full-resolution image x^(K). (Any path: [down(x, cfg.levels_below_top(s)) for s ...].)"""
     return [down(x, K - 1 - s) for s in range(K)]
 
 
@@ -74,8 +74,6 @@ def pyramid(x: torch.Tensor, K: int) -> list:
 #                                2. Stages and time (§3.2)
 # ------------------------------------------------------------------------------------------------
 
-INTERPOLANTS = ("linear", "trigonometric", "score")
-
 # The score-based interpolant (Table 5) has alpha = sqrt(1 - tau^2), so alpha_dot = -tau/alpha diverges
 # at tau = 1. Two consequences, handled separately:
 #  * Training: the target I_dot = alpha_dot x0 + x1 has a log-divergent second moment. We evaluate
@@ -84,22 +82,45 @@ INTERPOLANTS = ("linear", "trigonometric", "score")
 #  * Sampling: for stages k > 1 the source has a non-zero mean U(D(x1)), so even the field
 #    E[I_dot | I = x] ~ alpha_dot U(D(x)) blows up like (1 - tau)^-1/2 (it stays finite at stage 1,
 #    where E[x0 | I] = O(alpha)). In u = sqrt(1 - tau) the path is smooth, so for this interpolant the
-#    samplers step uniformly in u (`time_grid`), and Heun takes no corrector at the endpoint tau = 1.
+#    samplers step uniformly in u (`Interpolant.grid`), and Heun takes no corrector at the endpoint.
 #    Linear and trigonometric interpolants use the uniform grid of Alg. 2.
 SCORE_TAU_MAX = 1.0 - 1e-4
 
 
+@dataclass(frozen=True)
+class Interpolant:
+    """I_tau = alpha x0 + beta x1 (eq. 1, 12; Table 5), declared once: adding one touches only INTERPOLANTS.
+
+    coefficients: tau -> (alpha, beta, alpha_dot, beta_dot).
+    singular_end: alpha_dot diverges at tau = 1: the sampler steps uniformly in sqrt(1 - tau), and Heun
+                  takes no corrector on the last step (the field is not defined at tau = 1)."""
+    coefficients: Callable
+    singular_end: bool = False
+
+    def grid(self, steps: int) -> list:
+        """tau_0 = 0 < ... < tau_N = 1: uniform (Alg. 2 line 10), or 1 - (1 - n/N)^2 for a singular end."""
+        if self.singular_end:
+            return [1.0 - (1.0 - n / steps) ** 2 for n in range(steps + 1)]
+        return [n / steps for n in range(steps + 1)]
+
+
+def _score_coefficients(tau):
+    tc = tau.clamp(max=SCORE_TAU_MAX)
+    return torch.sqrt((1 - tau * tau).clamp(min=0)), tau, -tc / torch.sqrt(1 - tc * tc), torch.ones_like(tau)
+
+
+_H = math.pi / 2
+INTERPOLANTS = {
+    "linear": Interpolant(lambda tau: (1 - tau, tau, -torch.ones_like(tau), torch.ones_like(tau))),  # eq. 12
+    "trigonometric": Interpolant(lambda tau: (torch.cos(_H * tau), torch.sin(_H * tau),
+                                              -_H * torch.sin(_H * tau), _H * torch.cos(_H * tau))),
+    "score": Interpolant(_score_coefficients, singular_end=True),
+}
+
+
 def interpolant_coefficients(kind: str, tau: torch.Tensor):
-    """(alpha, beta, alpha_dot, beta_dot) of I_tau = alpha x0 + beta x1 (eq. 1, 12; Table 5)."""
-    if kind == "linear":  # eq. 12: the paper's default
-        return 1 - tau, tau, -torch.ones_like(tau), torch.ones_like(tau)
-    if kind == "trigonometric":
-        h = math.pi / 2
-        return torch.cos(h * tau), torch.sin(h * tau), -h * torch.sin(h * tau), h * torch.cos(h * tau)
-    if kind == "score":
-        tc = tau.clamp(max=SCORE_TAU_MAX)
-        return torch.sqrt((1 - tau * tau).clamp(min=0)), tau, -tc / torch.sqrt(1 - tc * tc), torch.ones_like(tau)
-    raise ValueError(f"unknown interpolant {kind!r}; choose one of {', '.join(INTERPOLANTS)}")
+    """(alpha, beta, alpha_dot, beta_dot) of interpolant `kind` at tau."""
+    return INTERPOLANTS[kind].coefficients(tau)
 
 
 @dataclass(frozen=True)
@@ -203,21 +224,21 @@ def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tens
     return torch.randn(shape, generator=generator, device=gen_device).to(device=device, dtype=dtype)
 
 
-def coupling_source(x1: torch.Tensor, stage: int, cdc: CDCConfig, zeta: Optional[torch.Tensor] = None,
+def coupling_source(x1: torch.Tensor, stage: int, cfg: CDCConfig, zeta: Optional[torch.Tensor] = None,
                     generator=None) -> torch.Tensor:
     """x0^(k) ~ rho_0^(k)(x0 | x1^(k)).
 
     stage 0 (k = 1): x0 = sigma zeta, independent of x1 (eq. 8).
     stage > 0:       x0 = m_k(x1) + sigma_k zeta with m_k = U o D (eq. 9, 10). Since D(x1^(k)) = x1^(k-1)
                      by transitivity, this is U(x1^(k-1)) + sigma_k zeta: the inference prior eq. 17 (App. E.2).
-                     D and U act on the stage's own factor (cdc.levels: 2x2 blocks, or 4x4 for a 4x step).
+                     D and U act on the stage's own factor (cfg.levels: 2x2 blocks, or 4x4 for a 4x step).
     """
     if zeta is None:
         zeta = randn(x1.shape, generator, x1.device, x1.dtype)
     if stage == 0:
-        return cdc.sigma * zeta
-    L = cdc.levels(stage)
-    return up(down(x1, L), L) + cdc.sigma_k(stage) * zeta
+        return cfg.sigma * zeta
+    L = cfg.levels(stage)
+    return up(down(x1, L), L) + cfg.sigma_k(stage) * zeta
 
 
 # ------------------------------------------------------------------------------------------------
@@ -530,7 +551,7 @@ def _quota_wheel(widths: tuple, batch: int):
     return base, frac, starts, period
 
 
-def stage_quotas(cdc: CDCConfig, batch: int, step: Optional[int] = None, generator=None) -> list:
+def stage_quotas(cfg: CDCConfig, batch: int, step: Optional[int] = None, generator=None) -> list:
     """Samples per stage in one stratified step: floor(B w_k) each (w_k = window widths), and the
     r = B - sum of floors left over dealt by a wheel. Lay the fractional parts f_k = B w_k - floor(B w_k)
     end to end as arcs [F_k, F_k + f_k) on a circle of circumference 1 (they wind r times around it):
@@ -541,7 +562,7 @@ def stage_quotas(cdc: CDCConfig, batch: int, step: Optional[int] = None, generat
     passes the same step, has the same counts. step=None draws theta ~ U[0, 1) from `generator`
     instead: E[count_k] = B w_k at every step (randomised systematic sampling). Pure Python on the host:
     no tensor is read, so the step never waits for the device."""
-    widths = cdc.windows or (1.0 / cdc.K,) * cdc.K
+    widths = cfg.windows or (1.0 / cfg.K,) * cfg.K
     base, frac, starts, period = _quota_wheel(tuple(widths), int(batch))
     if sum(base) == batch:
         return list(base)
@@ -558,10 +579,10 @@ def stage_quotas(cdc: CDCConfig, batch: int, step: Optional[int] = None, generat
 
 
 def stage_loss(model: nn.Module, x1: torch.Tensor, y: Optional[torch.Tensor], tau: torch.Tensor, stage: int,
-               cdc: CDCConfig, reduction: str = "mean") -> torch.Tensor:
+               cfg: CDCConfig, reduction: str = "mean") -> torch.Tensor:
     """Per-sample loss of one stage (Alg. 1 lines 6-18) for images x1 = x1^(k) at the stage's side."""
-    x0 = coupling_source(x1, stage, cdc)                        # lines 6-12 (eq. 8, 9)
-    I, I_dot = cdc.interpolate(x0, x1, tau)                     # lines 13-14
+    x0 = coupling_source(x1, stage, cfg)                        # lines 6-12 (eq. 8, 9)
+    I, I_dot = cfg.interpolate(x0, x1, tau)                     # lines 13-14
     return velocity_loss(model(I, tau, y), I_dot, reduction)    # lines 16-18
 
 
@@ -574,14 +595,14 @@ def forward_order(K: int):
     return range(K - 1, -1, -1)
 
 
-def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], cdc: CDCConfig,
+def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], cfg: CDCConfig,
                     class_dropout: float = 0.1, reduction: str = "mean", generator=None,
                     stage_sampling: str = "stratified", step: Optional[int] = None) -> dict:
     """One step of Alg. 1 / Alg. 3 for a batch of full-resolution images x^(K) and labels y.
 
     Each sample gets a stage k and a tau (eq. 12):
       'iid' (Alg. 1 literally): t ~ U[0,1] per sample, so a stage's count is Binomial(B, w_k).
-      'stratified' (default): fixed quotas n_k = `stage_quotas(cdc, B, step)` ~ B w_k, and tau ~ U[0,1]
+      'stratified' (default): fixed quotas n_k = `stage_quotas(cfg, B, step)` ~ B w_k, and tau ~ U[0,1]
         inside each stage, i.e. t uniform in its window. Why the expected loss is Alg. 1's: Alg. 1's
         per-sample loss has expectation E_t[l] = sum_k w_k E[l | k], because t ~ U[0,1] falls in window
         k with probability w_k and is then uniform in it, i.e. tau ~ U[0,1]. The stratified batch mean
@@ -604,8 +625,8 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
              'stage_loss': (K,) mean loss per stage (detached, NaN where a stage got no sample),
              'stage_count': list of K ints}.
     """
-    if x.shape[-1] != cdc.resolutions[-1] or x.shape[-2] != cdc.resolutions[-1]:
-        raise ValueError(f"training images must be {cdc.resolutions[-1]}x{cdc.resolutions[-1]} "
+    if x.shape[-1] != cfg.resolutions[-1] or x.shape[-2] != cfg.resolutions[-1]:
+        raise ValueError(f"training images must be {cfg.resolutions[-1]}x{cfg.resolutions[-1]} "
                          f"(the last resolution), got {tuple(x.shape[-2:])}")
     if not 0 <= class_dropout <= 1:
         raise ValueError(f"class_dropout is a probability in [0, 1], got {class_dropout}")
@@ -613,16 +634,16 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
         raise ValueError(f"unknown loss reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
     if stage_sampling not in STAGE_SAMPLINGS:
         raise ValueError(f"unknown stage sampling {stage_sampling!r}; choose one of {', '.join(STAGE_SAMPLINGS)}")
-    B, K, device = x.shape[0], cdc.K, x.device
+    B, K, device = x.shape[0], cfg.K, x.device
     if stage_sampling == "iid":
         t = torch.rand(B, generator=generator)                  # Alg. 1 line 3, on the CPU
-        stage, tau = cdc.stage_and_tau(t)                       # Alg. 1 line 4
+        stage, tau = cfg.stage_and_tau(t)                       # Alg. 1 line 4
         counts = torch.bincount(stage, minlength=K).tolist()
         order = _to_device(torch.argsort(stage, stable=True), device)  # samples sorted by stage
         xs, tau = x[order], _to_device(tau[order], device)
         y = None if y is None else y[order]
     else:
-        counts = stage_quotas(cdc, B, step, generator)
+        counts = stage_quotas(cfg, B, step, generator)
         xs, tau = x, torch.rand(B, device=device)
     if y is not None and class_dropout > 0:
         y = drop_labels(y, class_dropout, model.null_class)     # Alg. 3 line 15
@@ -633,8 +654,8 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
         if counts[s] == 0:
             continue
         part = slice(starts[s], starts[s] + counts[s])
-        x1 = down(xs[part], cdc.levels_below_top(s))            # x1^(k) = D_{K->k}(x^(K)), line 5
-        per_sample = stage_loss(model, x1, None if y is None else y[part], tau[part], s, cdc, reduction)
+        x1 = down(xs[part], cfg.levels_below_top(s))            # x1^(k) = D_{K->k}(x^(K)), line 5
+        per_sample = stage_loss(model, x1, None if y is None else y[part], tau[part], s, cfg, reduction)
         total = total + per_sample.sum()
         per_stage[s] = per_sample.detach().mean()
     return {"loss": total / B, "stage_loss": per_stage, "stage_count": counts}
@@ -662,7 +683,7 @@ def guided_field(model: nn.Module, y: Optional[torch.Tensor], cfg_scale: float =
     return field
 
 
-def source_noise_estimate(field_value, x, tau, stage, cdc: CDCConfig):
+def source_noise_estimate(field_value, x, tau, stage, cfg: CDCConfig):
     """E[sigma_k zeta | I_tau = x] from the velocity b = E[I_dot | I_tau = x], in closed form.
 
     Write the source as x0 = m + sigma_k zeta with m = P x1, P = U o D for stage > 0 (eq. 9) and P = 0
@@ -676,22 +697,22 @@ def source_noise_estimate(field_value, x, tau, stage, cdc: CDCConfig):
         E[n | x] = (beta b - beta' x + P(alpha b - alpha' x)) / W.
     For stage 0 this is the familiar x - tau b (linear interpolant).
     """
-    a, bt, da, db = (c.view(-1, 1, 1, 1) for c in interpolant_coefficients(cdc.interpolant, tau))
+    a, bt, da, db = (c.view(-1, 1, 1, 1) for c in interpolant_coefficients(cfg.interpolant, tau))
     W = da * bt - db * a
     est = bt * field_value - db * x
     if stage > 0:
-        L = cdc.levels(stage)
+        L = cfg.levels(stage)
         est = est + up(down(a * field_value - da * x, L), L)
     return est / W
 
 
-def score_from_velocity(field_value, x, tau, stage, cdc: CDCConfig):
+def score_from_velocity(field_value, x, tau, stage, cfg: CDCConfig):
     """s_tau(x) = grad log rho_tau(x) (eq. 26). I = (function of x1) + alpha sigma_k zeta with zeta
     independent of x1, so Tweedie gives s = -E[alpha sigma_k zeta | x] / (alpha sigma_k)^2
     = -E[n | x] / (alpha sigma_k^2) (eq. 28 with gamma_t -> alpha sigma_k). Finite for tau < 1.
     Because the map b -> s is affine with weights summing to one, CFG on b is CFG on s (App. I (ii))."""
-    alpha = interpolant_coefficients(cdc.interpolant, tau)[0].view(-1, 1, 1, 1)
-    return -source_noise_estimate(field_value, x, tau, stage, cdc) / (alpha * cdc.sigma_k(stage) ** 2)
+    alpha = interpolant_coefficients(cfg.interpolant, tau)[0].view(-1, 1, 1, 1)
+    return -source_noise_estimate(field_value, x, tau, stage, cfg) / (alpha * cfg.sigma_k(stage) ** 2)
 
 
 def steps_per_stage(steps, K):
@@ -704,16 +725,8 @@ def steps_per_stage(steps, K):
     return steps
 
 
-def time_grid(steps: int, interpolant: str = "linear") -> list:
-    """tau_0 = 0 < ... < tau_N = 1. Uniform (Alg. 2 line 10) except for the score-based interpolant,
-    whose field is singular at tau = 1: there tau_n = 1 - (1 - n/N)^2, uniform in u = sqrt(1 - tau)."""
-    if interpolant == "score":
-        return [1.0 - (1.0 - n / steps) ** 2 for n in range(steps + 1)]
-    return [n / steps for n in range(steps + 1)]
-
-
 @torch.no_grad()
-def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cdc: CDCConfig,
+def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cfg: CDCConfig,
                     solver: str = "euler", sde_scale: float = 1.0, generator=None) -> torch.Tensor:
     """Carry X_0^(k) = x to X_1^(k) along one stage (Alg. 2 lines 9-13, eq. 78-80).
 
@@ -729,19 +742,20 @@ def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cdc: 
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if not sde_scale >= 0:
         raise ValueError(f"sde_scale (the diffusion coefficient's scale) must be >= 0, got {sde_scale}")
-    grid = time_grid(steps, cdc.interpolant)
+    path = INTERPOLANTS[cfg.interpolant]
+    grid = path.grid(steps)
     ones = torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
     for t_n, t_next in zip(grid[:-1], grid[1:]):
         h, tau = t_next - t_n, ones * t_n
         b = field(x, tau, stage)
-        if solver == "euler" or (solver == "heun" and t_next == 1.0 and cdc.interpolant == "score"):
+        if solver == "euler" or (solver == "heun" and t_next == 1.0 and path.singular_end):
             x = x + h * b
         elif solver == "heun":
             x_pred = x + h * b
             x = x + 0.5 * h * (b + field(x_pred, ones * t_next, stage))
         else:
-            noise = source_noise_estimate(b, x, tau, stage, cdc)
-            eps = sde_scale * interpolant_coefficients(cdc.interpolant, tau)[0].view(-1, 1, 1, 1) * cdc.sigma_k(stage) ** 2
+            noise = source_noise_estimate(b, x, tau, stage, cfg)
+            eps = sde_scale * path.coefficients(tau)[0].view(-1, 1, 1, 1) * cfg.sigma_k(stage) ** 2
             x = x + h * (b - sde_scale * noise)
             if t_next < 1.0:
                 x = x + torch.sqrt(2 * eps * h) * randn(x.shape, generator, x.device, x.dtype)
@@ -749,7 +763,7 @@ def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cdc: 
 
 
 @torch.no_grad()
-def sample(field: Field, cdc: CDCConfig, n: int, channels: int = 3, steps=24, solver: str = "euler",
+def sample(field: Field, cfg: CDCConfig, n: int, channels: int = 3, steps=24, solver: str = "euler",
            sde_scale: float = 1.0, generator=None, device=None, return_stages: bool = False):
     """Multi-stage sampling (Alg. 2 / Alg. 4, eq. 16-17, 79-81).
 
@@ -758,13 +772,13 @@ def sample(field: Field, cdc: CDCConfig, n: int, channels: int = 3, steps=24, so
     `generator` (drawn on its device: pass one on the sampling device for speed on a GPU).
     Returns the final images, or the list of every stage's output if return_stages (Fig. 9).
     """
-    steps = steps_per_stage(steps, cdc.K)
-    r = cdc.resolutions[0]
-    x = cdc.sigma * randn((n, channels, r, r), generator, device)          # Alg. 2 line 1
+    steps = steps_per_stage(steps, cfg.K)
+    r = cfg.resolutions[0]
+    x = cfg.sigma * randn((n, channels, r, r), generator, device)          # Alg. 2 line 1
     outputs = []
-    for s in range(cdc.K):
+    for s in range(cfg.K):
         if s > 0:                                                           # lines 4-8, eq. 17
-            x = up(x, cdc.levels(s)) + cdc.sigma_k(s) * randn((n, channels) + (cdc.resolutions[s],) * 2, generator, device)
-        x = integrate_stage(field, x, s, steps[s], cdc, solver, sde_scale, generator)
+            x = up(x, cfg.levels(s)) + cfg.sigma_k(s) * randn((n, channels) + (cfg.resolutions[s],) * 2, generator, device)
+        x = integrate_stage(field, x, s, steps[s], cfg, solver, sde_scale, generator)
         outputs.append(x)
     return outputs if return_stages else x

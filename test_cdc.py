@@ -684,8 +684,8 @@ def test_next_stage_starts_from_upsampled_output_plus_sigma_k_noise():
 
 
 def test_score_time_grid_is_uniform_in_sqrt_one_minus_tau():
-    g = cdc.time_grid(10, "score")
+    g = cdc.INTERPOLANTS["score"].grid(10)
     assert g[0] == 0 and g[-1] == 1 and all(b > a for a, b in zip(g, g[1:]))
     u = [math.sqrt(1 - v) for v in g]
     assert max(abs((u[i] - u[i + 1]) - 0.1) for i in range(10)) < 1e-12
-    assert cdc.time_grid(4, "linear") == [0, 0.25, 0.5, 0.75, 1.0]
+    assert cdc.INTERPOLANTS["linear"].grid(4) == [0, 0.25, 0.5, 0.75, 1.0]
