@@ -183,14 +183,20 @@ def test_one_network_evaluation_per_step_without_guidance():
         assert calls == [per_call] * 6, (scale, calls)   # 3 stages x 2 steps
 
 
-def test_sampling_noise_is_drawn_on_the_generators_device():
-    """No host draw per stage: with a generator on the sampling device the noise comes from it (here the
-    CPU stands in for the GPU); a second run with the same generator seed is identical."""
+def test_sampling_noise_is_drawn_on_the_sampling_device():
+    """No host draw per stage: sampling on the meta device with no generator (the device's own RNG) makes
+    no host-to-device copy at all, while a CPU generator feeding the same device does copy (so the count
+    can see one). A host draw plus a copy per stage fails the first assertion."""
+    from test_hotpath import HostToDevice
     config = cdc.CDCConfig(resolutions=(4, 8, 16))
     zero = lambda x, t, s: torch.zeros_like(x)  # noqa: E731  outputs are then the sampler's own noise
-    a = cdc.sample(zero, config, 3, steps=1, generator=torch.Generator("cpu").manual_seed(5), device="cpu")
-    b = cdc.sample(zero, config, 3, steps=1, generator=torch.Generator("cpu").manual_seed(5), device="cpu")
-    assert torch.equal(a, b) and a.device.type == "cpu"
+    for solver in ("euler", "sde"):
+        with HostToDevice() as seen:
+            out = cdc.sample(zero, config, 3, steps=2, solver=solver, device="meta")
+        assert seen.copies == [] and out.device.type == "meta" and out.shape == (3, 3, 16, 16)
+    with HostToDevice() as seen:
+        cdc.sample(zero, config, 3, steps=1, generator=torch.Generator("cpu").manual_seed(5), device="meta")
+    assert seen.copies
 
 
 # ------------------------------------------------------------------------------------------------
