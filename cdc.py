@@ -603,23 +603,17 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
     Each sample gets a stage k and a tau (eq. 12):
       'iid' (Alg. 1 literally): t ~ U[0,1] per sample, so a stage's count is Binomial(B, w_k).
       'stratified' (default): fixed quotas n_k = `stage_quotas(cfg, B, step)` ~ B w_k, and tau ~ U[0,1]
-        inside each stage, i.e. t uniform in its window. Why the expected loss is Alg. 1's: Alg. 1's
-        per-sample loss has expectation E_t[l] = sum_k w_k E[l | k], because t ~ U[0,1] falls in window
-        k with probability w_k and is then uniform in it, i.e. tau ~ U[0,1]. The stratified batch mean
-        (1/B) sum_k sum_{j in k} l_j has expectation sum_k (n_k / B) E[l | k]: equal when n_k = B w_k
-        (e.g. B divisible by K for equal windows), and otherwise equal on average over the steps,
-        since the quotas' long-run mix is exactly B w_k. The data are i.i.d. either way. Its variance
-        is never larger: stratification with proportional allocation removes the between-stage term
-        (1/B) sum_k w_k (E[l | k] - E[l])^2 of the i.i.d. variance and keeps the within-stage one.
-        Every rank (same step) carries the same stage mix, and shapes repeat: see the README on load
-        balance and compilation.
+        inside each stage, i.e. t uniform in its window. The expected loss is Alg. 1's, sum_k w_k E[l | k]
+        (exactly when n_k = B w_k, else on average over the steps, whose long-run mix is exactly B w_k),
+        and the variance is never larger: proportional stratification removes the between-stage term
+        (1/B) sum_k w_k (E[l | k] - E[l])^2 and keeps the within-stage one. Every rank (same step)
+        carries the same stage mix, and shapes repeat (static shapes for torch.compile).
     Samples are grouped by stage (stratified: the first n_1 samples go to stage 1, and so on; the data
-    are already in random order) and the model runs once per non-empty stage (stages differ in token
-    count). Random numbers: under 'iid', t comes from `generator` (a CPU generator, or None for the
-    global CPU RNG) so that the grouping is known on the host; the quota pointer of step=None too.
-    Everything else (stratified tau, label-dropout coins, zeta) comes from the global RNG of x's device:
-    the default step copies nothing from the host and never waits for the device. Pass the bare (or
-    compiled) model: it reads model.null_class. For DDP, wrap a module that calls this function.
+    are already in random order); the model runs once per non-empty stage, largest first. Random numbers:
+    'iid' draws t from `generator` (CPU) so that the grouping is known on the host, as does the quota
+    pointer of step=None; everything else (stratified tau, label coins, zeta) comes from the global RNG
+    of x's device, so the default step copies nothing from the host and never waits for the device.
+    Pass the bare (or compiled) model: it reads model.null_class. For DDP, wrap a module that calls this.
 
     Returns {'loss': batch mean of per-sample losses (scalar, differentiable),
              'stage_loss': (K,) mean loss per stage (detached, NaN where a stage got no sample),
