@@ -265,7 +265,8 @@ def test_loss_reduction_is_the_per_sample_loss_the_run_trained_on(recorded):
     Catches the flag ignored (mean instead of sum) or inverted."""
     s = SETTINGS[recorded["name"]]
     reduction = s["reduction"]
-    assert len(recorded["losses"]) == 2 * len(RES)                         # every stage, both steps
+    # one call per stage that got samples, both steps (an i.i.d. draw may leave a stage empty)
+    assert len(recorded["losses"]) == sum(n > 0 for step in recorded["steps"] for n in step["counts"]) >= 2 * len(RES) - 2
     for call in recorded["losses"]:
         sq = (call["b"] - call["I_dot"]).pow(2).flatten(1)
         torch.testing.assert_close(call["value"].float(), sq.sum(1) if reduction == "sum" else sq.mean(1))

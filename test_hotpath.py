@@ -16,6 +16,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cdc
+import runs
 import train
 from runs import ConfigError
 
@@ -94,7 +95,7 @@ def _ddp_worker(rank, world, store, out):
                                       "grad_err": max(float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(grads, ref))})
     if rank == 0:
         torch.save(gathered, out)
-    dist.destroy_process_group()
+    runs.end_distributed()  # not a plain destroy: see its docstring
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +234,7 @@ def _resume_worker(rank, world, store, dirs, out, unreadable_on):
     dist.all_gather_object(gathered, result)
     if rank == 0:
         torch.save(gathered, out)
-    dist.destroy_process_group()
+    runs.end_distributed()  # not a plain destroy: see its docstring
 
 
 @pytest.mark.parametrize("unreadable_on", [None, 1])

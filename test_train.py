@@ -524,9 +524,13 @@ def recording_step(objective, model, ema, opt, x, y, gen, s, args):
     noise = None
     rec["weights"].append({{k: v.detach().clone() for k, v in model.state_dict().items()}})
     return out
+end = train.end_distributed
+def save_then_end():  # train() ends a distributed run with os._exit: save what was recorded first
+    torch.save(rec, "rank%s.pt" % os.environ["RANK"])
+    end()
 data.ProceduralShapes.__getitem__, cdc.randn, train.train_step = getitem, recording_randn, recording_step
+train.end_distributed = save_then_end
 train.main(sys.argv[1:])
-torch.save(rec, "rank%s.pt" % os.environ["RANK"])
 """
 
 
@@ -563,7 +567,9 @@ def test_torchrun_two_processes_gloo_ranks_agree_and_split_the_data(tmp_path):
     # noise: every step draws per-rank coupling noise, and the ranks' draws differ
     for s, (n0, n1) in enumerate(zip(r0["noise"], r1["noise"])):
         assert len(n0) == len(n1) > 0 and all(u.shape == v.shape and not torch.equal(u, v) for u, v in zip(n0, n1)), s
-    assert len({seed for r in (r0, r1) for pair in r["seeds"] for seed in pair}) == 8  # (rank, step) -> own seeds
+    # (rank, step) -> own seeds, and the timestep generator's differs from the global RNG's (one seed for both
+    # would make the iid t replay the label coins' uniforms on the CPU)
+    assert len({seed for r in (r0, r1) for pair in r["seeds"] for seed in pair}) == 16
 
 
 def make_checkpoint(path, config=cdc.CDCConfig(resolutions=(4, 8, 16))):
@@ -656,3 +662,14 @@ def test_cpu_threads_are_the_faster_measured(monkeypatch, faster):
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     finally:
         torch.set_num_threads(1)
+
+
+def test_the_timestep_generator_does_not_replay_the_global_rng():
+    """train.py seeds the global RNG (label coins, zeta) and the iid timesteps' CPU generator every step;
+    with one seed for both, t would be the coins' own uniforms (on the CPU): the streams must differ."""
+    seed, gseed = train.step_seed(0, 0, 5), train.step_seed(0, 0, 5, stream=1)
+    assert gseed != seed and train.step_seed(0, 0, 5, stream=0) == seed
+    torch.manual_seed(seed)
+    coins = torch.rand(64)
+    t = torch.rand(64, generator=torch.Generator().manual_seed(gseed))
+    assert abs(float(torch.corrcoef(torch.stack([coins, t]))[0, 1])) < 0.4

@@ -26,10 +26,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import cdc
-from runs import (ConfigError, Logger, attention_kernel, check_compatible, die, find_resume, find_runs,
-                  list_checkpoints, load_checkpoint, peak_memory_gb, save_checkpoint, set_attention_backend,
-                  setup_distributed)
-from runs import ATTENTION_BACKENDS
+from runs import (ATTENTION_BACKENDS, ConfigError, Logger, attention_kernel, check_compatible, die, end_distributed,
+                  find_resume, find_runs, list_checkpoints, load_checkpoint, peak_memory_gb, save_checkpoint,
+                  set_attention_backend, setup_distributed)
 from data import DataError, DataOrder, build_dataset, normalize, save_grid, save_stage_sheet
 
 # ------------------------------------------------------------------------------------------------
@@ -149,12 +148,13 @@ def pick_threads(model, cdc_cfg, args, device, batch):
     return best, ", ".join(f"{n} thread(s) {t * 1e3:.0f} ms/step" for n, t in seconds.items())
 
 
-def step_seed(global_seed, rank, step):
+def step_seed(global_seed, rank, step, stream=0):
     """Seed of every random draw of one rank at one step (timesteps, coupling noise, label dropout).
 
     Re-seeding each step from (seed, rank, step) instead of carrying RNG state makes a resumed run
     bit-identical to an uninterrupted one by construction: nothing random depends on history."""
-    return int(np.random.SeedSequence((global_seed, rank, step)).generate_state(1, np.uint64)[0] >> 1)
+    key = (global_seed, rank, step) if stream == 0 else (global_seed, rank, step, stream)  # stream 0: as before
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -598,7 +598,9 @@ def train(args):
         for x, y in loader:
             seed = step_seed(args.global_seed, rank, step)
             torch.manual_seed(seed)  # coupling noise (global RNG, on the device)
-            gen.manual_seed(seed)    # timesteps and label dropout
+            # the iid timesteps' CPU generator: another seed, else it would replay the global RNG's first
+            # uniforms (on the CPU, t would then equal the label coins and correlate with zeta)
+            gen.manual_seed(step_seed(args.global_seed, rank, step, stream=1))
             x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)  # uint8 over the bus
             if num_classes == 0:
                 y = torch.zeros_like(y)
@@ -648,7 +650,7 @@ def train(args):
         log(f"EMA sample grid {grid}, Fig. 9 stage sheet {sheet} ({time.time() - t0:.1f}s); done at step {step}")
     if distributed:
         dist.barrier()
-        dist.destroy_process_group()
+        end_distributed()
 
 
 def main(argv=None):

@@ -33,6 +33,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cdc  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 from runs import ConfigError, die, peak_memory_gb  # noqa: E402
 
@@ -173,7 +174,7 @@ def _ddp_worker(rank, world, args, store):
             print(f"stages {name:>14}: {results[name][2] * 100:5.1f}% of the gradient launches its all-reduce before the "
                   f"largest stage's backward ends; DDP step {ddp_s * 1e3:7.1f} ms, without communication {compute_s * 1e3:7.1f} ms: "
                   f"exposed communication {exposed * 1e3:6.1f} ms = {exposed / comm * 100:5.1f}% of the all-reduce alone", flush=True)
-    dist.destroy_process_group()
+    runs.end_distributed()  # not a plain destroy: see its docstring
 
 
 def main():
