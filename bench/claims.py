@@ -472,12 +472,9 @@ class StageObjective(nn.Module):
 
     def forward(self, x, y, generator, step):
         s, B = self.stage, x.shape[0]
-        x1 = cdc.down(x, self.cfg.levels_below_top(s))
-        x0 = cdc.coupling_source(x1, s, self.cfg)
         tau = torch.rand(B, generator=generator)
         y = cdc.drop_labels(y, self.p, self.model.null_class, generator)
-        I, I_dot = self.cfg.interpolate(x0, x1, tau)
-        per = cdc.velocity_loss(self.model(I, tau, y), I_dot, self.reduction)
+        per = cdc.stage_loss(self.model, cdc.down(x, self.cfg.levels_below_top(s)), y, tau, s, self.cfg, self.reduction)
         counts = [0] * self.cfg.K
         counts[s] = B
         stage_loss = torch.full((self.cfg.K,), float("nan"))
