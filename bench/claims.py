@@ -617,7 +617,7 @@ def cdc_lr():
 # (seed 1234) and never touches the training RNG, so the final numbers equal those of a 4-point run
 # (claim 1's K = 3 row, their baseline) and each run saves ~2 minutes of sampling on the CPU.
 def ablation(**kw):
-    return spec(lr=cdc_lr(), n_evals=1, **kw)
+    return spec(**{"lr": cdc_lr(), "n_evals": 1, **kw})
 
 
 ABLATION_SEEDS = (0,)  # claims 2-6; `run --seeds 0,1,2` adds seeds (claim 7 always runs the headline seeds)
@@ -676,11 +676,69 @@ def set_curves():
     return out
 
 
-CURVE_SETS = ("curves",)  # trained with train_curve (stoppable at --max-pflop, resumable)
+# Re-checks on models that have learned (issue: the curves' lrs came from a grid at 0.003 PFLOP, claim 3's
+# gamma sweep and claim 4's score row were at 0.008, where single-stage FM had not learned).
+LONG_MARKS = [0.004, 0.008, 0.016, 0.032]  # curve marks: these evaluations equal the curves' at those points
+LONG_SEED = 100  # the lr grid's seed, not a headline seed
+
+
+def lr_ladder(results, lrs):
+    """lrs widened by factors of 2 until the best (lowest final cfd of `results(lr)`, None while a run is
+    missing) is interior; returns the lrs to run."""
+    lrs = sorted(lrs)
+    while True:
+        finals = [results(lr) for lr in lrs]
+        if any(f is None for f in finals):
+            return lrs
+        best = min(range(len(lrs)), key=lambda i: finals[i])
+        if 0 < best < len(lrs) - 1:
+            return lrs
+        lrs = [lrs[0] / 2] + lrs if best == 0 else lrs + [lrs[-1] * 2]
+
+
+def final_cfd(set_name, s):
+    p = os.path.join(RESULTS, set_name, run_name(s) + ".json")
+    if not os.path.exists(p):
+        return None
+    r = read_json(p)
+    if r.get("diverged_at_step") is not None:
+        return math.inf
+    return r["final"]["cfd"] if r.get("complete", True) else None
+
+
+def set_lrlong():
+    """Both methods' lr at 0.032 PFLOP (seed 100, evaluated at LONG_MARKS): x1/2, x1, x2 the curves' lr,
+    widened until the optimum is interior."""
+    out = []
+    for res in (K3, K1):
+        mk = lambda lr, res=res: spec(resolutions=res, lr=lr, seed=LONG_SEED, budget_pflop=LONG_MARKS[-1],  # noqa: E731
+                                      n_evals=len(LONG_MARKS), eval_pflop=LONG_MARKS)
+        base = best_lr(res)
+        out += [mk(lr) for lr in lr_ladder(lambda lr: final_cfd("lrlong", mk(lr)), [base / 2, base, base * 2])]
+    return out
+
+
+def set_claim3long():
+    """gamma in {1, 4, 6} at 0.032 PFLOP, where CDC's curve has flattened, seeds 0 and 1; gamma 2 is the
+    curves' K = 3 run at its 0.032 mark (the same evaluation noise and n)."""
+    return [spec(resolutions=K3, lr=cdc_lr(), gamma=g, seed=seed, budget_pflop=LONG_MARKS[-1], n_evals=3,
+                 eval_pflop=LONG_MARKS[1:]) for seed in (0, 1) for g in (1.0, 4.0, 6.0)]
+
+
+def set_claim4lr():
+    """The score interpolant at its own lr (claim 4's budget 0.008 PFLOP, seed 0): x1/4..x2 CDC's lr,
+    widened until the optimum is interior (the lr 4e-3 run repeats claim 4's row)."""
+    mk = lambda lr: ablation(interpolant="score", seed=0, lr=lr)  # noqa: E731
+    base = cdc_lr()
+    return [mk(lr) for lr in lr_ladder(lambda lr: final_cfd("claim4lr", mk(lr)), [base / 4, base / 2, base, base * 2])]
+
+
+CURVE_SETS = ("curves", "lrlong", "claim3long")  # trained with train_curve (stoppable at --max-pflop, resumable)
 
 SETS = {"lrgrid": set_lrgrid, "claim1": set_claim1, "claim2": set_claim2, "claim3": set_claim3,
         "claim4": set_claim4, "claim5": set_claim5, "claim6": set_claim6,
-        "claim7": set_claim7, "curves": set_curves}
+        "claim7": set_claim7, "curves": set_curves, "lrlong": set_lrlong, "claim3long": set_claim3long,
+        "claim4lr": set_claim4lr}
 # sampling-only sets on the claim-1 checkpoints (no training)
 SAMPLING_SETS = ("claim8", "claim9")
 
@@ -763,7 +821,10 @@ def cmd_run(a):
     for name in a.sets:
         if name in SAMPLING_SETS:
             continue
-        for s in SETS[name]():
+        seen = set()
+        while todo := [s for s in SETS[name]() if run_name(s) not in seen]:  # re-read: a grid may widen
+            s = todo[0]
+            seen.add(run_name(s))
             path = os.path.join(RESULTS, name, run_name(s) + ".json")
             if name in CURVE_SETS:
                 curves_floor(data, ev, log)
@@ -867,6 +928,89 @@ def run_curve(name, s, path, data, ev, log, a):
     log(f"run {path} (to {stop:g} PFLOP)")
     r = train_curve(s, data, ev, path, log, max_pflop=a.max_pflop, ckpt_path=ckpt_path, on_write=on_write)
     log(f"wrote {path}: {m_label(r)}")
+    if name == "curves" and r["complete"]:
+        out = final_eval(s, data, ev, log)
+        if a.commit and out:
+            git_commit(out, f"bench: curves final evaluation of {run_name(s)}", log)
+
+
+# ------------------------------------------------------------------------------------------------
+#            The curves' final models: 1,000 samples, classifier metrics and the Inception FID
+# ------------------------------------------------------------------------------------------------
+
+FINAL = os.path.join(RESULTS, "curves_final")
+FINAL_N, FINAL_SEED = 1000, 4321  # 100 per digit; noise unlike the curves' (seed 1234, 200 samples)
+STEPS_SWEEP = (2, 4, 8, 16, 24)  # claim 9 again, on the learned models (200 samples, the curves' noise)
+
+
+def inception_stats(det, x):
+    """Mean and covariance of the standard Inception's pool features of digits in [-1, 1] (N, 1, 32, 32),
+    as fid.py sees samples: uint8, grey replicated to RGB, the TF graph's resize to 299."""
+    import fid
+    from data import to_uint8
+    u8 = to_uint8(x.float().clamp(-1, 1).repeat(1, 3, 1, 1)).numpy()
+    return fid.extract(det, fid.npz_batches(u8, 50), "cpu", every=1e9)["pool"].result()
+
+
+def inception_ref(det, data, log):
+    """The reference: all 2,000 held-out digits (cached); floor: 1,000 training digits against it, and the
+    classifier metrics of 1,000 held-out digits (results/curves_final/floor.json)."""
+    path = os.path.join(CACHE, f"inception_heldout{N_HELDOUT}_{det.sha1[:12]}.npz")
+    if not os.path.exists(path):
+        t0 = time.time()
+        mu, sigma = inception_stats(det, data[2])
+        np.savez(path, mu=mu, sigma=sigma)
+        log(f"  Inception statistics of the {N_HELDOUT} held-out digits ({time.time() - t0:.0f}s)")
+    with np.load(path) as f:
+        return f["mu"], f["sigma"]
+
+
+def final_eval(s, data, ev, log):
+    """FINAL_N samples of a complete curves run's final EMA (bench/cache/ema): classifier cfd / acc, the
+    Inception FID against the 2,000 held-out digits, and the steps-per-stage sweep. Returns the paths written."""
+    import fid
+    name = run_name(s)
+    out = os.path.join(FINAL, name + ".json")
+    ck = os.path.join(CACHE, "ema", f"curves__{name}.pt")
+    if os.path.exists(out) or not os.path.exists(ck):
+        return []
+    det = fid.load_detector(None, "cpu")
+    ref = inception_ref(det, data, log)
+    paths = []
+    floor_path = os.path.join(FINAL, "floor.json")
+    if not os.path.exists(floor_path):
+        t0 = time.time()
+        fl = {"inception_fid": fid.frechet_distance(*inception_stats(det, data[0][:FINAL_N]), *ref),
+              "inception_what": f"the first {FINAL_N} training digits against the {N_HELDOUT} held-out digits",
+              "classifier": ev.floor(FINAL_N, 32), "classifier_what": f"{FINAL_N} held-out digits (seed 0)",
+              "classifier_sha1": getattr(ev, "clf_sha1", None), "detector_sha1": det.sha1,
+              "seconds": time.time() - t0, "machine": MACHINE}
+        write_json(floor_path, fl)
+        paths.append(floor_path)
+        log(f"  final floor: {json.dumps(fl)}")
+    saved = torch.load(ck, weights_only=False)
+    res = tuple(s["resolutions"])
+    cfg = cdc.CDCConfig(resolutions=res, sigma=s["sigma"], gamma=s["gamma"], interpolant=s["interpolant"])
+    ema = make_model(s, res)
+    ema.load_state_dict(saved["ema"])
+    ema.eval()
+    x, y, sample_s = draw(ema, cfg, FINAL_N // 10, s, seed=FINAL_SEED)
+    t0 = time.time()
+    r = {"kind": "final", "spec": s, "n": len(x), "seed": FINAL_SEED, "sample_seconds": sample_s, **ev.metrics(x, y),
+         "inception_fid": fid.frechet_distance(*inception_stats(det, x), *ref), "inception_ref_n": N_HELDOUT}
+    r["inception_seconds"] = time.time() - t0
+    sweep = []
+    for n in STEPS_SWEEP:
+        xs, ys, secs = draw(ema, cfg, s["eval_n"] // 10, s, seed=1234, steps=n)
+        sweep.append({"steps_per_stage": n, "n": len(xs), "sample_seconds": secs, **ev.metrics(xs, ys)})
+    r.update(steps_sweep=sweep, classifier_sha1=getattr(ev, "clf_sha1", None), detector_sha1=det.sha1,
+             machine=MACHINE, torch=torch.__version__)
+    write_json(out, r)
+    png = os.path.join(FINAL, name + ".png")
+    save_digits(x.view(10, -1, *x.shape[1:])[:, :10].reshape(-1, *x.shape[1:]), png)
+    log(f"  final {name}: cfd {r['cfd']:.2f} acc {r['acc']:.3f} Inception FID {r['inception_fid']:.2f} (n {len(x)}); "
+        f"steps sweep cfd {[round(v['cfd'], 1) for v in sweep]}")
+    return paths + [out, png]
 
 
 INCEPTION_N, INCEPTION_REF = 100, 500
@@ -937,6 +1081,11 @@ def main(argv=None):
                    help="curves: stop each run after its last evaluation mark <= this (a later call continues)")
     r.add_argument("--commit", action="store_true",
                    help="curves: git-commit each run's JSON and sample grid (only those files) as they are written")
+    f = sub.add_parser("final", help="final evaluation (1,000 samples, Inception FID, steps sweep) of the complete "
+                       "curves runs whose EMA is in bench/cache")
+    f.add_argument("--mnist", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
+    f.add_argument("--threads", type=int, default=1)
+    f.add_argument("--commit", action="store_true")
     i = sub.add_parser("inception", help="standard Inception FID of the claim-1 models (needs their cached EMA weights)")
     i.add_argument("--mnist", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
     i.add_argument("--threads", type=int, default=1)
@@ -947,6 +1096,16 @@ def main(argv=None):
     PROCESS_CODE = code_version()
     if a.cmd == "run":
         cmd_run(a)
+    elif a.cmd == "final":
+        torch.set_num_threads(a.threads)
+        log = lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)  # noqa: E731
+        data = load_mnist(a.mnist)
+        ev = Evaluator(data, get_classifier(data))
+        ev.clf_sha1 = classifier_sha1()
+        for s in set_curves():
+            out = final_eval(s, data, ev, log)
+            if a.commit and out:
+                git_commit(out, f"bench: curves final evaluation of {run_name(s)}", log)
     elif a.cmd == "inception":
         cmd_inception(a)
     else:
