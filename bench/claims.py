@@ -438,6 +438,10 @@ def train_curve(spec, data, ev, out_path, log, max_pflop=None, ckpt_path=None, c
             ckpt()
             last_ckpt = time.time()
             save_digits(x[::max(1, len(x) // 100)][:100], png)
+            grid = os.path.join(CACHE, "grids", f"{os.path.basename(os.path.dirname(out_path))}__{name}__"
+                                f"{st['evals'][-1]['mark_pflop']:g}.png")  # every mark's grid (not committed)
+            os.makedirs(os.path.dirname(grid), exist_ok=True)
+            save_digits(x[::max(1, len(x) // 100)][:100], grid)
             r = result()
             write_json(out_path, r)
             done = len(st["evals"]) >= n_target
