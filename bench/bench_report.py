@@ -547,14 +547,122 @@ def report_curves(plt):
     print("\nfigure:", fig_curves(g, plt))
 
 
+# ------------------------------------------------------------------------------------------------
+#               Re-checks on learned models: lr at 0.032 PFLOP, gamma, score lr, final models
+# ------------------------------------------------------------------------------------------------
+
+
+def at_mark(r, mark):
+    """The evaluation of run r at compute mark `mark` (PFLOP), or None."""
+    return next((e for e in r["evals"] if abs(e.get("mark_pflop", e["pflop"]) - mark) < 1e-9 * max(mark, 1)), None)
+
+
+def table_lrlong():
+    runs = [r for r in load("lrlong") if r.get("complete")]
+    if not runs:
+        return ""
+    marks = runs[0]["spec"]["eval_pflop"]
+    rows = ["| method | lr | " + " | ".join(f"cfd / acc at {m:g}" for m in marks) + " |",
+            "|---|---|" + "---|" * len(marks)]
+    for r in sorted(runs, key=lambda r: (len(r["spec"]["resolutions"]), r["spec"]["lr"])):
+        if r.get("diverged_at_step") is not None:
+            rows.append(f"| {method(r['spec'])} | {r['spec']['lr']:g} | diverged at step {r['diverged_at_step']} |")
+            continue
+        cells = [(lambda e: f"{e['cfd']:.1f} / {e['acc']:.3f}" if e else "-")(at_mark(r, m)) for m in marks]
+        rows.append(f"| {method(r['spec'])} | {r['spec']['lr']:g} | " + " | ".join(cells) + " |")
+    best = {}
+    for r in runs:
+        if r.get("diverged_at_step") is None:
+            m = method(r["spec"])
+            if m not in best or r["final"]["cfd"] < best[m][0]:
+                best[m] = (r["final"]["cfd"], r["spec"]["lr"])
+    return "\n".join(rows) + "\n\nLowest cfd at the last mark: " + "; ".join(
+        f"{m}: lr {lr:g} ({c:.1f})" for m, (c, lr) in sorted(best.items()))
+
+
+def table_claim3long():
+    runs = [r for r in load("claim3long") if r.get("complete")]
+    if not runs:
+        return ""
+    mark = runs[0]["spec"]["eval_pflop"][-1]
+    seeds = sorted({r["spec"]["seed"] for r in runs})
+    by_gamma = defaultdict(list)
+    for r in runs:
+        by_gamma[r["spec"]["gamma"]].append(at_mark(r, mark))
+    base = [r for r in curve_runs().get(K3_NAME, []) if r["spec"]["seed"] in seeds and at_mark(r, mark)]
+    by_gamma[base[0]["spec"]["gamma"] if base else 2.0] += [at_mark(r, mark) for r in base]
+    rows = [f"| γ | seeds | cfd at {mark:g} PFLOP | acc |", "|---|---|---|---|"]
+    for g in sorted(by_gamma):
+        ev = [e for e in by_gamma[g] if e]
+        rows.append(f"| {g:g} | {len(ev)} | {fmt([e['cfd'] for e in ev])} | {fmt([e['acc'] for e in ev], 3)} |")
+    return "\n".join(rows) + f"\n\nγ = 2: the curves' K = 3 runs (seeds {', '.join(map(str, seeds))}) at their {mark:g} mark."
+
+
+def table_claim4lr():
+    runs = load("claim4lr")
+    if not runs:
+        return ""
+    rows = ["| interpolant | lr | seed | cfd | acc |", "|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: r["spec"]["lr"]):
+        f = r["final"]
+        rows.append(f"| {r['spec']['interpolant']} | {r['spec']['lr']:g} | {r['spec']['seed']} | "
+                    + ("diverged |  |" if r.get("diverged_at_step") is not None else f"{f['cfd']:.1f} | {f['acc']:.3f} |"))
+    mark = runs[0]["spec"]["budget_pflop"]
+    base = [at_mark(r, mark) for r in curve_runs().get(K3_NAME, [])]
+    base = [e for e in base if e]
+    if base:
+        rows.append(f"| linear (the curves' K = 3 at {mark:g}) | {curve_runs()[K3_NAME][0]['spec']['lr']:g} | "
+                    f"{len(base)} seeds | {fmt([e['cfd'] for e in base])} | {fmt([e['acc'] for e in base], 3)} |")
+    return "\n".join(rows)
+
+
+def table_final():
+    runs = load("curves_final")
+    runs = [r for r in runs if r.get("kind") == "final"]
+    if not runs:
+        return ""
+    with open(os.path.join(RESULTS, "curves_final", "floor.json")) as f:
+        fl = json.load(f)
+    g = defaultdict(list)
+    for r in runs:
+        g[method(r["spec"])].append(r)
+    n, ref_n = runs[0]["n"], runs[0]["inception_ref_n"]
+    rows = [f"| method | seeds | cfd (n = {n}) | acc | Inception FID (n = {n} vs {ref_n} held-out) |", "|---|---|---|---|---|"]
+    for m in sorted(g):
+        rs = sorted(g[m], key=lambda r: r["spec"]["seed"])
+        rows.append(f"| {m} | {', '.join(str(r['spec']['seed']) for r in rs)} | {fmt([r['cfd'] for r in rs])} | "
+                    f"{fmt([r['acc'] for r in rs], 3)} | {fmt([r['inception_fid'] for r in rs])} |")
+    rows.append(f"| real digits (floor) | - | {fl['classifier']['cfd']:.1f} | {fl['classifier']['acc']:.3f} | "
+                f"{fl['inception_fid']:.1f} |")
+    steps = [v["steps_per_stage"] for v in runs[0]["steps_sweep"]]
+    rows += ["", "Steps per stage (claim 9 on the final models; 200 samples, the curves' noise; cfd / acc):", "",
+             "| method | seeds | " + " | ".join(f"{k} steps" for k in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for m in sorted(g):
+        rs = g[m]
+        cells = [f"{fmt([r['steps_sweep'][i]['cfd'] for r in rs])} / {fmt([r['steps_sweep'][i]['acc'] for r in rs], 3)}"
+                 for i in range(len(steps))]
+        rows.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def report_rechecks():
+    for title, t in (("lr at 0.032 PFLOP (seed 100)", table_lrlong()), ("claim 3 at 0.032 PFLOP", table_claim3long()),
+                     ("claim 4: the score interpolant at its own lr", table_claim4lr()),
+                     ("the curves' final models", table_final())):
+        print(f"\n## {title}\n\n{t or '(no results yet)'}")
+
+
 def report(sections=None):
     """Every table and figure; sections=("curves",) only the curves' table and figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(FIGURES, exist_ok=True)
-    if sections and set(sections) == {"curves"}:
-        report_curves(plt)
+    if sections:
+        if "curves" in sections:
+            report_curves(plt)
+        if "rechecks" in sections:
+            report_rechecks()
         return
     fl = floor()
     with open(os.path.join(RESULTS, "classifier.json")) as f:
@@ -595,3 +703,4 @@ def report(sections=None):
         if f3:
             print("\nfigure:", f3)
     report_curves(plt)
+    report_rechecks()

@@ -1094,7 +1094,8 @@ def main(argv=None):
     i.add_argument("--mnist", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
     i.add_argument("--threads", type=int, default=1)
     rp = sub.add_parser("report", help="markdown tables and figures from bench/results")
-    rp.add_argument("sections", nargs="*", metavar="curves", help="only the curves (default: everything)")
+    rp.add_argument("sections", nargs="*", metavar="curves|rechecks",
+                    help="only the curves, or only the re-checks on learned models (default: everything)")
     a = p.parse_args(argv)
     global PROCESS_CODE
     PROCESS_CODE = code_version()
@@ -1114,8 +1115,9 @@ def main(argv=None):
         cmd_inception(a)
     else:
         from bench_report import report  # noqa: E402  (bench/bench_report.py)
-        if set(a.sections) - {"curves"}:
-            p.error(f"report: unknown section(s) {sorted(set(a.sections) - {'curves'})}; the one section is 'curves'")
+        if set(a.sections) - {"curves", "rechecks"}:
+            p.error(f"report: unknown section(s) {sorted(set(a.sections) - {'curves', 'rechecks'})}; "
+                    f"the sections are 'curves' and 'rechecks'")
         report(a.sections)
 
 
