@@ -16,6 +16,7 @@ callable field(x, tau, stage) -> b with x at that stage's resolution and tau a (
 """
 
 import functools
+import itertools
 import math
 import operator
 from dataclasses import dataclass, asdict, fields
@@ -541,41 +542,37 @@ _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 @functools.lru_cache(maxsize=64)
-def _quota_wheel(widths: tuple, batch: int):
-    q = [batch * w for w in widths]
-    base = [math.floor(v + 1e-9) for v in q]
-    frac = [max(v - b, 0.0) for v, b in zip(q, base)]
-    starts = [sum(frac[:k]) for k in range(len(frac))]
-    # the smallest period P that puts every arc start on the grid k / P (at most K for equal windows)
-    period = next((P for P in range(1, 10_001) if all(abs(P * F - round(P * F)) < 1e-6 for F in starts)), None)
-    return base, frac, starts, period
+def _quota_edges(cfg: CDCConfig, batch: int):
+    """(edges, period): eq. 12's window edges times B, 0 = B t0^1 < B t1^1 < ... < B t1^K = B, and the
+    smallest P <= 10^4 that puts every edge on the grid j / P (None if there is none; at most K for equal
+    windows). Edges within 1e-9 of an integer are snapped to it: float sums of the widths miss by a hair.
+    Pure Python, no tensor, so that a step under fake tensors or tracing can call it."""
+    t = list(itertools.accumulate(cfg.windows or (1.0 / cfg.K,) * cfg.K, initial=0.0))
+    t[-1] = 1.0
+    edges = [batch * v for v in t]
+    edges = tuple(round(e) if abs(e - round(e)) < 1e-9 else e for e in edges)
+    period = next((P for P in range(1, 10_001) if all(abs(P * e - round(P * e)) < 1e-6 for e in edges)), None)
+    return edges, period
 
 
 def stage_quotas(cfg: CDCConfig, batch: int, step: Optional[int] = None, generator=None) -> list:
-    """Samples per stage in one stratified step: floor(B w_k) each (w_k = window widths), and the
-    r = B - sum of floors left over dealt by a wheel. Lay the fractional parts f_k = B w_k - floor(B w_k)
-    end to end as arcs [F_k, F_k + f_k) on a circle of circumference 1 (they wind r times around it):
-    stage k gets one more sample when a pointer theta lies in its arc. Each f_k < 1, so every theta is
-    covered exactly r times and no stage gets two. theta = (step mod P + 1/2) / P turns with the step
-    (P = the smallest period with every F_k P an integer, at most K for equal windows): over any P consecutive
-    steps stage k gets exactly P f_k extras, so the long-run mix is exactly B w_k, and every rank, which
-    passes the same step, has the same counts. step=None draws theta ~ U[0, 1) from `generator`
-    instead: E[count_k] = B w_k at every step (randomised systematic sampling). Pure Python on the host:
-    no tensor is read, so the step never waits for the device."""
-    widths = cfg.windows or (1.0 / cfg.K,) * cfg.K
-    base, frac, starts, period = _quota_wheel(tuple(widths), int(batch))
-    if sum(base) == batch:
-        return list(base)
-    if step is None:
+    """Samples per stage in one stratified step: systematic sampling of Alg. 1's t ~ U[0, 1].
+
+    Of the B evenly spaced t_n = (n + theta) / B, stage k gets those in its window [t0^k, t1^k) (eq. 12):
+    n_k = ceil(B t1^k - theta) - ceil(B t0^k - theta), floor(B w_k) or one more, summing to B. theta
+    turns with the step through the P points farthest from every edge, so any P consecutive steps give
+    stage k exactly B w_k per step, and every rank (same step) the same counts. Pure Python on the host:
+    no device tensor is read, so the step never waits."""
+    edges, period = _quota_edges(cfg, int(batch))
+    if period == 1:                      # every B w_k is an integer: exact, and no random number drawn
+        theta = 0.5
+    elif step is None:                   # randomised: E[n_k] = B w_k at every step
         theta = float(torch.rand((), generator=generator))
     elif period is not None:
         theta = (step % period + 0.5) / period
-    else:  # windows with no small rational period: an equidistributed sequence (exact in the limit)
+    else:                                # no period below 10^4: the golden-ratio sequence, exact in the limit
         theta = ((step + 0.5) * _GOLDEN) % 1.0
-    counts = [b + int((theta - F) % 1.0 < f) for b, F, f in zip(base, starts, frac)]
-    if sum(counts) != batch:  # cannot happen for valid windows; never train on a wrong mix silently
-        raise RuntimeError(f"stage quotas {counts} do not add up to the batch {batch}")
-    return counts
+    return [math.ceil(hi - theta) - math.ceil(lo - theta) for lo, hi in zip(edges, edges[1:])]
 
 
 def stage_loss(model: nn.Module, x1: torch.Tensor, y: Optional[torch.Tensor], tau: torch.Tensor, stage: int,

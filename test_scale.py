@@ -67,7 +67,7 @@ def test_quotas_for_windows_without_a_small_period_converge_to_the_mix():
     mix approaches B w_k like (log N) / N, and every step still sums to B with floor/ceil counts."""
     w = (math.sqrt(2) - 1, 2 - math.sqrt(2))
     config = cdc.CDCConfig(resolutions=(4, 8), windows=w)
-    assert cdc._quota_wheel(tuple(config.widths().tolist()), 5)[3] is None  # no period below 10^4
+    assert cdc._quota_edges(config, 5)[1] is None  # no period below 10^4
     counts = torch.tensor([cdc.stage_quotas(config, 5, s) for s in range(2000)], dtype=f64)
     assert set(counts.sum(1).tolist()) == {5.0} and set(counts[:, 0].tolist()) == {2.0, 3.0}
     assert torch.all((counts.mean(0) - 5 * config.widths()).abs() < 0.005)  # i.i.d. coins: ~0.01
