@@ -697,15 +697,6 @@ def source_noise_estimate(field_value, x, tau, stage, cfg: CDCConfig):
     return est / W
 
 
-def score_from_velocity(field_value, x, tau, stage, cfg: CDCConfig):
-    """s_tau(x) = grad log rho_tau(x) (eq. 26). I = (function of x1) + alpha sigma_k zeta with zeta
-    independent of x1, so Tweedie gives s = -E[alpha sigma_k zeta | x] / (alpha sigma_k)^2
-    = -E[n | x] / (alpha sigma_k^2) (eq. 28 with gamma_t -> alpha sigma_k). Finite for tau < 1.
-    Because the map b -> s is affine with weights summing to one, CFG on b is CFG on s (App. I (ii))."""
-    alpha = interpolant_coefficients(cfg.interpolant, tau)[0].view(-1, 1, 1, 1)
-    return -source_noise_estimate(field_value, x, tau, stage, cfg) / (alpha * cfg.sigma_k(stage) ** 2)
-
-
 def steps_per_stage(steps, K):
     try:
         steps = [operator.index(s) for s in steps] if isinstance(steps, (list, tuple)) else [operator.index(steps)] * K
@@ -723,11 +714,14 @@ def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cfg: 
 
     euler: X += h b(X, tau)                                   (Alg. 2, 1 NFE per step)
     heun:  2nd-order predictor-corrector                      (2 NFE per step; 1 on a singular end)
-    sde:   Euler-Maruyama on eq. 34, dX = (b + eps s) dtau + sqrt(2 eps) dW, with the score s from
-           `score_from_velocity` and eps_tau = sde_scale * alpha_tau * sigma_k^2: the noise shrinks
-           with the stage's own noise level and vanishes at tau = 1, where s is undefined. Then
-           eps s = -sde_scale * E[sigma_k zeta | x], finite everywhere. The last step adds no noise
-           (a stage output should not carry the sampler's own O(sigma_k / N) jitter).
+    sde:   Euler-Maruyama on eq. 34, dX = (b + eps s) dtau + sqrt(2 eps) dW. I = (function of x1) +
+           alpha sigma_k zeta with zeta independent of x1, so Tweedie (eq. 28, gamma_t -> alpha sigma_k)
+           gives the score s = -E[sigma_k zeta | x] / (alpha sigma_k^2) (`source_noise_estimate`; tested
+           against a Gaussian oracle's exact score). eps_tau = sde_scale * alpha_tau * sigma_k^2 follows
+           the stage's own noise level and vanishes at tau = 1, where s is undefined; eps s = -sde_scale *
+           E[sigma_k zeta | x] is finite everywhere. b -> s is affine with weights summing to one, so CFG
+           on b is CFG on s (App. I (ii)). The last step adds no noise (a stage output should not carry
+           the sampler's own O(sigma_k / N) jitter).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
