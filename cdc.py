@@ -13,6 +13,8 @@ Read it beside the paper (equation numbers in brackets). Code order follows the 
 Conventions. Images are NCHW tensors. Stages are indexed from 0 in code (`stage = k - 1`), so stage 0
 is the paper's k = 1 (noise-to-image) and stage K-1 is the full resolution. A "velocity field" is any
 callable field(x, tau, stage) -> b with x at that stage's resolution and tau a (N,) tensor in [0, 1].
+Arguments are checked once, where they enter: CDCConfig and DiTConfig when they are built, and each public
+function for the options it alone reads. Internal calls pass values that are valid by construction.
 """
 
 import functools
@@ -31,9 +33,11 @@ from torch.utils.checkpoint import checkpoint
 #                                   1. Operators (§3.1)
 # ------------------------------------------------------------------------------------------------
 
-def _check_levels(levels):
+def _block_side(levels) -> int:
+    """2^levels, the side of the blocks D and U act on; `levels` counts 2x steps."""
     if not isinstance(levels, int) or levels < 0:
         raise ValueError(f"levels must be a non-negative int (how many 2x steps), got {levels!r}")
+    return 2 ** levels
 
 
 def down(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
@@ -42,21 +46,19 @@ def down(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
     One average pool of side 2^L is exactly L nested 2x2 averages (a mean of equal-size means), which
     is the transitivity D_{k+1->k-1} = D_k o D_{k+1} of §3.1; doing it in one pass is cheaper.
     """
-    _check_levels(levels)
-    if levels == 0:
+    f = _block_side(levels)
+    if f == 1:
         return x
-    f = 2 ** levels
-    if x.shape[-1] % f or x.shape[-2] % f:
+    if x.shape[-1] % f or x.shape[-2] % f:  # avg_pool2d would silently drop the last rows and columns
         raise ValueError(f"cannot downsample {tuple(x.shape[-2:])} by {f}: sides must be divisible by {f}")
     return F.avg_pool2d(x, f)
 
 
 def up(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
     """U applied `levels` times: replicate every pixel into a (2^levels x 2^levels) block."""
-    _check_levels(levels)
-    if levels == 0:
+    f = _block_side(levels)
+    if f == 1:
         return x
-    f = 2 ** levels
     return x.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
 
 
@@ -513,7 +515,7 @@ def velocity_loss(b: torch.Tensor, I_dot: torch.Tensor, reduction: str = "mean")
     The added ||I_dot||^2 does not depend on theta, so the gradient is exactly that of eq. 13, but the
     value never cancels two large numbers and is >= 0 (0 = perfect field). reduction='mean' averages over
     C*H*W so every sample weighs the same whatever its stage; 'sum' is Alg. 1 taken literally (a 256 px
-    sample then weighs 64x a 32 px one).
+    sample then weighs 64x a 32 px one). The one place `reduction` is read, so the one place it is checked.
     """
     sq = (b.float() - I_dot.float()).pow(2).flatten(1)
     if reduction == "mean":
@@ -621,8 +623,6 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
                          f"(the last resolution), got {tuple(x.shape[-2:])}")
     if not 0 <= class_dropout <= 1:
         raise ValueError(f"class_dropout is a probability in [0, 1], got {class_dropout}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown loss reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
     if stage_sampling not in STAGE_SAMPLINGS:
         raise ValueError(f"unknown stage sampling {stage_sampling!r}; choose one of {', '.join(STAGE_SAMPLINGS)}")
     B, K, device = x.shape[0], cfg.K, x.device
