@@ -77,16 +77,13 @@ def pyramid(x: torch.Tensor, K: int) -> list:
 #                                2. Stages and time (§3.2)
 # ------------------------------------------------------------------------------------------------
 
-# The score-based interpolant (Table 5) has alpha = sqrt(1 - tau^2), so alpha_dot = -tau/alpha diverges
-# at tau = 1. Two consequences, handled separately:
-#  * Training: the target I_dot = alpha_dot x0 + x1 has a log-divergent second moment. We evaluate
-#    alpha_dot at min(tau, SCORE_TAU_MAX): |alpha_dot| <= 70.7, and only the last 0.01% of each stage
-#    window sees a clamped target (it then moves x0's share by 0.007 |x0| instead of 0.014 |x0|).
-#  * Sampling: for stages k > 1 the source has a non-zero mean U(D(x1)), so even the field
-#    E[I_dot | I = x] ~ alpha_dot U(D(x)) blows up like (1 - tau)^-1/2 (it stays finite at stage 1,
-#    where E[x0 | I] = O(alpha)). In u = sqrt(1 - tau) the path is smooth, so for this interpolant the
-#    samplers step uniformly in u (`Interpolant.grid`), and Heun takes no corrector at the endpoint.
-#    Linear and trigonometric interpolants use the uniform grid of Alg. 2.
+# The score-based interpolant (Table 5) has alpha = sqrt(1 - tau^2), so alpha_dot = -tau/alpha diverges at tau = 1.
+#  * Training: the target I_dot = alpha_dot x0 + x1 has a log-divergent second moment, so alpha_dot is taken
+#    at min(tau, SCORE_TAU_MAX): |alpha_dot| <= 70.7, and only the last 0.01% of each stage window sees a
+#    clamped target (it then moves x0's share by 0.007 |x0| instead of 0.014 |x0|).
+#  * Sampling: for k > 1 the source has a non-zero mean U(D(x1)), so even the field E[I_dot | I = x] ~
+#    alpha_dot U(D(x)) grows like (1 - tau)^-1/2 (at stage 1 it stays finite: E[x0 | I] = O(alpha)). In
+#    u = sqrt(1 - tau) the path is smooth: the samplers step uniformly in u (`Interpolant.grid`).
 SCORE_TAU_MAX = 1.0 - 1e-4
 
 
@@ -107,17 +104,26 @@ class Interpolant:
         return [n / steps for n in range(steps + 1)]
 
 
-def _score_coefficients(tau):
+def _linear(tau):  # eq. 12: alpha = 1 - tau, beta = tau
+    return 1 - tau, tau, -torch.ones_like(tau), torch.ones_like(tau)
+
+
+_H = math.pi / 2
+
+
+def _trigonometric(tau):  # Table 5 (Albergo et al. 2023a): alpha = cos(pi tau / 2), beta = sin(pi tau / 2)
+    return torch.cos(_H * tau), torch.sin(_H * tau), -_H * torch.sin(_H * tau), _H * torch.cos(_H * tau)
+
+
+def _score(tau):  # Table 5 (Song et al. 2021): alpha = sqrt(1 - tau^2), beta = tau; alpha_dot clamped (above)
     tc = tau.clamp(max=SCORE_TAU_MAX)
     return torch.sqrt((1 - tau * tau).clamp(min=0)), tau, -tc / torch.sqrt(1 - tc * tc), torch.ones_like(tau)
 
 
-_H = math.pi / 2
 INTERPOLANTS = {
-    "linear": Interpolant(lambda tau: (1 - tau, tau, -torch.ones_like(tau), torch.ones_like(tau))),  # eq. 12
-    "trigonometric": Interpolant(lambda tau: (torch.cos(_H * tau), torch.sin(_H * tau),
-                                              -_H * torch.sin(_H * tau), _H * torch.cos(_H * tau))),
-    "score": Interpolant(_score_coefficients, singular_end=True),
+    "linear": Interpolant(_linear),
+    "trigonometric": Interpolant(_trigonometric),
+    "score": Interpolant(_score, singular_end=True),
 }
 
 
@@ -128,7 +134,7 @@ def interpolant_coefficients(kind: str, tau: torch.Tensor):
 
 @dataclass(frozen=True)
 class CDCConfig:
-    """Everything that defines the multi-stage interpolant (not the network).
+    """Everything that defines the multi-stage interpolant (not the network). Checked when built.
 
     resolutions: image side of every stage, coarse to fine; each a power-of-two multiple of the last
                  (2x each is §3.1's 2x2 operators; Table 6's 64 -> 256 is a 4x step: D and U then act on
@@ -209,7 +215,8 @@ class CDCConfig:
 
     def interpolate(self, x0: torch.Tensor, x1: torch.Tensor, tau: torch.Tensor):
         """I_tau and its time derivative I_dot (eq. 1, 12); tau has shape (N,)."""
-        a, b, da, db = (c.view(-1, 1, 1, 1).to(x0.dtype) for c in interpolant_coefficients(self.interpolant, tau))
+        coefficients = interpolant_coefficients(self.interpolant, tau)
+        a, b, da, db = (c.view(-1, 1, 1, 1).to(x0.dtype) for c in coefficients)
         return a * x0 + b * x1, da * x0 + db * x1
 
     def to_dict(self) -> dict:
@@ -253,6 +260,7 @@ FUSIONS = ("xattn", "add")
 
 @dataclass
 class DiTConfig:
+    """The network's shape (checked when built; create_model fills it from a preset)."""
     depth: int = 28
     width: int = 1152          # d_model
     heads: int = 16            # head dim d_h = width / heads (72 for XL, Table 7)
@@ -267,8 +275,9 @@ class DiTConfig:
     def __post_init__(self):
         self.resolutions = tuple(int(r) for r in self.resolutions)
         for name in ("depth", "width", "heads", "patch_size", "in_channels", "freq_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
         if self.width % self.heads or (self.width // self.heads) % 2:
@@ -409,18 +418,18 @@ class DiT(nn.Module):
 
     def __init__(self, config: DiTConfig):
         super().__init__()
-        self.config = cfg = config
-        self.null_class = cfg.num_classes
+        self.config = config
+        self.null_class = config.num_classes
         self.grad_checkpointing = False
-        D, p = cfg.width, cfg.patch_size
-        self.x_embedder = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
-        self.t_embedder = ScalarEmbedder(D, cfg.freq_dim, scale=1000.0)  # Table 7: 1000 train timesteps
-        self.r_embedder = ScalarEmbedder(D, cfg.freq_dim)
-        self.fusion = ResolutionFusion(D, D // cfg.heads, cfg.fusion)
-        self.y_embedder = nn.Embedding(cfg.num_classes + 1, D)  # +1: the null class for CFG (App. I)
-        self.blocks = nn.ModuleList([DiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
-        self.final_layer = FinalLayer(D, p, cfg.in_channels)
-        for r in cfg.resolutions:  # one fixed position table per stage token grid, never recomputed
+        D, p = config.width, config.patch_size
+        self.x_embedder = nn.Conv2d(config.in_channels, D, kernel_size=p, stride=p)
+        self.t_embedder = ScalarEmbedder(D, config.freq_dim, scale=1000.0)  # Table 7: 1000 train timesteps
+        self.r_embedder = ScalarEmbedder(D, config.freq_dim)
+        self.fusion = ResolutionFusion(D, D // config.heads, config.fusion)
+        self.y_embedder = nn.Embedding(config.num_classes + 1, D)  # +1: the null class for CFG (App. I)
+        self.blocks = nn.ModuleList([DiTBlock(D, config.heads, config.mlp_ratio) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(D, p, config.in_channels)
+        for r in config.resolutions:  # one fixed position table per stage token grid, never recomputed
             self.register_buffer(f"pos_embed_{r}", pos_embed_2d(r // p, D), persistent=False)
         self.initialize_weights()
 
@@ -481,14 +490,15 @@ class DiT(nn.Module):
         """Analytic forward FLOPs (2 per multiply-add) for one image at `resolution`: every matmul
         (patch embedding, blocks, final layer, the conditioning MLPs) plus attention's two N^2 x D
         products. Training costs 3x this (forward + backward)."""
-        cfg = self.config
-        n, D, p2c = (resolution // cfg.patch_size) ** 2, cfg.width, cfg.patch_size ** 2 * cfg.in_channels
-        hidden, d_h = int(D * cfg.mlp_ratio), D // cfg.heads
+        config = self.config
+        n, D = (resolution // config.patch_size) ** 2, config.width
+        p2c = config.patch_size ** 2 * config.in_channels
+        hidden, d_h = int(D * config.mlp_ratio), D // config.heads
         per_block = 2 * n * D * (3 * D + D + 2 * hidden) + 4 * n * n * D + 2 * D * 6 * D
-        embed = 2 * (2 * (cfg.freq_dim * D + D * D))                    # Gamma(tau) and E(r_k) MLPs
-        fusion = 2 * (3 * D * d_h + d_h * D) if cfg.fusion == "xattn" else 0
-        io = 2 * n * p2c * D * 2 + 2 * D * 2 * D                         # patchify, final adaLN + linear
-        return cfg.depth * per_block + embed + fusion + io
+        embed = 2 * (2 * (config.freq_dim * D + D * D))                    # Gamma(tau) and E(r_k) MLPs
+        fusion = 2 * (3 * D * d_h + d_h * D) if config.fusion == "xattn" else 0
+        io = 2 * n * p2c * D * 2 + 2 * D * 2 * D                            # patchify, final adaLN + linear
+        return config.depth * per_block + embed + fusion + io
 
 
 def create_model(name: str = "XL", **overrides) -> DiT:
@@ -507,6 +517,7 @@ def create_model(name: str = "XL", **overrides) -> DiT:
 # ------------------------------------------------------------------------------------------------
 
 REDUCTIONS = ("mean", "sum")
+STAGE_SAMPLINGS = ("stratified", "iid")
 
 
 def velocity_loss(b: torch.Tensor, I_dot: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -535,11 +546,11 @@ def _to_device(t: torch.Tensor, device) -> torch.Tensor:
 def drop_labels(y: torch.Tensor, p: float, null_class: int, generator=None) -> torch.Tensor:
     """eq. 74: replace each label by the null class with probability p. The coins come from `generator`
     (drawn on its device) or, without one, from the global RNG of y's device (no host copy)."""
-    drop = torch.rand(y.shape, generator=generator, device=y.device if generator is None else generator.device) < p
+    coin_device = y.device if generator is None else generator.device
+    drop = torch.rand(y.shape, generator=generator, device=coin_device) < p
     return torch.where(_to_device(drop, y.device), torch.full_like(y, null_class), y)
 
 
-STAGE_SAMPLINGS = ("stratified", "iid")
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
@@ -577,6 +588,27 @@ def stage_quotas(cfg: CDCConfig, batch: int, step: Optional[int] = None, generat
     return [math.ceil(hi - theta) - math.ceil(lo - theta) for lo, hi in zip(edges, edges[1:])]
 
 
+def _stage_batches(x, y, cfg: CDCConfig, stage_sampling: str, step: Optional[int], generator):
+    """Each sample's stage k and tau (eq. 12), samples grouped by stage: (x, y, tau, counts).
+
+    'iid' (Alg. 1 lines 3-4): t ~ U[0,1] per sample from `generator` (CPU, so that the grouping is known on
+      the host); a stage's count is Binomial(B, w_k).
+    'stratified' (default): n_k = stage_quotas(...) samples in batch order (the data are already shuffled),
+      tau ~ U[0,1] inside each stage from the global RNG of x's device. The expected loss is Alg. 1's,
+      sum_k w_k E[l | k] (exactly when n_k = B w_k, else over the steps), and the variance is never
+      larger: proportional stratification removes the between-stage term (1/B) sum_k w_k (E[l | k] -
+      E[l])^2 and keeps the within-stage one. Shapes repeat: static shapes for torch.compile."""
+    B, device = x.shape[0], x.device
+    if stage_sampling == "iid":
+        t = torch.rand(B, generator=generator)                  # Alg. 1 line 3, on the CPU
+        stage, tau = cfg.stage_and_tau(t)                       # Alg. 1 line 4
+        counts = torch.bincount(stage, minlength=cfg.K).tolist()
+        order = _to_device(torch.argsort(stage, stable=True), device)  # samples sorted by stage
+        return x[order], None if y is None else y[order], _to_device(tau[order], device), counts
+    counts = stage_quotas(cfg, B, step, generator)
+    return x, y, torch.rand(B, device=device), counts
+
+
 def stage_loss(model: nn.Module, x1: torch.Tensor, y: Optional[torch.Tensor], tau: torch.Tensor, stage: int,
                cfg: CDCConfig, reduction: str = "mean") -> torch.Tensor:
     """Per-sample loss of one stage (Alg. 1 lines 6-18) for images x1 = x1^(k) at the stage's side."""
@@ -599,43 +631,25 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
                     stage_sampling: str = "stratified", step: Optional[int] = None) -> dict:
     """One step of Alg. 1 / Alg. 3 for a batch of full-resolution images x^(K) and labels y.
 
-    Each sample gets a stage k and a tau (eq. 12):
-      'iid' (Alg. 1 literally): t ~ U[0,1] per sample, so a stage's count is Binomial(B, w_k).
-      'stratified' (default): fixed quotas n_k = `stage_quotas(cfg, B, step)` ~ B w_k, and tau ~ U[0,1]
-        inside each stage, i.e. t uniform in its window. The expected loss is Alg. 1's, sum_k w_k E[l | k]
-        (exactly when n_k = B w_k, else on average over the steps, whose long-run mix is exactly B w_k),
-        and the variance is never larger: proportional stratification removes the between-stage term
-        (1/B) sum_k w_k (E[l | k] - E[l])^2 and keeps the within-stage one. Every rank (same step)
-        carries the same stage mix, and shapes repeat (static shapes for torch.compile).
-    Samples are grouped by stage (stratified: the first n_1 samples go to stage 1, and so on; the data
-    are already in random order); the model runs once per non-empty stage, largest first. Random numbers:
-    'iid' draws t from `generator` (CPU) so that the grouping is known on the host, as does the quota
-    pointer of step=None; everything else (stratified tau, label coins, zeta) comes from the global RNG
-    of x's device, so the default step copies nothing from the host and never waits for the device.
-    Pass the bare (or compiled) model: it reads model.null_class. For DDP, wrap a module that calls this.
+    Each sample gets a stage and a tau (`_stage_batches`); the model runs once per non-empty stage,
+    largest first (`forward_order`). Only 'iid' (and the quota pointer of step=None) draw from `generator`;
+    tau, label coins and zeta come from the global RNG of x's device, so the default step copies nothing
+    from the host. Pass the bare (or compiled) model: it reads model.null_class. For DDP, wrap a module
+    that calls this.
 
     Returns {'loss': batch mean of per-sample losses (scalar, differentiable),
              'stage_loss': (K,) mean loss per stage (detached, NaN where a stage got no sample),
              'stage_count': list of K ints}.
     """
-    if x.shape[-1] != cfg.resolutions[-1] or x.shape[-2] != cfg.resolutions[-1]:
-        raise ValueError(f"training images must be {cfg.resolutions[-1]}x{cfg.resolutions[-1]} "
-                         f"(the last resolution), got {tuple(x.shape[-2:])}")
+    R = cfg.resolutions[-1]
+    if x.shape[-1] != R or x.shape[-2] != R:  # a smaller image would pass for a lower stage's
+        raise ValueError(f"training images must be {R}x{R} (the last resolution), got {tuple(x.shape[-2:])}")
     if not 0 <= class_dropout <= 1:
         raise ValueError(f"class_dropout is a probability in [0, 1], got {class_dropout}")
     if stage_sampling not in STAGE_SAMPLINGS:
         raise ValueError(f"unknown stage sampling {stage_sampling!r}; choose one of {', '.join(STAGE_SAMPLINGS)}")
     B, K, device = x.shape[0], cfg.K, x.device
-    if stage_sampling == "iid":
-        t = torch.rand(B, generator=generator)                  # Alg. 1 line 3, on the CPU
-        stage, tau = cfg.stage_and_tau(t)                       # Alg. 1 line 4
-        counts = torch.bincount(stage, minlength=K).tolist()
-        order = _to_device(torch.argsort(stage, stable=True), device)  # samples sorted by stage
-        xs, tau = x[order], _to_device(tau[order], device)
-        y = None if y is None else y[order]
-    else:
-        counts = stage_quotas(cfg, B, step, generator)
-        xs, tau = x, torch.rand(B, device=device)
+    xs, y, tau, counts = _stage_batches(x, y, cfg, stage_sampling, step, generator)
     if y is not None and class_dropout > 0:
         y = drop_labels(y, class_dropout, model.null_class)     # Alg. 3 line 15
     starts = [sum(counts[:s]) for s in range(K)]
@@ -697,14 +711,16 @@ def source_noise_estimate(field_value, x, tau, stage, cfg: CDCConfig):
     return est / W
 
 
-def steps_per_stage(steps, K):
+def steps_per_stage(steps, K: int) -> list:
+    """N_k of Alg. 2 for each of the K stages, from one positive int (every stage) or a list of K."""
+    many = steps if isinstance(steps, (list, tuple)) else [steps] * K
     try:
-        steps = [operator.index(s) for s in steps] if isinstance(steps, (list, tuple)) else [operator.index(steps)] * K
+        many = [operator.index(n) for n in many]
     except TypeError:
-        steps = None
-    if steps is None or len(steps) != K or min(steps) < 1:
+        many = []
+    if len(many) != K or min(many) < 1:
         raise ValueError(f"steps per stage must be a positive int or a list of {K} positive ints")
-    return steps
+    return many
 
 
 @torch.no_grad()
@@ -723,7 +739,7 @@ def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cfg: 
            on b is CFG on s (App. I (ii)). The last step adds no noise (a stage output should not carry
            the sampler's own O(sigma_k / N) jitter).
     """
-    if solver not in SOLVERS:
+    if solver not in SOLVERS:  # checked here, where it is read: an unknown name must not run as 'sde'
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if not sde_scale >= 0:
         raise ValueError(f"sde_scale (the diffusion coefficient's scale) must be >= 0, got {sde_scale}")
@@ -763,7 +779,8 @@ def sample(field: Field, cfg: CDCConfig, n: int, channels: int = 3, steps=24, so
     outputs = []
     for s in range(cfg.K):
         if s > 0:                                                           # lines 4-8, eq. 17
-            x = up(x, cfg.levels(s)) + cfg.sigma_k(s) * randn((n, channels) + (cfg.resolutions[s],) * 2, generator, device)
+            zeta = randn((n, channels, cfg.resolutions[s], cfg.resolutions[s]), generator, device)
+            x = up(x, cfg.levels(s)) + cfg.sigma_k(s) * zeta
         x = integrate_stage(field, x, s, steps[s], cfg, solver, sde_scale, generator)
         outputs.append(x)
     return outputs if return_stages else x
