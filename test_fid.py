@@ -1,5 +1,6 @@
-"""Tests of fid.py (FID, sFID, precision / recall, the packaged Inception, reference statistics) and of
-sample.py's evaluation commands. The real Inception runs on a few dozen 32 px images (resized to 299)."""
+"""Tests of fid.py (FID, sFID, precision / recall, the packaged Inception, reference files in this project's,
+ADM's and EDM's layouts, the `ref` / `calc` commands) and of sample.py --fid-ref. The real Inception runs on
+a few dozen 32 px images (resized to 299); the command tests use a tiny stand-in detector where they can."""
 
 import glob
 import io
@@ -11,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from PIL import Image, ImageFilter
 
@@ -24,6 +26,27 @@ from test_train import TINY, ckpts, inproc, make_checkpoint, ok, run
 # Frechet distance
 
 
+def feature_stats(features):
+    """Mean and unbiased covariance of (N, D) features, as ADM's and StyleGAN's evaluators compute them."""
+    f = np.asarray(features, np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def adm_frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """The computation of ADM's evaluator, for comparison: scipy.linalg.sqrtm of sigma1 sigma2 (eps added
+    to the diagonals if that is not finite), ValueError for a diagonal imaginary part above 1e-3."""
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(diff)) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag)):.3g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
 def test_frechet_distance_closed_form():
     rng = np.random.default_rng(0)
     mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
@@ -32,11 +55,11 @@ def test_frechet_distance_closed_form():
     assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
     # A full covariance against itself, and a rotation of both (FID is rotation invariant).
     f = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6))
-    mu, s = fid.feature_stats(f)
+    mu, s = feature_stats(f)
     assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-8
     q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
-    assert fid.frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T) == pytest.approx(expected, rel=1e-6)
-    assert sample.frechet_distance is fid.frechet_distance  # its old import path still works
+    rotated = fid.frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T)
+    assert rotated == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("n1,n2", [(400, 300), (20, 400), (12, 9)])
@@ -47,9 +70,9 @@ def test_frechet_distance_equals_adm_sqrtm_computation(n1, n2):
     mix = rng.normal(size=(48, 48))
     f1 = np.abs(rng.normal(size=(n1, 48)) @ mix)
     f2 = np.abs(rng.normal(size=(n2, 48)) @ mix) * 1.1 + 0.2
-    (mu1, s1), (mu2, s2) = fid.feature_stats(f1), fid.feature_stats(f2)
+    (mu1, s1), (mu2, s2) = feature_stats(f1), feature_stats(f2)
     d = fid.frechet_distance(mu1, s1, mu2, s2)
-    assert d > 1 and d == pytest.approx(fid.frechet_distance_sqrtm(mu1, s1, mu2, s2), rel=1e-7)
+    assert d > 1 and d == pytest.approx(adm_frechet_distance(mu1, s1, mu2, s2), rel=1e-7)
     assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-9 * np.trace(s1)
 
 
@@ -57,7 +80,7 @@ def test_frechet_distance_raises_on_an_imaginary_square_root():
     """As ADM's evaluator: a square root with an imaginary part above 1e-3 is an error, not a number."""
     mu = np.zeros(4)
     bad = np.diag([1.0, 1.0, 1.0, -0.01])  # not a covariance: sqrt(sigma1 sigma2) has imaginary part 0.1
-    for fn in (fid.frechet_distance, fid.frechet_distance_sqrtm):
+    for fn in (fid.frechet_distance, adm_frechet_distance):
         with pytest.raises(ValueError, match="imaginary"):
             fn(mu, bad, mu, np.eye(4))
     # round-off-sized negative eigenvalues (what np.cov of real features gives) are fine
@@ -73,7 +96,7 @@ def test_running_stats_equal_feature_stats():
     rs = fid.RunningStats()
     for i, j in ((0, 1), (1, 40), (40, 41), (41, 103)):
         rs.update(torch.from_numpy(f[i:j]))
-    (mu, s), (mu_ref, s_ref) = rs.result(), fid.feature_stats(f)
+    (mu, s), (mu_ref, s_ref) = rs.result(), feature_stats(f)
     assert np.allclose(mu, mu_ref, rtol=0, atol=1e-9) and np.allclose(s, s_ref, rtol=1e-10, atol=1e-10)
 
 
@@ -182,18 +205,18 @@ NOISE, BLUR = (12.0, 48.0), (1.0, 2.0)
 @pytest.fixture(scope="module")
 def inception():
     """The packaged detector and its features of two disjoint halves of the built-in shapes data (32 px),
-    and of the second half with Gaussian noise and blur added: 36 images through the real network."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    try:
-        det = fid.load_detector(None, "cpu")
-        imgs = shapes(2 * N_HALF, seed=0)
-        a, b = imgs[:N_HALF], imgs[N_HALF:]
-        sets = {"a": a, "b": b, **{f"noise{s}": add_noise(b, s) for s in NOISE}, **{f"blur{r}": blur(b, r) for r in BLUR}}
-        feats = {k: fid.extract(det, fid.npz_batches(v, 4), "cpu", every=1e9) for k, v in sets.items()}
-    finally:
-        torch.set_num_threads(threads)
+    and of the second half with Gaussian noise and blur added: 36 images through the real network, on the
+    one thread conftest.py sets (two threads took 5x longer here, on two cores shared with other jobs)."""
+    det = fid.load_detector(None, "cpu")
+    imgs = shapes(2 * N_HALF, seed=0)
+    a, b = imgs[:N_HALF], imgs[N_HALF:]
+    sets = {"a": a, "b": b, **{f"noise{s}": add_noise(b, s) for s in NOISE}, **{f"blur{r}": blur(b, r) for r in BLUR}}
+    feats = {k: fid.extract(det, fid.npz_batches(v, 4), "cpu", every=1e9) for k, v in sets.items()}
     return det, sets, feats
+
+
+def pool_features(det, batches, device):
+    return fid.extract(det, batches, device, every=1e9)["kept"]
 
 
 def test_inception_features_shapes_and_pipeline(inception):
@@ -204,17 +227,40 @@ def test_inception_features_shapes_and_pipeline(inception):
     # our layer-by-layer pass (which also taps mixed_6/conv) = the TorchScript forward on (x - 128) / 128
     x = fid.tf1_resize_bilinear(torch.from_numpy(sets["a"][:2]).permute(0, 3, 1, 2).float(), (299, 299))
     with torch.no_grad():
-        scripted = det.net.net((x - 128) / 128)
+        scripted = det.net((x - 128) / 128)
     ours = torch.from_numpy(feats["a"]["kept"][:2])
     assert torch.allclose(ours, scripted, rtol=1e-4, atol=1e-4)
     assert (ours >= 0).all() and ours.std() > 0.01  # pool of ReLUs, and not constant
+
+
+def test_sfid_features_are_adms_mixed_6_conv_first_7_channels_in_nhwc_order(inception):
+    """ADM's sFID features: tf mixed_6/conv:0 (the 1 x 1 branch of the third 17 x 17 block, after its ReLU,
+    the first 192 channels of the block's join), [..., :7] of the NHWC tensor, flattened row-major: feature
+    index (h * 17 + w) * 7 + c. Computed here from the TorchScript blocks directly."""
+    det, sets, _ = inception
+    u8 = torch.from_numpy(sets["a"][:2]).permute(0, 3, 1, 2)
+    h = (fid.tf1_resize_bilinear(u8.float(), (299, 299)) - 128) / 128
+    layers = det.net.net.layers
+    with torch.no_grad():
+        for name in fid.INCEPTION_LAYERS[:fid.INCEPTION_LAYERS.index("mixed_6")]:
+            h = getattr(layers, name)(h)
+            if name in ("mixed_3", "mixed_4", "mixed_5"):  # the reduction to 17 x 17, then two 17 x 17 blocks
+                assert h.shape[1:] == (768, 17, 17), (name, h.shape)
+        branch, joined = layers.mixed_6.conv(h), layers.mixed_6(h)
+        pool, spatial = fid.inception_features(det.net, u8)
+    assert branch.shape[1:] == (192, 17, 17) and (branch >= 0).all() and torch.equal(joined[:, :192], branch)
+    nhwc = branch.permute(0, 2, 3, 1)[..., :7]  # (N, 17, 17, 7), as TF holds it
+    assert spatial.shape == (2, 2023) and torch.allclose(spatial, nhwc.reshape(2, -1), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(spatial[:, (5 * 17 + 3) * 7 + 2], branch[:, 2, 5, 3], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(spatial, branch[:, :7].reshape(2, -1), rtol=1e-3, atol=1e-3)  # NCHW order differs
 
 
 def test_inception_features_do_not_depend_on_batch_size(inception):
     det, sets, feats = inception
     kept = feats["a"]["kept"]  # batches of 4 and 2
     assert np.allclose(fid.extract(det, [sets["a"][1:4]], "cpu", every=1e9)["kept"], kept[1:4], rtol=1e-4, atol=1e-4)
-    assert np.allclose(fid.detector_features(det, fid.npz_batches(sets["a"][4:6], 1), "cpu"), kept[4:6], rtol=1e-4, atol=1e-4)
+    ones = fid.extract(det, fid.npz_batches(sets["a"][4:6], 1), "cpu", every=1e9)["kept"]
+    assert np.allclose(ones, kept[4:6], rtol=1e-4, atol=1e-4)
 
 
 def test_fid_self_halves_noise_and_blur(inception):
@@ -231,7 +277,8 @@ def test_fid_self_halves_noise_and_blur(inception):
     assert chain_noise[-1] > 2 * d["b"]
     spatial = {k: v["spatial"].result() for k, v in feats.items()}
     assert abs(fid.frechet_distance(*spatial["a"], *spatial["a"])) < 1e-6
-    assert fid.frechet_distance(*spatial["b"], *spatial["a"]) < fid.frechet_distance(*spatial[f"noise{NOISE[-1]}"], *spatial["a"])
+    noisy = spatial[f"noise{NOISE[-1]}"]
+    assert fid.frechet_distance(*spatial["b"], *spatial["a"]) < fid.frechet_distance(*noisy, *spatial["a"])
     p, r = fid.precision_recall(feats["a"]["kept"], feats["a"]["kept"])
     assert p == r == 1.0
     assert fid.precision_recall(feats["a"]["kept"], feats[f"noise{NOISE[-1]}"]["kept"])[0] < 0.5
@@ -264,18 +311,18 @@ def test_detector_return_features_fallback_only_for_that_error():
     x = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
     det = fid.Detector(NoReturnFeatures(), "x", "plain")
     assert det.takes_return_features is False  # read from the signature: called without the keyword
-    assert fid.detector_features(det, [x], "cpu").shape == (4, 3)
+    assert pool_features(det, [x], "cpu").shape == (4, 3)
     # out of memory (or any other failure) propagates: it is not taken for "no return_features"
     with pytest.raises(RuntimeError, match="out of memory"):
-        fid.detector_features(fid.Detector(Failing(), "x", "oom"), [x], "cpu")
+        pool_features(fid.Detector(Failing(), "x", "oom"), [x], "cpu")
     # a signature that does not tell: tried once; only the error that names return_features falls back
     det = fid.Detector(Picky(), "x", "picky")
     det.takes_return_features = None
-    assert fid.detector_features(det, [x], "cpu").shape == (4, 3) and det.takes_return_features is False
+    assert pool_features(det, [x], "cpu").shape == (4, 3) and det.takes_return_features is False
     det = fid.Detector(Failing(), "x", "oom")
     det.takes_return_features = None
     with pytest.raises(RuntimeError, match="out of memory"):
-        fid.detector_features(det, [x], "cpu")
+        pool_features(det, [x], "cpu")
     assert det.takes_return_features is None
 
 
@@ -318,27 +365,31 @@ def fid_of(stdout):
     return float(stdout.split("FID ")[1].split()[0])
 
 
-# ------------------------------------------------------------------------------------------------
-# sample.py: sampling, reference statistics, evaluation
+def fid_main(*argv):
+    return fid.main([str(a) for a in argv])
 
 
-def main_error(capsys, *argv):
-    """sample.main in this process (no interpreter start-up): a user error is one `error:` line, exit 1."""
+def main_error(capsys, main, *argv):
+    """fid.main or sample.main in this process: a user error is one `error:` line on stderr and exit 1."""
     with pytest.raises(SystemExit) as e:
-        sample.main([str(a) for a in argv])
+        main([str(a) for a in argv])
     assert e.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
 
 
+# ------------------------------------------------------------------------------------------------
+# fid.py ref / calc, sample.py --fid-ref
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit: the detector format is TorchScript
-def test_sample_npz_stages_and_fid(tmp_path, monkeypatch, capsys):
+def test_sample_npz_stages_ref_and_calc(tmp_path, monkeypatch, capsys):
     ok(inproc("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
     ckpt = ckpts(tmp_path / "r")[-1]
-    p = ok(run("sample.py", "--ckpt", ckpt, "--num-fid-samples", 10, "--per-proc-batch-size", 4, "--steps-per-stage", "1,2,1",
-               "--class-labels", "1,3", "--save-stages", "--solver", "heun", "--sample-dir", "s",
-               "--progress-every", 1e-6, cwd=tmp_path))
+    p = ok(run("sample.py", "--ckpt", ckpt, "--num-fid-samples", 10, "--per-proc-batch-size", 4,
+               "--steps-per-stage", "1,2,1", "--class-labels", "1,3", "--save-stages", "--solver", "heun",
+               "--sample-dir", "s", "--progress-every", 1e-6, cwd=tmp_path))
     assert "images/s" in p.stdout
     assert "sampled: 4/10 images" in p.stdout and "ETA" in p.stdout  # progress while sampling
     (npz,) = glob.glob(str(tmp_path / "s" / "*.npz"))
@@ -349,26 +400,33 @@ def test_sample_npz_stages_and_fid(tmp_path, monkeypatch, capsys):
     sheet = Image.open(npz[:-4] + "_stages.png")  # 4 samples x (3 stages + 2 details), upscaled x4
     assert sheet.size == (4 * (5 * 18 + 2), 4 * (4 * 18 + 2))
 
-    # FID of the samples against reference statistics of themselves is ~0; against other data it is not.
-    # (In this process: a Python start-up costs seconds on a busy machine.)
+    # FID of the samples against a reference of themselves is ~0 (the .npz, or the folder of PNGs beside it,
+    # the same numbers); against other data it is not. In this process: a Python start-up costs seconds.
     det = make_detector(tmp_path)
     monkeypatch.chdir(tmp_path)
-    sample.main(["--make-ref", npz, "--image-size", "16", "--detector", str(det), "--ref-out", "ref.npz", "--num-workers", "0"])
-    sample.main(["--images", npz, "--fid-ref", "ref.npz", "--detector", str(det)])
+    fid_main("ref", "--data", npz, "--dest", "ref.npz", "--detector", det, "--workers", 0)  # size: the .npz's, 16
+    assert "10 of the 10 images" in capsys.readouterr().out
+    fid_main("calc", "--images", npz, "--ref", "ref.npz", "--detector", det)
     assert abs(fid_of(capsys.readouterr().out)) < 1e-6
-    with open(npz[:-4] + "_fid.json") as f:  # beside the .npz
-        res = json.load(f)
+    res = json.loads(open(npz[:-4] + "_fid.json").read())  # beside the .npz
     assert abs(res["fid"]) < 1e-6 and res["precision"] == res["recall"] == 1.0 and res["sfid"] is None
-    np.savez(tmp_path / "other.npz", arr_0=np.full((10, 16, 16, 3), 200, np.uint8) + np.arange(10, dtype=np.uint8)[:, None, None, None])
-    sample.main(["--images", "other.npz", "--fid-ref", "ref.npz", "--detector", str(det)])
+    assert res["ref_layout"] == "cdc" and res["num_samples"] == 10
+    fid_main("calc", "--images", npz[:-4] + "/", "--ref", "ref.npz", "--detector", det, "--batch", 3)
+    assert abs(fid_of(capsys.readouterr().out)) < 1e-6
+    assert json.loads(open(npz[:-4] + "_fid.json").read())["num_samples"] == 10  # beside the folder: the same name
+    other = np.full((10, 16, 16, 3), 200, np.uint8) + np.arange(10, dtype=np.uint8)[:, None, None, None]
+    np.savez(tmp_path / "other.npz", arr_0=other)
+    fid_main("calc", "--images", "other.npz", "--ref", "ref.npz", "--detector", det)
     assert fid_of(capsys.readouterr().out) > 0.1
     # without --detector the packaged Inception is used, and a reference made with another detector is refused
-    assert "--detector" in main_error(capsys, "--images", npz, "--fid-ref", "ref.npz")
+    assert "--detector" in main_error(capsys, fid.main, "calc", "--images", npz, "--ref", "ref.npz")
     # sampling with --fid-ref evaluates right away (and writes the JSON beside the .npz)
     sample.main(["--ckpt", ckpt, "--num-fid-samples", "10", "--per-proc-batch-size", "4", "--steps-per-stage", "1,2,1",
-                 "--class-labels", "1,3", "--solver", "heun", "--sample-dir", "s2", "--fid-ref", "ref.npz", "--detector", str(det)])
+                 "--class-labels", "1,3", "--solver", "heun", "--sample-dir", "s2", "--fid-ref", "ref.npz",
+                 "--detector", str(det)])
     assert abs(fid_of(capsys.readouterr().out)) < 1e-6  # the same seed: the same 10 images as the reference
-    assert glob.glob(str(tmp_path / "s2" / "*_fid.json"))
+    (js,) = glob.glob(str(tmp_path / "s2" / "*_fid.json"))
+    assert json.loads(open(js).read())["ckpt"] == ckpt
 
 
 def labelled_npz(path, classes=10, per_class=20, size=8):
@@ -382,13 +440,15 @@ def labelled_npz(path, classes=10, per_class=20, size=8):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_reference_is_a_seeded_random_subset_covering_every_class(tmp_path):
-    """--num-ref takes a seeded random subset (the first N images of a class-sorted data set would hold
-    few classes), and the file records how it was made."""
+    """--num takes a seeded random subset (the first N images of a class-sorted data set would hold few
+    classes), and the file records how it was made."""
     labels = labelled_npz(tmp_path / "d.npz")
-    det = fid.load_detector(str(make_detector(tmp_path)))
-    meta = fid.make_reference(str(tmp_path / "d.npz"), str(tmp_path / "r1.npz"), 8, det, num_ref=100, seed=0, num_pr=30,
-                              num_workers=0, every=1e9)
-    fid.make_reference(str(tmp_path / "d.npz"), str(tmp_path / "r2.npz"), 8, det, num_ref=100, seed=0, num_workers=0, every=1e9)
+    path = str(make_detector(tmp_path))
+    det = fid.load_detector(path)
+    meta = fid.make_reference(str(tmp_path / "d.npz"), str(tmp_path / "r1.npz"), 8, path, num_ref=100, seed=0,
+                              num_pr=30, num_workers=0, every=1e9)
+    fid.make_reference(str(tmp_path / "d.npz"), str(tmp_path / "r2.npz"), 8, path, num_ref=100, seed=0, num_workers=0,
+                       every=1e9)
     with np.load(tmp_path / "r1.npz") as r1, np.load(tmp_path / "r2.npz") as r2:
         idx = r1["indices"]
         assert len(set(idx.tolist())) == 100 and set(r1["labels"].tolist()) == set(range(10))  # every class
@@ -399,53 +459,176 @@ def test_reference_is_a_seeded_random_subset_covering_every_class(tmp_path):
     assert recorded == meta
     assert meta["image_size"] == 8 and meta["count"] == 100 and meta["detector_sha1"] == det.sha1
     assert meta["crop"].startswith("adm-center") and "seed 0" in meta["subset"]
-    other = fid.make_reference(str(tmp_path / "d.npz"), str(tmp_path / "r3.npz"), 8, det, num_ref=100, seed=1,
+    other = fid.make_reference(str(tmp_path / "d.npz"), str(tmp_path / "r3.npz"), 8, path, num_ref=100, seed=1,
                                num_workers=0, every=1e9)
     with np.load(tmp_path / "r3.npz") as r3:
         assert not np.array_equal(np.sort(r3["indices"]), np.sort(idx)) and other["seed"] == 1
-    with pytest.raises(ConfigError, match="--num-ref"):
-        fid.make_reference(str(tmp_path / "d.npz"), str(tmp_path / "r4.npz"), 8, det, num_ref=500, num_workers=0)
+    with pytest.raises(ConfigError, match="--num"):
+        fid.make_reference(str(tmp_path / "d.npz"), str(tmp_path / "r4.npz"), 8, path, num_ref=500, num_workers=0)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_mismatched_or_unlabelled_reference_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+def test_mismatched_reference_is_refused_in_one_line_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     labelled_npz(tmp_path / "d.npz")
     det = make_detector(tmp_path)
-    sample.main(["--make-ref", "d.npz", "--image-size", "8", "--detector", str(det), "--ref-out", "ref8.npz",
-                 "--num-ref", "50", "--num-workers", "0"])
+    fid_main("ref", "--data", "d.npz", "--dest", "ref8.npz", "--detector", str(det), "--num", "50", "--workers", "0")
     assert "50 of the 200 images" in capsys.readouterr().out
     np.savez(tmp_path / "s16.npz", arr_0=np.zeros((6, 16, 16, 3), np.uint8))
-    line = main_error(capsys, "--images", "s16.npz", "--fid-ref", "ref8.npz", "--detector", det)
+    line = main_error(capsys, fid.main, "calc", "--images", "s16.npz", "--ref", "ref8.npz", "--detector", det)
     assert "8 px" in line and "16 px" in line
-    assert "--detector" in main_error(capsys, "--images", "s16.npz", "--fid-ref", "ref8.npz")  # made with another detector
-    np.savez(tmp_path / "old.npz", mu=np.zeros(48), sigma=np.eye(48))  # statistics that do not say how they were made
-    assert "--make-ref" in main_error(capsys, "--images", "s16.npz", "--fid-ref", "old.npz", "--detector", det)
-    assert "missing.npz" in main_error(capsys, "--images", "s16.npz", "--fid-ref", "missing.npz")
-    assert "--num-ref" in main_error(capsys, "--make-ref", "d.npz", "--image-size", 8, "--num-ref", 1000, "--detector", det,
-                                     "--num-workers", 0)
-    assert "--fid-ref" in main_error(capsys, "--images", "s16.npz")
+    # made with another detector
+    assert "--detector" in main_error(capsys, fid.main, "calc", "--images", "s16.npz", "--ref", "ref8.npz")
+    assert "missing.npz" in main_error(capsys, fid.main, "calc", "--images", "s16.npz", "--ref", "missing.npz")
+    assert "--num" in main_error(capsys, fid.main, "ref", "--data", "d.npz", "--dest", "r.npz", "--num", 1000,
+                                 "--detector", det, "--workers", 0)
+    assert not (tmp_path / "r.npz").exists()
     # sampling with an unusable reference stops before the first image, not after hours of sampling
     make_checkpoint(str(tmp_path / "000-tiny-16" / "checkpoints" / "0000000.pt"))
-    line = main_error(capsys, "--ckpt", tmp_path / "000-tiny-16", "--num-fid-samples", 4, "--fid-ref", "ref8.npz",
-                      "--detector", det, "--sample-dir", "s")
+    line = main_error(capsys, sample.main, "--ckpt", tmp_path / "000-tiny-16", "--num-fid-samples", 4,
+                      "--fid-ref", "ref8.npz", "--detector", det, "--sample-dir", "s")
     assert "8 px" in line and "16 px" in line and not (tmp_path / "s").exists()
-    assert "--detector" in main_error(capsys, "--ckpt", tmp_path / "000-tiny-16", "--fid-ref", "ref8.npz", "--sample-dir", "s")
+    assert "--detector" in main_error(capsys, sample.main, "--ckpt", tmp_path / "000-tiny-16", "--fid-ref", "ref8.npz",
+                                      "--sample-dir", "s")
+    assert "fid.py calc" in main_error(capsys, sample.main, "--fid-ref", "ref8.npz")  # evaluating is fid.py's job
 
 
-def test_make_ref_and_evaluate_with_the_packaged_inception(tmp_path, monkeypatch, capsys):
-    """The commands a user runs, with no detector flag: the real Inception, FID / sFID / precision / recall."""
-    imgs = shapes(4, seed=5, size=16)
-    np.savez(tmp_path / "d.npz", arr_0=imgs)
+def adm_batch(path, images, feats):
+    """A reference batch in ADM's layout: arr_0 the images for precision / recall, mu, sigma, mu_s, sigma_s the
+    statistics of `feats` (in ADM's files those of the whole data set, arr_0 a subset of 10,000 images)."""
+    (mu, sigma), (mu_s, sigma_s) = feats["pool"].result(), feats["spatial"].result()
+    np.savez(path, arr_0=images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_adm_reference_batch_as_downloaded(inception, tmp_path, monkeypatch, capsys):
+    """A file in ADM's layout gives FID and sFID against ITS mu, sigma, mu_s, sigma_s, and precision / recall
+    against our detector's features of ITS arr_0 images (cached beside it). Here the statistics are those
+    of the shapes `b`, arr_0 holds the other shapes `a`: FID of `b` is ~0, of blurred `b` the FID the fixture
+    computes against `b`; precision / recall of blurred `b` are those against `a` (0.67 and 1, asymmetric)."""
+    det, sets, feats = inception
     monkeypatch.chdir(tmp_path)
-    sample.main(["--make-ref", "d.npz", "--image-size", "16", "--ref-out", "ref.npz", "--num-workers", "0"])
+    adm_batch("adm.npz", sets["a"], feats["b"])
+    for k in ("b", "blur2.0"):
+        np.savez(f"{k}.npz", arr_0=sets[k])
+    res = fid_main("calc", "--images", "b.npz", "--ref", "adm.npz")
     out = capsys.readouterr().out
-    assert "4 of the 4 images" in out and "inception" in out
-    with np.load(tmp_path / "ref.npz") as r:
-        assert r["mu"].shape == (2048,) and r["sigma_s"].shape == (2023, 2023) and r["pr_features"].shape == (4, 2048)
+    assert "reference features (arr_0): 6 images" in out and "ADM's reference adm.npz" in out
+    assert abs(res["fid"]) < 1e-6 and abs(res["sfid"]) < 1e-6 and res["ref_layout"] == "adm"
+    assert (res["precision"], res["recall"]) == fid.precision_recall(feats["a"]["kept"], feats["b"]["kept"])
+    assert json.loads((tmp_path / "b_fid.json").read_text())["fid"] == res["fid"]
+    with np.load("adm.pr_features.npz") as f:  # the cache: arr_0's features, computed once
+        assert np.allclose(f["features"], feats["a"]["kept"], rtol=1e-5, atol=1e-5)
+
+    res = fid_main("calc", "--images", "blur2.0.npz", "--ref", "adm.npz")
+    assert "reference features" not in capsys.readouterr().out  # read from the cache
+    blurred = feats["blur2.0"]
+    assert res["fid"] > 50
+    assert res["fid"] == pytest.approx(fid.frechet_distance(*blurred["pool"].result(), *feats["b"]["pool"].result()),
+                                       rel=1e-5)
+    assert res["sfid"] > 50 and res["sfid"] == pytest.approx(
+        fid.frechet_distance(*blurred["spatial"].result(), *feats["b"]["spatial"].result()), rel=1e-5)
+    expected = fid.precision_recall(feats["a"]["kept"], blurred["kept"])
+    assert (res["precision"], res["recall"]) == expected and expected[0] < expected[1] == 1.0
+
+    # EDM's layout (mu, sigma only): FID, no sFID / precision / recall; its reference is not re-checked here
+    edm = fid.load_reference("adm.npz")
+    np.savez("edm.npz", mu=edm["mu"], sigma=edm["sigma"])
+    ref = fid.load_reference("edm.npz")
+    assert ref["layout"] == "edm" and ref["mu_s"] is None and ref["image_size"] is None
+    fid.check_reference(ref, fid.detector_identity(None), 32)
+    # this project's own layout, made by `ref` with the packaged detector: the same features as the fixture's
+    np.savez("a.npz", arr_0=sets["a"])
+    fid_main("ref", "--data", "a.npz", "--dest", "ref_a.npz", "--workers", 0)
+    with np.load("ref_a.npz") as r:
+        assert np.allclose(r["mu"], feats["a"]["pool"].result()[0], rtol=1e-5, atol=1e-6)
+        assert r["sigma_s"].shape == (2023, 2023)
+        assert np.allclose(r["pr_features"], feats["a"]["kept"][r["indices"]], rtol=1e-5, atol=1e-5)
         assert json.loads(str(r["meta"]))["detector_sha1"] == fid.INCEPTION_SHA1
-    p = ok(run("sample.py", "--images", "d.npz", "--fid-ref", "ref.npz", cwd=tmp_path))
-    res = json.loads((tmp_path / "d_fid.json").read_text())
-    assert abs(fid_of(p.stdout)) < 1e-6 and abs(res["fid"]) < 1e-6 and abs(res["sfid"]) < 1e-6
-    assert res["precision"] == res["recall"] == 1.0 and res["num_samples"] == 4
-    assert res["detector_sha1"] == fid.INCEPTION_SHA1 and res["ref_meta"]["image_size"] == 16
+    out = capsys.readouterr().out
+    assert "6 of the 6 images" in out and "inception" in out
+    res = fid_main("calc", "--images", "a.npz", "--ref", "ref_a.npz")  # the commands a user runs, no detector flag
+    assert abs(res["fid"]) < 1e-6 and abs(res["sfid"]) < 1e-6 and res["precision"] == res["recall"] == 1.0
+    assert res["ref_layout"] == "cdc" and res["ref_meta"]["image_size"] == 32 and res["num_samples"] == 6
+    assert res["detector_sha1"] == fid.INCEPTION_SHA1
+    capsys.readouterr()
+    # a custom detector cannot use ADM's statistics; sampling at 16 px against a 32 px batch stops before sampling
+    assert "drop --detector" in main_error(capsys, fid.main, "calc", "--images", "b.npz", "--ref", "adm.npz",
+                                           "--detector", make_detector(tmp_path))
+    make_checkpoint(str(tmp_path / "000-tiny-16" / "checkpoints" / "0000000.pt"))
+    line = main_error(capsys, sample.main, "--ckpt", tmp_path / "000-tiny-16", "--fid-ref", "adm.npz",
+                      "--sample-dir", "s")
+    assert "32 px" in line and "16 px" in line and not (tmp_path / "s").exists()
+
+
+def test_malformed_references_and_images_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    """Each bad file: one line naming the problem, exit 1, before the detector is loaded or a feature computed."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fid, "load_detector", lambda *a: pytest.fail("the detector was loaded"))
+    np.savez("s.npz", arr_0=np.zeros((6, 16, 16, 3), np.uint8))
+    pool, spatial = np.zeros(2048, np.float32), np.zeros(2023, np.float32)
+    eye = np.eye(2048, dtype=np.float32)
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip")
+    np.savez("images_only.npz", arr_0=np.zeros((20, 16, 16, 3), np.uint8))
+    np.savez("other_keys.npz", foo=np.zeros(3))
+    np.savez("half_spatial.npz", mu=pool, sigma=eye, mu_s=spatial)
+    np.savez("small_mu.npz", mu=np.zeros(48), sigma=np.eye(48))
+    np.savez("int_sigma.npz", mu=pool, sigma=eye.astype(np.int64))
+    np.savez("float_images.npz", arr_0=np.zeros((20, 16, 16, 3), np.float32), mu=pool, sigma=eye)
+    np.savez("few_images.npz", arr_0=np.zeros((3, 16, 16, 3), np.uint8), mu=pool, sigma=eye)
+    np.savez("bad_meta.npz", meta=np.array("{not json"), mu=pool, sigma=eye)
+    for ref, words in [("missing.npz", "does not exist"), ("garbage.npz", "cannot read reference"),
+                       ("images_only.npz", "fid.py ref --data"), ("other_keys.npz", "['foo']"),
+                       ("half_spatial.npz", "only one of mu_s and sigma_s"), ("small_mu.npz", "mu is float64 (48,)"),
+                       ("int_sigma.npz", "sigma is int64"), ("float_images.npz", "arr_0 must hold"),
+                       ("few_images.npz", "more than 3"), ("bad_meta.npz", "format")]:
+        assert words in main_error(capsys, fid.main, "calc", "--images", "s.npz", "--ref", ref), ref
+    np.savez("ok_edm.npz", mu=pool, sigma=eye)
+    np.savez("float.npz", arr_0=np.zeros((6, 16, 16, 3), np.float32))
+    np.savez("wide.npz", arr_0=np.zeros((6, 16, 24, 3), np.uint8))
+    os.makedirs("empty")
+    for images, words in [("nope.npz", "does not exist"), ("float.npz", "must be uint8"), ("wide.npz", "square"),
+                          ("garbage.npz", "not an .npz"), ("empty", "no images")]:
+        assert words in main_error(capsys, fid.main, "calc", "--images", images, "--ref", "ok_edm.npz"), images
+    # a folder's images are read batch by batch: one of another size, or unreadable, stops the run there
+    for name, second in (("mixed", Image.new("RGB", (8, 8))), ("broken", None)):
+        os.makedirs(name)
+        Image.new("RGB", (16, 16)).save(f"{name}/0.png")
+        second.save(f"{name}/1.png") if second else (tmp_path / name / "1.png").write_bytes(b"broken")
+        n, shape, batches = fid.read_images(name)
+        assert (n, shape) == (2, (16, 16, 3))
+        with pytest.raises(ConfigError, match="8 x 8 px" if second else "cannot read image"):
+            list(batches(2))
+    assert "--batch" in main_error(capsys, fid.main, "calc", "--images", "s.npz", "--ref", "ok_edm.npz", "--batch", 0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_ref_never_loses_a_saved_file(tmp_path, monkeypatch, capsys):
+    """`ref` does not overwrite what is not a reference (the data set itself, say), leaves an existing
+    reference as it was when it fails, and finds an unwritable --dest before computing anything."""
+    monkeypatch.chdir(tmp_path)
+    labelled_npz(tmp_path / "d.npz")
+    det = make_detector(tmp_path)
+    before = (tmp_path / "d.npz").read_bytes()
+    assert "not overwritten" in main_error(capsys, fid.main, "ref", "--data", "d.npz", "--dest", "d.npz",
+                                           "--detector", det)
+    assert (tmp_path / "d.npz").read_bytes() == before
+    fid_main("ref", "--data", "d.npz", "--dest", "r.npz", "--detector", str(det), "--workers", "0")
+    saved = (tmp_path / "r.npz").read_bytes()
+    assert "--num" in main_error(capsys, fid.main, "ref", "--data", "d.npz", "--dest", "r.npz", "--detector", det,
+                                 "--num", 1)
+
+    def interrupted(f, **arrays):
+        f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):  # interrupted while writing
+        m.setattr(np, "savez", interrupted)
+        fid_main("ref", "--data", "d.npz", "--dest", "r.npz", "--detector", det, "--workers", 0)
+    assert (tmp_path / "r.npz").read_bytes() == saved and not glob.glob(str(tmp_path / "*.tmp*"))
+    assert "cannot write --dest" in main_error(capsys, fid.main, "ref", "--data", "d.npz", "--dest", "d.npz/x/r.npz",
+                                               "--detector", det)
+    os.makedirs("folder/c")
+    Image.new("RGB", (8, 8)).save("folder/c/0.png")
+    assert "--image-size" in main_error(capsys, fid.main, "ref", "--data", "folder", "--dest", "f.npz",
+                                        "--detector", det)
