@@ -1,7 +1,4 @@
-"""
-CDC-FM: Stochastic Interpolants via Conditional Dependent Coupling, in one file.
-
-Read it beside the paper (equation numbers in brackets). Code order follows the paper:
+"""CDC-FM: Stochastic Interpolants via Conditional Dependent Coupling, in one file, in the paper's order:
 
     1. Operators            §3.1        D (2x2 block average), U (replication), the pyramid x1^(k)
     2. Stages and time      §3.2        sigma_k (eq. 20), t -> (stage, tau) (eq. 12), interpolants (Table 5)
@@ -10,11 +7,9 @@ Read it beside the paper (equation numbers in brackets). Code order follows the 
     5. Loss                 eq. 13, 75  MSE form, class dropout, one training step over all stages (Alg. 1/3)
     6. Samplers             Alg. 2, 4   Euler / Heun per stage, CFG, and the SDE of App. D (eq. 34)
 
-Conventions. Images are NCHW tensors. Stages are indexed from 0 in code (`stage = k - 1`), so stage 0
-is the paper's k = 1 (noise-to-image) and stage K-1 is the full resolution. A "velocity field" is any
-callable field(x, tau, stage) -> b with x at that stage's resolution and tau a (N,) tensor in [0, 1].
-Arguments are checked once, where they enter: CDCConfig and DiTConfig when they are built, and each public
-function for the options it alone reads. Internal calls pass values that are valid by construction.
+Images are NCHW. Stages count from 0 (`stage = k - 1`): stage 0 is the paper's k = 1, stage K-1 the full
+resolution. A velocity field is any callable field(x, tau, stage) -> b, tau an (N,) tensor in [0, 1].
+Arguments are checked once, where they enter. Derivations and departures: docs/method.md.
 """
 
 import functools
@@ -29,9 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# ------------------------------------------------------------------------------------------------
-#                                   1. Operators (§3.1)
-# ------------------------------------------------------------------------------------------------
+# ------------------------------ 1. Operators (§3.1) -----------------------------------------------
 
 def _block_side(levels) -> int:
     """2^levels, the side of the blocks D and U act on; `levels` counts 2x steps."""
@@ -41,11 +34,8 @@ def _block_side(levels) -> int:
 
 
 def down(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
-    """D applied `levels` times: average over (2^levels x 2^levels) blocks. down(x, K-k) is D_{K->k}.
-
-    One average pool of side 2^L is exactly L nested 2x2 averages (a mean of equal-size means), which
-    is the transitivity D_{k+1->k-1} = D_k o D_{k+1} of §3.1; doing it in one pass is cheaper.
-    """
+    """D applied `levels` times: the mean over (2^levels x 2^levels) blocks; down(x, K-k) is D_{K->k} (§3.1).
+    One pool of side 2^L equals L nested 2x2 means (§3.1's transitivity), and is cheaper."""
     f = _block_side(levels)
     if f == 1:
         return x
@@ -68,32 +58,22 @@ def pyramid(x: torch.Tensor, K: int) -> list:
     return [down(x, K - 1 - s) for s in range(K)]
 
 
-# With these two operators D o U = id exactly, so P = U o D is idempotent (P P = U (D U) D = P) and
-# self-adjoint (<U D a, b> = <a, U D b>, both equal 4 * sum of block means products): an orthogonal
-# projection onto images that are constant on 2x2 blocks. Hence the detail vectors of Definition 4 are
-# orthogonal *exactly* and Assumption 1 / Lemma 1 hold as identities, not assumptions (test_cdc.py).
+# D o U = id, so P = U o D is an orthogonal projection and Assumption 1 / Lemma 1 hold exactly, not as
+# assumptions (test_cdc.py). Derivation: docs/method.md#coarse-projection
 
-# ------------------------------------------------------------------------------------------------
-#                                2. Stages and time (§3.2)
-# ------------------------------------------------------------------------------------------------
+# ------------------------------ 2. Stages and time (§3.2) -----------------------------------------
 
-# The score-based interpolant (Table 5) has alpha = sqrt(1 - tau^2), so alpha_dot = -tau/alpha diverges at tau = 1.
-#  * Training: the target I_dot = alpha_dot x0 + x1 has a log-divergent second moment, so alpha_dot is taken
-#    at min(tau, SCORE_TAU_MAX): |alpha_dot| <= 70.7, and only the last 0.01% of each stage window sees a
-#    clamped target (it then moves x0's share by 0.007 |x0| instead of 0.014 |x0|).
-#  * Sampling: for k > 1 the source has a non-zero mean U(D(x1)), so even the field E[I_dot | I = x] ~
-#    alpha_dot U(D(x)) grows like (1 - tau)^-1/2 (at stage 1 it stays finite: E[x0 | I] = O(alpha)). In
-#    u = sqrt(1 - tau) the path is smooth: the samplers step uniformly in u (`Interpolant.grid`).
+# Departure (Table 5, score interpolant): alpha_dot = -tau/alpha diverges at tau = 1. Training targets take it
+# at min(tau, SCORE_TAU_MAX), |alpha_dot| <= 70.7; the samplers step uniformly in sqrt(1 - tau) (`Interpolant.grid`).
+# Derivation: docs/method.md#score-based-interpolant-at-the-singular-end
 SCORE_TAU_MAX = 1.0 - 1e-4
 
 
 @dataclass(frozen=True)
 class Interpolant:
-    """I_tau = alpha x0 + beta x1 (eq. 1, 12; Table 5), declared once: adding one touches only INTERPOLANTS.
-
+    """I_tau = alpha x0 + beta x1 (eq. 1, 12; Table 5); adding one touches only INTERPOLANTS.
     coefficients: tau -> (alpha, beta, alpha_dot, beta_dot).
-    singular_end: alpha_dot diverges at tau = 1: the sampler steps uniformly in sqrt(1 - tau), and Heun
-                  takes no corrector on the last step (the field is not defined at tau = 1)."""
+    singular_end: alpha_dot diverges at tau = 1 (grid uniform in sqrt(1 - tau); Heun skips the last corrector)."""
     coefficients: Callable
     singular_end: bool = False
 
@@ -135,16 +115,12 @@ def interpolant_coefficients(kind: str, tau: torch.Tensor):
 @dataclass(frozen=True)
 class CDCConfig:
     """Everything that defines the multi-stage interpolant (not the network). Checked when built.
-
-    resolutions: image side of every stage, coarse to fine; each a power-of-two multiple of the last
-                 (2x each is §3.1's 2x2 operators; Table 6's 64 -> 256 is a 4x step: D and U then act on
-                 4x4 blocks, i.e. two 2x2 levels, and sigma_k is unchanged).
-    sigma:       stage-1 source std, x0^(1) ~ N(0, sigma^2 I) (eq. 8).
-    gamma:       diminish factor, sigma_k = gamma^-(k-1) sigma (eq. 20, gamma >= 1).
-    windows:     widths of the stage time windows [t0^k, t1^k] (eq. 12), summing to 1; None = equal.
-                 A window's width is also that stage's share of every batch (Alg. 1; `stage_quotas`).
-    interpolant: 'linear' (eq. 12), 'trigonometric' or 'score' (Table 5).
-    """
+    resolutions: image side of every stage, coarse to fine, each a power-of-two multiple of the one before
+                 (Table 6's 64 -> 256 is 4x: D and U then act on 4x4 blocks, and sigma_k is unchanged).
+    sigma, gamma: stage-1 source std (eq. 8) and diminish factor, sigma_k = gamma^-(k-1) sigma (eq. 20).
+    windows:     widths of the stage windows [t0^k, t1^k] (eq. 12), summing to 1 (None = equal); also each
+                 stage's share of every batch (`stage_quotas`).
+    interpolant: 'linear' (eq. 12), 'trigonometric' or 'score' (Table 5)."""
     resolutions: tuple = (32, 64, 128, 256)
     sigma: float = 1.0
     gamma: float = 2.0
@@ -177,8 +153,7 @@ class CDCConfig:
         return len(self.resolutions)
 
     def levels(self, stage: int) -> int:
-        """How many 2x2 levels separate stage `stage` from the one before (1 for a 2x step, 2 for 4x):
-        D and U of that stage's coupling (eq. 9) and inference prior (eq. 17) act on 2^levels blocks."""
+        """2x2 levels from stage `stage` - 1 to `stage` (1 for 2x, 2 for 4x): D, U of eq. 9 and 17 use 2^levels."""
         return (self.resolutions[stage] // self.resolutions[stage - 1]).bit_length() - 1 if stage > 0 else 0
 
     def levels_below_top(self, stage: int) -> int:
@@ -202,9 +177,8 @@ class CDCConfig:
         return b
 
     def stage_and_tau(self, t: torch.Tensor):
-        """eq. 12, vectorised: k = arg_k {t in [t0^k, t1^k)} (t = 1 belongs to the last stage) and
-        tau = (t - t0^k) / (t1^k - t0^k) in [0, 1]. Returns (stage: long, tau: float32), on t's device.
-        t is compared as given: a float32 t that rounds onto a boundary belongs to the later stage."""
+        """eq. 12, vectorised: (stage: long, tau: float32) on t's device, k = arg_k {t in [t0^k, t1^k)} (t = 1
+        in the last), tau = (t - t0^k) / (t1^k - t0^k). A float32 t rounded onto a boundary goes later."""
         if t.device.type == "cpu" and not bool(((t >= 0) & (t <= 1)).all()):  # (no check on GPU: a sync)
             raise ValueError("t must lie in [0, 1] (eq. 12); got values outside it or NaN")
         b = self.boundaries().to(t.device)
@@ -223,26 +197,18 @@ class CDCConfig:
         return asdict(self)
 
 
-# ------------------------------------------------------------------------------------------------
-#                              3. Conditional dependent coupling (eq. 8-11)
-# ------------------------------------------------------------------------------------------------
+# ------------------------------ 3. Conditional dependent coupling (eq. 8-11) ----------------------
 
 def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise; drawn on the generator's device (so a CPU generator gives the same
-    numbers on any device) and then moved."""
+    """Standard normal noise, drawn on the generator's device (a CPU generator gives the same numbers anywhere)."""
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device).to(device=device, dtype=dtype)
 
 
 def coupling_source(x1: torch.Tensor, stage: int, cfg: CDCConfig, zeta: Optional[torch.Tensor] = None,
                     generator=None) -> torch.Tensor:
-    """x0^(k) ~ rho_0^(k)(x0 | x1^(k)).
-
-    stage 0 (k = 1): x0 = sigma zeta, independent of x1 (eq. 8).
-    stage > 0:       x0 = m_k(x1) + sigma_k zeta with m_k = U o D (eq. 9, 10). Since D(x1^(k)) = x1^(k-1)
-                     by transitivity, this is U(x1^(k-1)) + sigma_k zeta: the inference prior eq. 17 (App. E.2).
-                     D and U act on the stage's own factor (cfg.levels: 2x2 blocks, or 4x4 for a 4x step).
-    """
+    """x0^(k) ~ rho_0^(k)(x0 | x1^(k)): sigma zeta at stage 0 (eq. 8), else U(D(x1)) + sigma_k zeta (eq. 9, 10).
+    As D(x1^(k)) = x1^(k-1), the latter is also the inference prior, eq. 17 (App. E.2)."""
     if zeta is None:
         zeta = randn(x1.shape, generator, x1.device, x1.dtype)
     if stage == 0:
@@ -251,9 +217,7 @@ def coupling_source(x1: torch.Tensor, stage: int, cfg: CDCConfig, zeta: Optional
     return up(down(x1, L), L) + cfg.sigma_k(stage) * zeta
 
 
-# ------------------------------------------------------------------------------------------------
-#                                      4. Model (App. F)
-# ------------------------------------------------------------------------------------------------
+# ------------------------------ 4. Model (App. F) -------------------------------------------------
 
 FUSIONS = ("xattn", "add")
 
@@ -336,12 +300,8 @@ class ScalarEmbedder(nn.Module):
 
 class ResolutionFusion(nn.Module):
     """c_{k,t} from gamma_t and e_k: cross-attention (eqs. 41-44) or plain addition (Table 4 ablation).
-
-    Eq. 42 is a softmax over a single key and so identically 1: c = gamma_t + W_o W_v e_k, a linear map
-    of e_k that does not depend on gamma_t, and W_q, W_k receive zero gradient. We keep the equations as
-    written, bias-free like eqs. 41 and 43 (W_q and W_k cost 2 d_h d_model parameters that never train);
-    test_cdc.py shows the output is unchanged when W_q changes.
-    """
+    Eq. 42 is a softmax over one key, so identically 1: c = gamma_t + W_o W_v e_k, and W_q, W_k never train.
+    Kept as written (bias-free). Derivation: docs/method.md#resolution-fusion"""
 
     def __init__(self, width: int, head_dim: int, mode: str):
         super().__init__()
@@ -377,8 +337,7 @@ class Attention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block (eq. 45): shift, scale and gate from c; gates start at zero so each block is the
-    identity at initialisation."""
+    """adaLN-Zero block (eq. 45): shift, scale and gate from c; zero gates make it the identity at init."""
 
     def __init__(self, width, heads, mlp_ratio):
         super().__init__()
@@ -409,12 +368,8 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """b^theta(I_tau^(k), tau, e_k, c): one set of weights for every stage (App. F).
-
-    Tokens are p x p patches of the stage image; the stage is read off the input size, so the
-    feature-map side r_k = H / p is what the resolution embedder sees (§3.2 "absolute resolution of the
-    feature map obtained after patch embedding").
-    """
+    """b^theta(I_tau^(k), tau, e_k, c): one set of weights for every stage (App. F). The stage is read off
+    the input size: E embeds the feature-map side r_k = H / p (§3.2)."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -467,11 +422,8 @@ class DiT(nn.Module):
             raise ValueError(f"input {tuple(x.shape[1:])} does not match the model: expected "
                              f"({self.config.in_channels}, r, r) with r in {self.config.resolutions}")
         r_k = H // self.config.patch_size
-        # The residual stream is fp32 on purpose, cast explicitly (under bf16 autocast the patch embedding
-        # comes out bf16): every matmul still runs in bf16 (autocast casts its inputs), and only the adds,
-        # LayerNorms and modulations of the stream run in fp32, so 28 blocks of residual updates do not
-        # accumulate in bf16's 8-bit mantissa (as in DiT, where the fp32 position table promotes it
-        # implicitly). The price: fp32 activations for those elementwise ops (bench/gpu_check.sh).
+        # fp32 residual stream, cast explicitly (DiT's fp32 position table promotes it implicitly); matmuls
+        # stay bf16 under autocast. Why: docs/method.md#residual-stream-in-fp32
         h = self.x_embedder(x).flatten(2).transpose(1, 2).float() + getattr(self, f"pos_embed_{H}")
         gamma_t = self.t_embedder(tau)                     # eq. 39
         e_k = self.r_embedder(x.new_full((1,), r_k))       # eq. 40, shared by the batch
@@ -487,9 +439,8 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(h, c), r_k)
 
     def flops_per_sample(self, resolution: int) -> int:
-        """Analytic forward FLOPs (2 per multiply-add) for one image at `resolution`: every matmul
-        (patch embedding, blocks, final layer, the conditioning MLPs) plus attention's two N^2 x D
-        products. Training costs 3x this (forward + backward)."""
+        """Analytic forward FLOPs (2 per multiply-add, attention's N^2 products included) of one image;
+        training costs 3x this."""
         config = self.config
         n, D = (resolution // config.patch_size) ** 2, config.width
         p2c = config.patch_size ** 2 * config.in_channels
@@ -512,22 +463,16 @@ def create_model(name: str = "XL", **overrides) -> DiT:
     return DiT(DiTConfig(**{**PRESETS[name], **overrides}))
 
 
-# ------------------------------------------------------------------------------------------------
-#                                  5. Loss (eq. 13, 75; Alg. 1, 3)
-# ------------------------------------------------------------------------------------------------
+# ------------------------------ 5. Loss (eq. 13, 75; Alg. 1, 3) -----------------------------------
 
 REDUCTIONS = ("mean", "sum")
 STAGE_SAMPLINGS = ("stratified", "iid")
 
 
 def velocity_loss(b: torch.Tensor, I_dot: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Per-sample loss of eq. 13 in MSE form: ||b - I_dot||^2 = (||b||^2 - 2 I_dot . b) + ||I_dot||^2.
-
-    The added ||I_dot||^2 does not depend on theta, so the gradient is exactly that of eq. 13, but the
-    value never cancels two large numbers and is >= 0 (0 = perfect field). reduction='mean' averages over
-    C*H*W so every sample weighs the same whatever its stage; 'sum' is Alg. 1 taken literally (a 256 px
-    sample then weighs 64x a 32 px one). The one place `reduction` is read, so the one place it is checked.
-    """
+    """Per-sample loss of eq. 13 in MSE form ||b - I_dot||^2: eq. 13 plus ||I_dot||^2 (no theta), so the same
+    gradient without cancelling two large terms. 'mean' over C*H*W weighs every sample alike; 'sum' is Alg. 1
+    read literally. Derivation: docs/method.md#loss-in-mse-form"""
     sq = (b.float() - I_dot.float()).pow(2).flatten(1)
     if reduction == "mean":
         return sq.mean(1)
@@ -544,8 +489,7 @@ def _to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def drop_labels(y: torch.Tensor, p: float, null_class: int, generator=None) -> torch.Tensor:
-    """eq. 74: replace each label by the null class with probability p. The coins come from `generator`
-    (drawn on its device) or, without one, from the global RNG of y's device (no host copy)."""
+    """eq. 74: each label becomes the null class with probability p (coins: `generator`, else y's device RNG)."""
     coin_device = y.device if generator is None else generator.device
     drop = torch.rand(y.shape, generator=generator, device=coin_device) < p
     return torch.where(_to_device(drop, y.device), torch.full_like(y, null_class), y)
@@ -556,9 +500,8 @@ _GOLDEN = (math.sqrt(5) - 1) / 2
 
 @functools.lru_cache(maxsize=64)
 def _quota_edges(cfg: CDCConfig, batch: int):
-    """(edges, period): eq. 12's window edges times B, 0 = B t0^1 < B t1^1 < ... < B t1^K = B, and the
-    smallest P <= 10^4 that puts every edge on the grid j / P (None if there is none; at most K for equal
-    windows). Edges within 1e-9 of an integer are snapped to it: float sums of the widths miss by a hair.
+    """(edges, period): eq. 12's window edges times B (0 = B t0^1 < ... < B t1^K = B; within 1e-9 of an
+    integer snapped to it) and the smallest P <= 10^4 putting every edge on the grid j / P, or None.
     Pure Python, no tensor, so that a step under fake tensors or tracing can call it."""
     t = list(itertools.accumulate(cfg.windows or (1.0 / cfg.K,) * cfg.K, initial=0.0))
     t[-1] = 1.0
@@ -569,13 +512,10 @@ def _quota_edges(cfg: CDCConfig, batch: int):
 
 
 def stage_quotas(cfg: CDCConfig, batch: int, step: Optional[int] = None, generator=None) -> list:
-    """Samples per stage in one stratified step: systematic sampling of Alg. 1's t ~ U[0, 1].
-
-    Of the B evenly spaced t_n = (n + theta) / B, stage k gets those in its window [t0^k, t1^k) (eq. 12):
-    n_k = ceil(B t1^k - theta) - ceil(B t0^k - theta), floor(B w_k) or one more, summing to B. theta
-    turns with the step through the P points farthest from every edge, so any P consecutive steps give
-    stage k exactly B w_k per step, and every rank (same step) the same counts. Pure Python on the host:
-    no device tensor is read, so the step never waits."""
+    """Samples per stage in one stratified step: systematic sampling of Alg. 1's t ~ U[0, 1] (eq. 12 windows),
+    n_k = ceil(B t1^k - theta) - ceil(B t0^k - theta); theta turns with `step`, so every rank gets the same
+    counts and any P consecutive steps average exactly B w_k. Host-only: the step never waits on the device.
+    Derivation: docs/method.md#stratified-stage-sampling"""
     edges, period = _quota_edges(cfg, int(batch))
     if period == 1:                      # every B w_k is an integer: exact, and no random number drawn
         theta = 0.5
@@ -590,20 +530,15 @@ def stage_quotas(cfg: CDCConfig, batch: int, step: Optional[int] = None, generat
 
 def _stage_batches(x, y, cfg: CDCConfig, stage_sampling: str, step: Optional[int], generator):
     """Each sample's stage k and tau (eq. 12), samples grouped by stage: (x, y, tau, counts).
-
-    'iid' (Alg. 1 lines 3-4): t ~ U[0,1] per sample from `generator` (CPU, so that the grouping is known on
-      the host); a stage's count is Binomial(B, w_k).
-    'stratified' (default): n_k = stage_quotas(...) samples in batch order (the data are already shuffled),
-      tau ~ U[0,1] inside each stage from the global RNG of x's device. The expected loss is Alg. 1's,
-      sum_k w_k E[l | k] (exactly when n_k = B w_k, else over the steps), and the variance is never
-      larger: proportional stratification removes the between-stage term (1/B) sum_k w_k (E[l | k] -
-      E[l])^2 and keeps the within-stage one. Shapes repeat: static shapes for torch.compile."""
+    'iid' is Alg. 1 lines 3-4 (t from the CPU `generator`). 'stratified' (default, a departure): stage_quotas
+    samples per stage in batch order, tau ~ U[0, 1] on x's device; same expected loss as Alg. 1, no more
+    variance, repeating shapes. Derivation: docs/method.md#stratified-stage-sampling"""
     B, device = x.shape[0], x.device
     if stage_sampling == "iid":
         t = torch.rand(B, generator=generator)                  # Alg. 1 line 3, on the CPU
         stage, tau = cfg.stage_and_tau(t)                       # Alg. 1 line 4
         counts = torch.bincount(stage, minlength=cfg.K).tolist()
-        order = _to_device(torch.argsort(stage, stable=True), device)  # samples sorted by stage
+        order = _to_device(torch.argsort(stage, stable=True), device)
         return x[order], None if y is None else y[order], _to_device(tau[order], device), counts
     counts = stage_quotas(cfg, B, step, generator)
     return x, y, torch.rand(B, device=device), counts
@@ -618,29 +553,20 @@ def stage_loss(model: nn.Module, x1: torch.Tensor, y: Optional[torch.Tensor], ta
 
 
 def forward_order(K: int):
-    """The order in which training_losses runs the stages: largest first. Autograd runs the graph built
-    last first, and a parameter's gradient (hence its DDP bucket) is ready only after its last
-    contribution. Built last, the smallest stage (~1% of the FLOPs) would hold every bucket back until the
-    backward is over, leaving the whole all-reduce exposed; built first, the largest stage's backward runs
-    last and the buckets launch while it computes (test_hotpath.py; bench/speed.py --world-size 2)."""
+    """The order in which training_losses runs the stages: largest first, so that DDP's all-reduce overlaps
+    the largest stage's backward (test_hotpath.py). Why: docs/method.md#stage-order-and-ddp"""
     return range(K - 1, -1, -1)
 
 
 def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], cfg: CDCConfig,
                     class_dropout: float = 0.1, reduction: str = "mean", generator=None,
                     stage_sampling: str = "stratified", step: Optional[int] = None) -> dict:
-    """One step of Alg. 1 / Alg. 3 for a batch of full-resolution images x^(K) and labels y.
-
-    Each sample gets a stage and a tau (`_stage_batches`); the model runs once per non-empty stage,
-    largest first (`forward_order`). Only 'iid' (and the quota pointer of step=None) draw from `generator`;
-    tau, label coins and zeta come from the global RNG of x's device, so the default step copies nothing
-    from the host. Pass the bare (or compiled) model: it reads model.null_class. For DDP, wrap a module
-    that calls this.
-
-    Returns {'loss': batch mean of per-sample losses (scalar, differentiable),
-             'stage_loss': (K,) mean loss per stage (detached, NaN where a stage got no sample),
-             'stage_count': list of K ints}.
-    """
+    """One step of Alg. 1 / Alg. 3 for full-resolution images x^(K) and labels y: stages and taus from
+    `_stage_batches`, one model call per non-empty stage in `forward_order`. Only 'iid' (and step=None) draw
+    from `generator`; the rest uses x's device RNG, so the default step copies nothing from the host.
+    Pass the bare (or compiled) model (it reads model.null_class); for DDP, wrap a module that calls this.
+    Returns {'loss': batch mean of per-sample losses (differentiable), 'stage_loss': (K,) detached
+    per-stage means (NaN where a stage got no sample), 'stage_count': list of K ints}."""
     R = cfg.resolutions[-1]
     if x.shape[-1] != R or x.shape[-2] != R:  # a smaller image would pass for a lower stage's
         raise ValueError(f"training images must be {R}x{R} (the last resolution), got {tuple(x.shape[-2:])}")
@@ -666,18 +592,15 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
     return {"loss": total / B, "stage_loss": per_stage, "stage_count": counts}
 
 
-# ------------------------------------------------------------------------------------------------
-#                         6. Samplers (Alg. 2, Alg. 4, App. D eq. 34)
-# ------------------------------------------------------------------------------------------------
+# ------------------------------ 6. Samplers (Alg. 2, Alg. 4, App. D eq. 34) -----------------------
 
 SOLVERS = ("euler", "heun", "sde")
 Field = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def guided_field(model: nn.Module, y: Optional[torch.Tensor], cfg_scale: float = 1.0) -> Field:
-    """The DiT as a velocity field, with classifier-free guidance (eq. 77):
-    b_cfg = b_null + S (b_c - b_null) on all channels, the same S for every stage (§3.4).
-    Conditional and unconditional halves run as one batch. y=None samples the unconditional model."""
+    """The DiT as a velocity field with CFG (eq. 77): b_null + S (b_c - b_null), one S for every stage (§3.4),
+    both halves in one batch. y=None samples the unconditional model."""
     def field(x, tau, stage):
         if y is None or cfg_scale == 1:  # b_cfg = b_c: one network evaluation, not two
             return model(x, tau, y).float()
@@ -689,19 +612,9 @@ def guided_field(model: nn.Module, y: Optional[torch.Tensor], cfg_scale: float =
 
 
 def source_noise_estimate(field_value, x, tau, stage, cfg: CDCConfig):
-    """E[sigma_k zeta | I_tau = x] from the velocity b = E[I_dot | I_tau = x], in closed form.
-
-    Write the source as x0 = m + sigma_k zeta with m = P x1, P = U o D for stage > 0 (eq. 9) and P = 0
-    for stage 0 (eq. 8). P is an orthogonal projection, Q = 1 - P its complement. Then
-        P I    = (alpha + beta) P x1 + alpha P n,        Q I    = beta Q x1 + alpha Q n,
-        P Idot = (alpha' + beta') P x1 + alpha' P n,     Q Idot = beta' Q x1 + alpha' Q n,
-    with n = sigma_k zeta: the noise lives in both the coarse subspace and its complement. Taking
-    E[. | I = x] gives two 2x2 linear systems (per subspace) in (E[x1|x], E[n|x]); both have the
-    determinant W = alpha' beta - beta' alpha (W = -1 linear, -pi/2 trigonometric, -1/alpha score
-    for tau <= SCORE_TAU_MAX), and
-        E[n | x] = (beta b - beta' x + P(alpha b - alpha' x)) / W.
-    For stage 0 this is the familiar x - tau b (linear interpolant).
-    """
+    """E[sigma_k zeta | I_tau = x] from the velocity b = E[I_dot | I_tau = x], in closed form:
+    (beta b - beta' x + P(alpha b - alpha' x)) / (alpha' beta - beta' alpha), P = U o D (eq. 9), P = 0 at stage 0.
+    It gives the score of eq. 28 for the SDE (eq. 34). Derivation: docs/method.md#source-noise-from-the-velocity"""
     a, bt, da, db = (c.view(-1, 1, 1, 1) for c in interpolant_coefficients(cfg.interpolant, tau))
     W = da * bt - db * a
     est = bt * field_value - db * x
@@ -727,18 +640,10 @@ def steps_per_stage(steps, K: int) -> list:
 def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cfg: CDCConfig,
                     solver: str = "euler", sde_scale: float = 1.0, generator=None) -> torch.Tensor:
     """Carry X_0^(k) = x to X_1^(k) along one stage (Alg. 2 lines 9-13, eq. 78-80).
-
-    euler: X += h b(X, tau)                                   (Alg. 2, 1 NFE per step)
-    heun:  2nd-order predictor-corrector                      (2 NFE per step; 1 on a singular end)
-    sde:   Euler-Maruyama on eq. 34, dX = (b + eps s) dtau + sqrt(2 eps) dW. I = (function of x1) +
-           alpha sigma_k zeta with zeta independent of x1, so Tweedie (eq. 28, gamma_t -> alpha sigma_k)
-           gives the score s = -E[sigma_k zeta | x] / (alpha sigma_k^2) (`source_noise_estimate`; tested
-           against a Gaussian oracle's exact score). eps_tau = sde_scale * alpha_tau * sigma_k^2 follows
-           the stage's own noise level and vanishes at tau = 1, where s is undefined; eps s = -sde_scale *
-           E[sigma_k zeta | x] is finite everywhere. b -> s is affine with weights summing to one, so CFG
-           on b is CFG on s (App. I (ii)). The last step adds no noise (a stage output should not carry
-           the sampler's own O(sigma_k / N) jitter).
-    """
+    euler: X += h b(X, tau) (Alg. 2, 1 NFE per step). heun: predictor-corrector (2 NFE; 1 on a singular end).
+    sde:   Euler-Maruyama on eq. 34 with s = -E[sigma_k zeta | x] / (alpha sigma_k^2) (eq. 28) and, our choice,
+           eps_tau = sde_scale * alpha_tau * sigma_k^2, so eps s is finite; no noise on the last step.
+           Derivation: docs/method.md#sde-sampler"""
     if solver not in SOLVERS:  # checked here, where it is read: an unknown name must not run as 'sde'
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if not sde_scale >= 0:
@@ -766,13 +671,9 @@ def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cfg: 
 @torch.no_grad()
 def sample(field: Field, cfg: CDCConfig, n: int, channels: int = 3, steps=24, solver: str = "euler",
            sde_scale: float = 1.0, generator=None, device=None, return_stages: bool = False):
-    """Multi-stage sampling (Alg. 2 / Alg. 4, eq. 16-17, 79-81).
-
-    x0^(1) ~ N(0, sigma^2 I) at the lowest resolution; each later stage starts from
-    U(x1^(k-1)) + sigma_k zeta. steps: N_k, one int for all stages or a list of K. Noise comes from
-    `generator` (drawn on its device: pass one on the sampling device for speed on a GPU).
-    Returns the final images, or the list of every stage's output if return_stages (Fig. 9).
-    """
+    """Multi-stage sampling (Alg. 2 / Alg. 4, eq. 16-17, 79-81): x0^(1) ~ N(0, sigma^2 I), then each stage
+    starts from U(x1^(k-1)) + sigma_k zeta (eq. 17). steps: N_k, one int or a list of K. Noise: `generator`
+    (on its device; on a GPU pass one there). Returns the images, or with return_stages each stage's (Fig. 9)."""
     steps = steps_per_stage(steps, cfg.K)
     r = cfg.resolutions[0]
     x = cfg.sigma * randn((n, channels, r, r), generator, device)          # Alg. 2 line 1
