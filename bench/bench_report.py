@@ -545,6 +545,7 @@ def report_curves(plt):
     print("\n## curves: quality against training compute, and the compute to reach fixed quality\n")
     print(table_curves(g))
     print("\nfigure:", fig_curves(g, plt))
+    print("grids:", fig_grids(plt))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -643,6 +644,36 @@ def table_final():
                  for i in range(len(steps))]
         rows.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def fig_grids(plt, k1_seed=2, k3_seed=1):
+    """Sample grids of both methods at matched compute (0.016 and 0.128 PFLOP) and at matched quality (the
+    first mark with acc >= 0.95), from every mark's grid kept in bench/cache/grids (not committed)."""
+    runs = {m: next((r for r in curve_runs().get(m, []) if r["spec"]["seed"] == sd and r.get("complete")), None)
+            for m, sd in ((K1_NAME, k1_seed), (K3_NAME, k3_seed))}
+    if None in runs.values():
+        return None
+    first95 = {m: next(e["mark_pflop"] for e in r["evals"] if e["acc"] >= 0.95) for m, r in runs.items()}
+    cols = [("matched compute", {m: 0.016 for m in runs}), ("matched compute", {m: 0.128 for m in runs}),
+            ("matched quality: first acc ≥ 0.95", first95)]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8.6))
+    for j, (what, marks) in enumerate(cols):
+        for i, (m, r) in enumerate(runs.items()):
+            e = at_mark(r, marks[m])
+            name = os.path.splitext(os.path.basename(r["_file"]))[0]
+            png = os.path.join(BENCH, "cache", "grids", f"curves__{name}__{marks[m]:g}.png")
+            ax = axes[i][j]
+            ax.axis("off")
+            if os.path.exists(png):
+                ax.imshow(plt.imread(png))
+            ax.set_title(f"{what}\n{m}, seed {r['spec']['seed']}: {marks[m]:g} PFLOP\ncfd {e['cfd']:.1f}, acc {e['acc']:.3f}"
+                         f" (n = 200)", fontsize=8)
+    fig.suptitle("EMA samples (one row per digit), S_cfg 3, Euler 8 steps/stage; 2-core CPU, 1 thread, no GPU; "
+                 f"{CMD} curves", fontsize=8)
+    path = os.path.join(FIGURES, "curves_grids.png")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return os.path.relpath(path, BENCH)
 
 
 def report_rechecks():
