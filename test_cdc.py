@@ -46,11 +46,12 @@ def test_D_after_U_is_identity(shape, levels):
     assert cdc.up(x, levels).shape[-1] == side * 2 ** levels
 
 
-@given(shapes)
-def test_U_after_D_is_an_orthogonal_projection(shape):
+@given(shapes, st.integers(1, 2))
+def test_U_after_D_is_an_orthogonal_projection(shape, levels):
+    """At every factor a stage may use: 2x2 blocks, and 4x4 for Table 6's 4x steps (cfg.levels = 2)."""
     n, c, side, seed = shape
-    x, y = images(seed, n, c, 2 * side), images(seed + 1, n, c, 2 * side)
-    P = lambda v: cdc.up(cdc.down(v))  # noqa: E731
+    x, y = images(seed, n, c, side * 2 ** levels), images(seed + 1, n, c, side * 2 ** levels)
+    P = lambda v: cdc.up(cdc.down(v, levels), levels)  # noqa: E731
     torch.testing.assert_close(P(P(x)), P(x), rtol=0, atol=1e-12)                  # idempotent
     torch.testing.assert_close((P(x) * y).sum(), (x * P(y)).sum(), rtol=1e-12, atol=1e-12)  # self-adjoint
     torch.testing.assert_close(((x - P(x)) * P(y)).sum(), torch.zeros((), dtype=f64), rtol=0, atol=1e-10)
@@ -85,17 +86,8 @@ def test_detail_vectors_orthogonal_and_lemma1_energy(shape, K):
     torch.testing.assert_close(energy(x), sum(energy(e) for e in details), rtol=1e-12, atol=1e-10)  # eq. 50
 
 
-@given(st.integers(1, 3), st.integers(0, 2 ** 16), st.floats(0.1, 2.0), st.floats(1.0, 4.0))
-def test_training_source_equals_inference_source_for_same_zeta(stage, seed, sigma, gamma):
-    """App. E.2: x0^(k) = U(D(x1^(k))) + sigma_k zeta equals U(x1^(k-1)) + sigma_k zeta for the same zeta."""
-    K = 4
-    config = cdc.CDCConfig(resolutions=(2, 4, 8, 16), sigma=sigma, gamma=gamma)
-    levels = cdc.pyramid(images(seed, 3, 3, 16), K)
-    zeta = images(seed + 7, 3, 3, config.resolutions[stage])
-    train_x0 = cdc.coupling_source(levels[stage], stage, config, zeta=zeta)
-    infer_x0 = cdc.up(levels[stage - 1]) + config.sigma_k(stage) * zeta          # eq. 17
-    torch.testing.assert_close(train_x0, infer_x0, rtol=0, atol=1e-12)
-    assert config.sigma_k(stage) == pytest.approx(gamma ** -stage * sigma)       # eq. 20
+# App. E.2 (the training source U(D(x1^(k))) + sigma_k zeta is the inference prior U(x1^(k-1)) + sigma_k zeta for
+# the same zeta) is test_scale.py's test_training_source_equals_inference_prior_on_power_of_two_paths: 2x and 4x steps.
 
 
 def test_stage1_source_is_independent_gaussian():
@@ -230,8 +222,7 @@ def test_xl_preset_counts_677M_parameters():
     block = (3 * D * D + 3 * D) + (D * D + D) + (4 * D * D + 4 * D + 4 * D * D + D) + (6 * D * D + 6 * D)
     embedders = 2 * (F * D + D + D * D + D) + 4 * D * d_h + (classes + 1) * D   # Gamma, E, eqs. 41-43, labels
     io = (C * p * p * D + D) + (D * p * p * C + p * p * C) + (2 * D * D + 2 * D)  # patchify, final layer
-    assert n == 28 * block + embedders + io == 676_846_128    # the count stated in README
-    assert abs(n - 677e6) / 677e6 < 0.01                      # paper Table 1: 677M
+    assert n == 28 * block + embedders + io == 676_846_128    # the count stated in README (paper Table 1: 677M)
     assert model.config.width // model.config.heads == 72     # Table 7: head dim
 
 
@@ -321,9 +312,8 @@ def test_fusion_by_addition_and_the_bias_free_maps_of_eqs_41_43():
     assert all(m.bias is None for m in (fusion.W_q, fusion.W_k, fusion.W_v, fusion.W_o))
 
 
-def test_model_defaults_attention_bias_and_what_a_checkpoint_holds():
+def test_attention_bias_null_class_and_what_a_checkpoint_holds():
     model = small_model()
-    assert model.grad_checkpointing is False                      # opt-in: it trades compute for memory
     assert all(b.attn.qkv.bias is not None for b in model.blocks)  # Table 7: attention bias true
     assert model.y_embedder.num_embeddings == model.config.num_classes + 1  # the labels and one null class
     # the position tables are recomputed from the config, not saved: a checkpoint holds parameters only
@@ -542,8 +532,6 @@ def test_cfg_scale_one_is_conditional_zero_is_unconditional_in_one_forward():
         b_c, b_null = model(x, tau, y), model(x, tau, None)
         calls.clear()
         torch.testing.assert_close(cdc.guided_field(model, y, 1.0)(x, tau, 1), b_c, rtol=1e-5, atol=1e-5)
-        calls.clear()
-        torch.testing.assert_close(cdc.guided_field(model, y)(x, tau, 1), b_c, rtol=1e-5, atol=1e-5)  # default: no CFG
         torch.testing.assert_close(cdc.guided_field(model, y, 0.0)(x, tau, 1), b_null, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cdc.guided_field(model, y, 3.0)(x, tau, 1), b_null + 3 * (b_c - b_null),
                                    rtol=1e-4, atol=1e-4)
@@ -558,22 +546,21 @@ def test_sample_defaults_to_table7_24_euler_steps_per_stage():
     assert [t for _, t in calls[:24]] == pytest.approx([n / 24 for n in range(24)])
 
 
-def test_sde_without_noise_is_euler_and_both_samplers_default_to_scale_one():
-    """App. D's SDE at sde_scale 0 (no diffusion, no score drift) is Alg. 2's Euler step for step, and
-    integrate_stage and sample share the default sde_scale 1."""
+def test_sde_without_noise_is_euler_and_its_last_step_adds_no_noise():
+    """App. D's SDE at sde_scale 0 (no diffusion, no score drift) is Alg. 2's Euler step for step; at any
+    other scale it is not; and its last step is deterministic. (sde_scale is this code's knob, not the
+    paper's: its default is not pinned here; sample.py passing --sde-scale on is test_flags.py's.)"""
     config = cdc.CDCConfig(resolutions=(4, 8, 16))
     field = lambda x, t, s: -0.7 * x + t.view(-1, 1, 1, 1)  # noqa: E731  any smooth field
     x = torch.randn(3, 3, 8, 8)
     one = lambda solver, **kw: cdc.integrate_stage(field, x, 1, 4, config, solver,  # noqa: E731
                                                    generator=torch.Generator().manual_seed(1), **kw)
     torch.testing.assert_close(one("sde", sde_scale=0.0), one("euler"), rtol=0, atol=1e-7)
-    torch.testing.assert_close(one("sde"), one("sde", sde_scale=1.0), rtol=0, atol=0)
-    assert not torch.allclose(one("sde"), one("euler"))
+    assert not torch.allclose(one("sde", sde_scale=1.0), one("euler"))
     # the last step adds no noise: one step of the SDE is deterministic, whatever the generator
-    last = [cdc.integrate_stage(field, x, 1, 1, config, "sde", generator=torch.Generator().manual_seed(g)) for g in (1, 2)]
+    last = [cdc.integrate_stage(field, x, 1, 1, config, "sde", sde_scale=1.0, generator=torch.Generator().manual_seed(g))
+            for g in (1, 2)]
     torch.testing.assert_close(last[0], last[1], rtol=0, atol=0)
-    run = lambda **kw: cdc.sample(field, config, 3, steps=4, generator=torch.Generator().manual_seed(0), **kw)  # noqa: E731
-    torch.testing.assert_close(run(solver="sde"), run(solver="sde", sde_scale=1.0), rtol=0, atol=0)
 
 
 def gaussian_problem(seed, C=1, R=8, diagonal=True):
@@ -606,17 +593,6 @@ def test_ode_chain_transports_exactly_to_every_stage_marginal(kind, solver, step
         assert (cov - S).abs().max() < tol * scale ** 2, (s, (cov - S).abs().max())
 
 
-def test_heun_is_second_order_and_euler_first_order():
-    mu, Sigma = gaussian_problem(1, diagonal=False)
-    config = cdc.CDCConfig(resolutions=(2, 4, 8))
-    oracle = GaussianOracle(mu, Sigma, config)
-    S = oracle.marginal(2)[1]
-    err = {(solver, n): (exact_chain_moments(oracle, n, solver)[-1][1] - S).abs().max().item()
-           for solver, n in (("euler", 100), ("euler", 200), ("heun", 20), ("heun", 40))}
-    assert 1.6 < err["euler", 100] / err["euler", 200] < 2.4                     # O(h)
-    assert 3.2 < err["heun", 20] / err["heun", 40] < 4.8                         # O(h^2)
-
-
 def score_from_velocity(field_value, x, tau, stage, config):
     """s_tau(x) = grad log rho_tau(x) (eq. 26) from the velocity, as the SDE sampler uses it: I = (function
     of x1) + alpha sigma_k zeta with zeta independent of x1, so Tweedie gives s = -E[sigma_k zeta | x] /
@@ -645,11 +621,13 @@ def test_sde_score_from_velocity_is_the_exact_score(kind, stage, tau, seed):
     torch.testing.assert_close(score, true, rtol=1e-7, atol=1e-7 * true.abs().max().item())
 
 
-@pytest.mark.parametrize("solver, steps, kind", [("euler", 100, "linear"), ("heun", 20, "linear"), ("sde", 100, "linear"),
-                                                 ("sde", 100, "trigonometric"), ("sde", 100, "score")])
+@pytest.mark.parametrize("solver, steps, kind", [("sde", 100, "trigonometric"), ("sde", 100, "score")])
 def test_samplers_reproduce_gaussian_mean_and_variance(solver, steps, kind):
-    """An acceptance test of the samplers: diagonal-covariance Gaussian data, the exact field, cdc.sample.
-    Tolerance: 5 Monte-Carlo standard errors per coordinate plus 3% of the variance for discretisation."""
+    """An acceptance test of the SDE sampler with the other interpolants: diagonal-covariance Gaussian data,
+    the exact field, cdc.sample. Tolerance: 5 Monte-Carlo standard errors per coordinate plus 3% of the
+    variance for discretisation. (Euler, Heun and the SDE with the linear interpolant: test_theory.py's
+    test_oracle_chain_reproduces_every_marginal, a full-covariance chi2 test of every stage; the solvers'
+    orders: its test_exact_discretisation_error_orders.)"""
     mu, Sigma = gaussian_problem(2, diagonal=True)
     config = cdc.CDCConfig(resolutions=(2, 4, 8), interpolant=kind)
     oracle = GaussianOracle(mu, Sigma, config)

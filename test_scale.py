@@ -3,7 +3,8 @@
 Stratified stage quotas (the same expectation as Alg. 1, never more variance, the same mix on every
 rank), compiled static shapes, faults (a non-finite gradient, resume on another number of processes,
 --resume auto before the first checkpoint), and paths whose sides grow by any power of two (64 -> 256)
-through the operators, the coupling (App. E.2), the samplers, train.py and sample.py.
+through the coupling (App. E.2), the samplers, train.py and sample.py (the operators at 4x4 blocks, and
+the levels of such a path, are test_cdc.py's and test_cdc_edges.py's).
 """
 
 import glob
@@ -331,28 +332,11 @@ PATHS = [(2, 8), (2, 4, 16), (4, 16, 32)]
 
 
 @pytest.mark.parametrize("res", PATHS)
-def test_levels_and_the_pyramid_of_a_power_of_two_path(res):
-    config = cdc.CDCConfig(resolutions=res)
-    x = torch.randn(2, 3, res[-1], res[-1], dtype=f64)
-    for s in range(1, config.K):
-        assert 2 ** config.levels(s) == res[s] // res[s - 1]
-    pyr = [cdc.down(x, config.levels_below_top(s)) for s in range(config.K)]
-    assert [p.shape[-1] for p in pyr] == list(res)
-    for s in range(1, config.K):   # D_{k -> k-1} x1^(k) = x1^(k-1) (transitivity) and D U = id at that factor
-        L = config.levels(s)
-        torch.testing.assert_close(cdc.down(pyr[s], L), pyr[s - 1], rtol=0, atol=1e-12)
-        torch.testing.assert_close(cdc.down(cdc.up(pyr[s - 1], L), L), pyr[s - 1], rtol=0, atol=1e-12)
-        P = lambda v: cdc.up(cdc.down(v, L), L)  # noqa: E731  an orthogonal projection at every factor
-        torch.testing.assert_close(P(P(pyr[s])), P(pyr[s]), rtol=0, atol=1e-12)
-        v = torch.randn_like(pyr[s])
-        torch.testing.assert_close((P(pyr[s]) * v).sum(), (pyr[s] * P(v)).sum(), rtol=1e-12, atol=1e-10)
-
-
-@pytest.mark.parametrize("res", PATHS)
 @given(seed=st.integers(0, 2 ** 16), sigma=st.floats(0.1, 2.0), gamma=st.floats(1.0, 4.0))
 def test_training_source_equals_inference_prior_on_power_of_two_paths(res, seed, sigma, gamma):
-    """App. E.2 with a 4x step: U_4(D_4(x1^(k))) + sigma_k zeta == U_4(x1^(k-1)) + sigma_k zeta, and sigma_k
-    is eq. 20's gamma^-(k-1) sigma whatever the factor."""
+    """App. E.2 on 2x and 4x steps: U_L(D_L(x1^(k))) + sigma_k zeta == U_L(x1^(k-1)) + sigma_k zeta for the
+    same zeta (L = cfg.levels(k): so also D_L x1^(k) = x1^(k-1), the pyramid's transitivity with the path's
+    levels), and sigma_k is eq. 20's gamma^-(k-1) sigma whatever the factor."""
     config = cdc.CDCConfig(resolutions=res, sigma=sigma, gamma=gamma)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 3, res[-1], res[-1], dtype=f64, generator=g)
