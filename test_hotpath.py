@@ -4,6 +4,7 @@ host syncs, host-to-device copies, one resume decision, gradient accumulation), 
 processes, DDP communication hooks, autograd hooks, fake and meta tensors.
 """
 
+import dataclasses
 import os
 from copy import deepcopy
 
@@ -204,7 +205,7 @@ def _run_parts(results_dir):
     train.resolve_args(args, demo=True)
     torch.manual_seed(0)
     cfg, model = train.build_cdc_config(args), train.build_model(args, 4)
-    config = {"model": train.dataclasses.asdict(model.config), "cdc": cfg.to_dict()}
+    config = {"model": dataclasses.asdict(model.config), "cdc": cfg.to_dict()}
     return args, config, model, deepcopy(model).requires_grad_(False), train.make_optimizer(model, args)
 
 
