@@ -312,7 +312,7 @@ class DataOrder(torch.utils.data.Sampler):
         self.steps_per_epoch = size // global_batch
         self.epoch = self.pos = 0
 
-    def set_position(self, epoch: int, pos: int = 0):
+    def set_position(self, epoch: int, pos: int):
         self.epoch, self.pos = int(epoch), int(pos)
 
     def _rest(self):

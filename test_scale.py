@@ -276,7 +276,7 @@ def test_time_limit_stops_between_log_steps_and_saves(tmp_path):
 def test_data_order_continues_at_the_same_global_position_on_another_world_size():
     n, G = 50, 8
     one = DataOrder(n, 1, 0, G, seed=3)
-    one.set_position(2)
+    one.set_position(2, 0)
     straight = list(one)                                      # epoch 2, from the start, one process
     two = [DataOrder(n, 2, r, G, seed=3) for r in range(2)]
     for o in two:

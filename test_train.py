@@ -257,7 +257,7 @@ def test_update_ema_is_the_formula_and_apply_false_keeps_it():
     torch.manual_seed(0)
     model, ema = torch.nn.Linear(5, 3).double(), torch.nn.Linear(5, 3).double()
     before = [e.detach().clone() for e in ema.parameters()]
-    train.update_ema(ema, model, 0.9)
+    train.update_ema(ema, model, 0.9, torch.tensor(True))
     for e, old, p in zip(ema.parameters(), before, model.parameters()):
         torch.testing.assert_close(e.detach(), 0.9 * old + 0.1 * p.detach(), rtol=0, atol=1e-15)
     for apply, moves in ((torch.tensor(True), True), (torch.tensor(False), False)):

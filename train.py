@@ -56,14 +56,13 @@ def make_optimizer(model, args):
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay, apply=None):
+def update_ema(ema, model, decay, apply):
     """ema = decay * ema + (1 - decay) * param; where the 0-dim bool tensor `apply` is False, unchanged."""
     ema_params, params = list(ema.parameters()), list(model.parameters())
-    if apply is None:
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-    else:  # a 0-dim tensor weight would take the Scalar overload, which reads it on the host (a sync per
-        w = (1.0 - decay) * apply.float()  # step); one weight tensor per parameter stays on the device
-        torch._foreach_lerp_(ema_params, params, [w] * len(ema_params))
+    # A 0-dim tensor weight would take the Scalar overload, which reads it on the host (a sync per step);
+    # one weight tensor per parameter stays on the device.
+    w = (1.0 - decay) * apply.float()
+    torch._foreach_lerp_(ema_params, params, [w] * len(ema_params))
 
 
 def ema_decay_at(step, decay, warmup):
