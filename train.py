@@ -61,7 +61,7 @@ def update_ema(ema, model, decay, apply):
     ema_params, params = list(ema.parameters()), list(model.parameters())
     # A 0-dim tensor weight would take the Scalar overload, which reads it on the host (a sync per step);
     # one weight tensor per parameter stays on the device.
-    w = (1.0 - decay) * apply.float()
+    w = (1.0 - decay) * apply.to(ema_params[0].dtype)
     torch._foreach_lerp_(ema_params, params, [w] * len(ema_params))
 
 
