@@ -722,11 +722,14 @@ def set_lrlong():
     return out
 
 
+LONG_SEEDS = (0, 1)
+
+
 def set_claim3long():
     """gamma in {1, 4, 6} at 0.032 PFLOP, where CDC's curve has flattened, seeds 0 and 1; gamma 2 is the
     curves' K = 3 run at its 0.032 mark (the same evaluation noise and n)."""
     return [spec(resolutions=K3, lr=cdc_lr(), gamma=g, seed=seed, budget_pflop=LONG_MARKS[-1], n_evals=3,
-                 eval_pflop=LONG_MARKS[1:]) for seed in (0, 1) for g in (1.0, 4.0, 6.0)]
+                 eval_pflop=LONG_MARKS[1:]) for seed in LONG_SEEDS for g in (1.0, 4.0, 6.0)]
 
 
 def set_claim4lr():
@@ -804,9 +807,10 @@ def read_json(path):
 
 
 def cmd_run(a):
-    global ABLATION_SEEDS
+    global ABLATION_SEEDS, LONG_SEEDS
     try:
-        ABLATION_SEEDS = tuple(int(v) for v in a.seeds.split(","))
+        if a.seeds is not None:  # claim3long: only these seeds (two processes can share its runs this way)
+            ABLATION_SEEDS = LONG_SEEDS = tuple(int(v) for v in a.seeds.split(","))
     except ValueError:
         raise SystemExit(f"error: --seeds takes comma-separated integers, got {a.seeds!r}") from None
     torch.set_num_threads(a.threads)
@@ -1080,7 +1084,8 @@ def main(argv=None):
                    help="folder with mnist-t10k-{images-idx3,labels-idx1}-ubyte.gz")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--dry-run", action="store_true")
-    r.add_argument("--seeds", default="0", help="comma-separated seeds of the ablations, claims 2-6 (default 0)")
+    r.add_argument("--seeds", default=None,
+                   help="comma-separated seeds of the ablations, claims 2-6 (default 0) and claim3long (default 0,1)")
     r.add_argument("--max-pflop", type=float, default=None,
                    help="curves: stop each run after its last evaluation mark <= this (a later call continues)")
     r.add_argument("--commit", action="store_true",
