@@ -26,6 +26,7 @@ Floors: the same numbers for as many held-out real digits as there are samples.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -219,6 +220,17 @@ def draw(ema, cfg, n_per_class, spec, seed, return_stages=False, cfg_scale=None,
                      channels=1, steps=spec["steps"] if steps is None else steps, solver=spec["solver"],
                      generator=gen, return_stages=return_stages)
     return out, y, time.time() - t0
+
+
+def load_ema(path):
+    """(spec, CDC config, EMA model in eval mode) of EMA weights saved by a run in bench/cache/ema."""
+    saved = torch.load(path, weights_only=False)
+    s = saved["spec"]
+    cfg = cdc.CDCConfig(resolutions=tuple(s["resolutions"]), sigma=s["sigma"], gamma=s["gamma"],
+                        interpolant=s["interpolant"])
+    ema = make_model(s, cfg.resolutions)
+    ema.load_state_dict(saved["ema"])
+    return s, cfg, ema.eval()
 
 
 def save_digits(x, path, nrow=10):
@@ -772,13 +784,7 @@ def sampling_sweep(set_name, data, ev, log, seeds=HEADLINE_SEEDS):
         if not os.path.exists(ck):
             log(f"skip {path}: no checkpoint {ck} (run claim1 first)")
             continue
-        saved = torch.load(ck, weights_only=False)
-        s = saved["spec"]
-        cfg = cdc.CDCConfig(resolutions=tuple(s["resolutions"]), sigma=s["sigma"], gamma=s["gamma"],
-                            interpolant=s["interpolant"])
-        ema = make_model(s, cfg.resolutions)
-        ema.load_state_dict(saved["ema"])
-        ema.eval()
+        s, cfg, ema = load_ema(ck)
         stages, y, secs = draw(ema, cfg, s["eval_n"] // 10, s, seed=1234, return_stages=True, **kw)
         per_stage = [dict(side=x.shape[-1], **ev.metrics(x, y)) for x in stages]
         result = {"kind": "sampling", "set": set_name, "checkpoint_spec": s, "sampler": {**kw, "solver": s["solver"]},
@@ -956,7 +962,7 @@ def inception_stats(det, x):
     as fid.py sees samples: uint8, grey replicated to RGB, the TF graph's resize to 299."""
     import fid
     from data import to_uint8
-    u8 = to_uint8(x.float().clamp(-1, 1).repeat(1, 3, 1, 1)).numpy()
+    u8 = to_uint8(x.float().repeat(1, 3, 1, 1)).numpy()  # to_uint8 clamps to [-1, 1]
     return fid.extract(det, fid.npz_batches(u8, 50), "cpu", every=1e9)["pool"].result()
 
 
@@ -996,12 +1002,7 @@ def final_eval(s, data, ev, log):
         write_json(floor_path, fl)
         paths.append(floor_path)
         log(f"  final floor: {json.dumps(fl)}")
-    saved = torch.load(ck, weights_only=False)
-    res = tuple(s["resolutions"])
-    cfg = cdc.CDCConfig(resolutions=res, sigma=s["sigma"], gamma=s["gamma"], interpolant=s["interpolant"])
-    ema = make_model(s, res)
-    ema.load_state_dict(saved["ema"])
-    ema.eval()
+    s, cfg, ema = load_ema(ck)
     x, y, sample_s = draw(ema, cfg, FINAL_N // 10, s, seed=FINAL_SEED)
     t0 = time.time()
     r = {"kind": "final", "spec": s, "n": len(x), "seed": FINAL_SEED, "sample_seconds": sample_s, **ev.metrics(x, y),
@@ -1031,16 +1032,13 @@ def cmd_inception(a):
     CPU runs ~1 image/s through Inception at 299 px), so the numbers carry a large small-sample bias, the
     same for every row: read them against the floor."""
     import fid
-    from data import to_uint8
     torch.set_num_threads(a.threads)
     log = lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)  # noqa: E731
     data = load_mnist(a.mnist)
     det = fid.load_detector(None, "cpu")
     out_dir = os.path.join(RESULTS, "inception")
 
-    def stats(x):
-        u8 = to_uint8(x.float().repeat(1, 3, 1, 1)).numpy()
-        return fid.extract(det, fid.npz_batches(u8, 50), "cpu", every=1e9)["pool"].result()
+    stats = functools.partial(inception_stats, det)
 
     ref_cache = os.path.join(CACHE, f"inception_ref{INCEPTION_REF}.npz")
     if not os.path.exists(ref_cache):
@@ -1059,13 +1057,8 @@ def cmd_inception(a):
             x = data[0][:INCEPTION_N]
             meta = {"what": f"{INCEPTION_N} training digits (the floor)"}
         else:
-            saved = torch.load(os.path.join(CACHE, "ema", f"claim1__{name}.pt"), weights_only=False)
-            s = saved["spec"]
-            cfg = cdc.CDCConfig(resolutions=tuple(s["resolutions"]), sigma=s["sigma"], gamma=s["gamma"],
-                                interpolant=s["interpolant"])
-            ema = make_model(s, cfg.resolutions)
-            ema.load_state_dict(saved["ema"])
-            x, _, _ = draw(ema.eval(), cfg, s["eval_n"] // 10, s, seed=1234)
+            s, cfg, ema = load_ema(os.path.join(CACHE, "ema", f"claim1__{name}.pt"))
+            x, _, _ = draw(ema, cfg, s["eval_n"] // 10, s, seed=1234)
             x = x.view(10, -1, *x.shape[1:])[:, :INCEPTION_N // 10].reshape(-1, *x.shape[1:])  # 10 per digit
             meta = {"what": "claim-1 final EMA samples", "checkpoint_spec": s}
         d = fid.frechet_distance(*stats(x), *ref)
