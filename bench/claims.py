@@ -57,6 +57,20 @@ RESULTS = os.path.join(BENCH, "results")
 CACHE = os.path.join(BENCH, "cache")  # classifier and EMA weights (not committed)
 MACHINE = "2-core CPU, 1 thread, no GPU"
 
+
+def cpu_name():
+    """The CPU model and torch's vector ISA: runs on two CPUs round differently, so a re-run on another
+    CPU is not bit-identical (an AMD EPYC with AVX512 did not reproduce the earlier machine's runs)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        model = "?"
+    return f"{model}, torch {torch.backends.cpu.get_cpu_capability()}"
+
+
+CPU = cpu_name()
+
 # ------------------------------------------------------------------------------------------------
 #                                              Data
 # ------------------------------------------------------------------------------------------------
@@ -401,7 +415,7 @@ def train_curve(spec, data, ev, out_path, log, max_pflop=None, ckpt_path=None, c
              "pflop": st["flops"] / 1e15, "train_seconds": st["train_seconds"], "stage_count_total": st["counts"],
              "params": sum(p.numel() for p in model.parameters()), "complete": len(st["evals"]) >= len(marks),
              "n_marks": len(marks), "evals": st["evals"], "final": st["evals"][-1] if st["evals"] else None,
-             "code": st["code"], "classifier_sha1": getattr(ev, "clf_sha1", None), "machine": MACHINE,
+             "code": st["code"], "classifier_sha1": getattr(ev, "clf_sha1", None), "machine": MACHINE, "cpu": CPU,
              "torch": torch.__version__}
         r.update(extra or {})
         return r
@@ -677,12 +691,15 @@ def curve_marks():
 CURVE_BUDGET = 0.128
 
 
+CURVE_SEEDS = HEADLINE_SEEDS  # `run curves --seeds 2` runs only seed 2
+
+
 def set_curves():
     """Claim 1's pair (K = 1 and K = 3 at their grid learning rates, the same network, batch and optimiser)
     trained to CURVE_BUDGET, evaluated (200 samples) at curve_marks(); K = 1 before K = 3, seed by seed."""
     marks = curve_marks()
     out = []
-    for seed in HEADLINE_SEEDS:
+    for seed in CURVE_SEEDS:
         for res in (K1, K3):
             lr = best_lr(res)
             if lr is None:
@@ -752,12 +769,21 @@ def set_claim4lr():
     return [mk(lr) for lr in lr_ladder(lambda lr: final_cfd("claim4lr", mk(lr)), [base / 4, base / 2, base, base * 2])]
 
 
-CURVE_SETS = ("curves", "lrlong", "claim3long")  # trained with train_curve (stoppable at --max-pflop, resumable)
+def set_curves_rerun():
+    """The curves' runs whose final evaluation is missing (their EMA weights were lost with a machine's
+    bench/cache), trained again from step 0 under the same specs, for that final evaluation. On another CPU
+    the floats round differently: a re-run is then another sample of the same training (same seed, data
+    order and noise), not a bit-identical copy, and the classifier retrains to other weights (its sha1 is in
+    each JSON), so its curve is a replication, kept apart from the record in results/curves_rerun/."""
+    return [s for s in set_curves() if not os.path.exists(final_path("curves", s))]
+
+
+CURVE_SETS = ("curves", "curves_rerun", "lrlong", "claim3long")  # train_curve: stoppable at --max-pflop, resumable
 
 SETS = {"lrgrid": set_lrgrid, "claim1": set_claim1, "claim2": set_claim2, "claim3": set_claim3,
         "claim4": set_claim4, "claim5": set_claim5, "claim6": set_claim6,
         "claim7": set_claim7, "curves": set_curves, "lrlong": set_lrlong, "claim3long": set_claim3long,
-        "claim4lr": set_claim4lr}
+        "claim4lr": set_claim4lr, "curves_rerun": set_curves_rerun}
 # sampling-only sets on the claim-1 checkpoints (no training)
 SAMPLING_SETS = ("claim8", "claim9")
 
@@ -813,10 +839,10 @@ def read_json(path):
 
 
 def cmd_run(a):
-    global ABLATION_SEEDS, LONG_SEEDS
+    global ABLATION_SEEDS, LONG_SEEDS, CURVE_SEEDS
     try:
-        if a.seeds is not None:  # claim3long: only these seeds (two processes can share its runs this way)
-            ABLATION_SEEDS = LONG_SEEDS = tuple(int(v) for v in a.seeds.split(","))
+        if a.seeds is not None:  # only these seeds (two processes can share a set's runs this way)
+            ABLATION_SEEDS = LONG_SEEDS = CURVE_SEEDS = tuple(int(v) for v in a.seeds.split(","))
     except ValueError:
         raise SystemExit(f"error: --seeds takes comma-separated integers, got {a.seeds!r}") from None
     torch.set_num_threads(a.threads)
@@ -841,7 +867,6 @@ def cmd_run(a):
             seen.add(run_name(s))
             path = os.path.join(RESULTS, name, run_name(s) + ".json")
             if name in CURVE_SETS:
-                curves_floor(data, ev, log)
                 run_curve(name, s, path, data, ev, log, a)
                 continue
             if os.path.exists(path):
@@ -901,20 +926,26 @@ def classifier_sha1():
         return hashlib.sha1(f.read()).hexdigest()
 
 
-def curves_floor(data, ev, log):
-    """The floor of the curves, measured with the classifier they are scored by (bench/cache/classifier.pt,
+def curves_floor(name, data, ev, log):
+    """The floor of a curve set, measured with the classifier it is scored by (bench/cache/classifier.pt,
     identified by its sha1): the metrics of 200 held-out real digits (3 draws) and of all 2,000 at 32 px.
-    The curves' classifier was retrained when bench/cache was empty; results/floor.json belongs to the
-    classifier of claims 1-9 (results/classifier.json)."""
-    if os.path.exists(CURVES_FLOOR) and read_json(CURVES_FLOOR)["classifier"]["sha1"] == classifier_sha1():
-        return
+    The curves, lrlong and claim3long share results/curves_floor.json; curves_rerun has its own. A set whose
+    floor names another classifier stops here: its evaluations so far would not compare with new ones (the
+    classifier retrains to other weights on another CPU). results/floor.json belongs to claims 1-9."""
+    path = os.path.join(RESULTS, name, "floor.json") if name == "curves_rerun" else CURVES_FLOOR
+    if os.path.exists(path):
+        old = read_json(path)["classifier"]["sha1"]
+        if old == classifier_sha1():
+            return
+        raise SystemExit(f"error: {name} is scored with classifier {old[:7]}, bench/cache/classifier.pt is "
+                         f"{classifier_sha1()[:7]}: new evaluations would not compare (run curves_rerun instead)")
     with torch.no_grad():
         acc = float((ev.clf(data[2]).argmax(1) == data[3]).float().mean())
     fl = {"classifier": {"sha1": classifier_sha1(), "heldout_accuracy": acc, "n_heldout": len(data[2])},
           "n": BASE["eval_n"], "per_side": {"32": [ev.floor(BASE["eval_n"], 32, seed) for seed in range(3)]},
-          "full_heldout_32": ev.floor(N_HELDOUT, 32), "machine": MACHINE}
-    write_json(CURVES_FLOOR, fl)
-    log(f"curves floor: {json.dumps(fl)}")
+          "full_heldout_32": ev.floor(N_HELDOUT, 32), "machine": MACHINE, "cpu": CPU}
+    write_json(path, fl)
+    log(f"{name} floor: {json.dumps(fl)}")
 
 
 def run_curve(name, s, path, data, ev, log, a):
@@ -929,6 +960,7 @@ def run_curve(name, s, path, data, ev, log, a):
             return
         if not os.path.exists(ckpt_path):
             log(f"  {path} is partial but {ckpt_path} is missing: the run starts again from step 0")
+    curves_floor(name, data, ev, log)
     if a.dry_run:
         log(f"to run (to the mark {s['eval_pflop'][n_target - 1]:g} PFLOP): {path}")
         return
@@ -936,16 +968,17 @@ def run_curve(name, s, path, data, ev, log, a):
 
     def on_write(paths, message, final):
         if a.commit and (final or time.time() - last[0] >= COMMIT_EVERY_S):
-            git_commit(paths, f"bench: curves {message}", log)
+            git_commit(paths, f"bench: {name} {message}", log)
             last[0] = time.time()
 
     log(f"run {path} (to {stop:g} PFLOP)")
-    r = train_curve(s, data, ev, path, log, max_pflop=a.max_pflop, ckpt_path=ckpt_path, on_write=on_write)
+    r = train_curve(s, data, ev, path, log, max_pflop=a.max_pflop, ckpt_path=ckpt_path, on_write=on_write,
+                    ema_dir=os.path.dirname(ema_path(name, s)))
     log(f"wrote {path}: {m_label(r)}")
-    if name == "curves" and r["complete"]:
-        out = final_eval(s, data, ev, log)
+    if name in FINAL_SETS and r["complete"]:
+        out = final_eval(name, s, data, ev, log)
         if a.commit and out:
-            git_commit(out, f"bench: curves final evaluation of {run_name(s)}", log)
+            git_commit(out, f"bench: {name} final evaluation of {run_name(s)}", log)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -953,6 +986,17 @@ def run_curve(name, s, path, data, ev, log, a):
 # ------------------------------------------------------------------------------------------------
 
 FINAL = os.path.join(RESULTS, "curves_final")
+FINAL_SETS = ("curves", "curves_rerun")  # their complete runs get the final evaluation
+
+
+def final_path(set_name, s):
+    return os.path.join(FINAL, ("" if set_name == "curves" else set_name + "__") + run_name(s) + ".json")
+
+
+def ema_path(set_name, s):
+    return os.path.join(CACHE, "ema", f"{set_name}__{run_name(s)}.pt")
+
+
 FINAL_N, FINAL_SEED = 1000, 4321  # 100 per digit; noise unlike the curves' (seed 1234, 200 samples)
 STEPS_SWEEP = (2, 4, 8, 16, 24)  # claim 9 again, on the learned models (200 samples, the curves' noise)
 
@@ -979,26 +1023,27 @@ def inception_ref(det, data, log):
         return f["mu"], f["sigma"]
 
 
-def final_eval(s, data, ev, log):
+def final_eval(set_name, s, data, ev, log):
     """FINAL_N samples of a complete curves run's final EMA (bench/cache/ema): classifier cfd / acc, the
     Inception FID against the 2,000 held-out digits, and the steps-per-stage sweep. Returns the paths written."""
     import fid
     name = run_name(s)
-    out = os.path.join(FINAL, name + ".json")
-    ck = os.path.join(CACHE, "ema", f"curves__{name}.pt")
+    out, ck = final_path(set_name, s), ema_path(set_name, s)
     if os.path.exists(out) or not os.path.exists(ck):
         return []
     det = fid.load_detector(None, "cpu")
     ref = inception_ref(det, data, log)
     paths = []
-    floor_path = os.path.join(FINAL, "floor.json")
+    floor_path = os.path.join(FINAL, ("" if set_name == "curves" else set_name + "__") + "floor.json")
+    if os.path.exists(floor_path) and read_json(floor_path)["classifier_sha1"] != getattr(ev, "clf_sha1", None):
+        raise SystemExit(f"error: {floor_path} was measured with another classifier than bench/cache/classifier.pt")
     if not os.path.exists(floor_path):
         t0 = time.time()
         fl = {"inception_fid": fid.frechet_distance(*inception_stats(det, data[0][:FINAL_N]), *ref),
               "inception_what": f"the first {FINAL_N} training digits against the {N_HELDOUT} held-out digits",
               "classifier": ev.floor(FINAL_N, 32), "classifier_what": f"{FINAL_N} held-out digits (seed 0)",
               "classifier_sha1": getattr(ev, "clf_sha1", None), "detector_sha1": det.sha1,
-              "seconds": time.time() - t0, "machine": MACHINE}
+              "seconds": time.time() - t0, "machine": MACHINE, "cpu": CPU}
         write_json(floor_path, fl)
         paths.append(floor_path)
         log(f"  final floor: {json.dumps(fl)}")
@@ -1012,10 +1057,10 @@ def final_eval(s, data, ev, log):
     for n in STEPS_SWEEP:
         xs, ys, secs = draw(ema, cfg, s["eval_n"] // 10, s, seed=1234, steps=n)
         sweep.append({"steps_per_stage": n, "n": len(xs), "sample_seconds": secs, **ev.metrics(xs, ys)})
-    r.update(steps_sweep=sweep, classifier_sha1=getattr(ev, "clf_sha1", None), detector_sha1=det.sha1,
-             machine=MACHINE, torch=torch.__version__)
+    r.update(steps_sweep=sweep, set=set_name, cpu=CPU, classifier_sha1=getattr(ev, "clf_sha1", None),
+             detector_sha1=det.sha1, machine=MACHINE, torch=torch.__version__)
     write_json(out, r)
-    png = os.path.join(FINAL, name + ".png")
+    png = os.path.splitext(out)[0] + ".png"
     save_digits(x.view(10, -1, *x.shape[1:])[:, :10].reshape(-1, *x.shape[1:]), png)
     log(f"  final {name}: cfd {r['cfd']:.2f} acc {r['acc']:.3f} Inception FID {r['inception_fid']:.2f} (n {len(x)}); "
         f"steps sweep cfd {[round(v['cfd'], 1) for v in sweep]}")
@@ -1078,7 +1123,8 @@ def main(argv=None):
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--dry-run", action="store_true")
     r.add_argument("--seeds", default=None,
-                   help="comma-separated seeds of the ablations, claims 2-6 (default 0) and claim3long (default 0,1)")
+                   help="comma-separated seeds of the ablations, claims 2-6 (default 0), claim3long (default 0,1) "
+                   "and the curves (default 0,1,2)")
     r.add_argument("--max-pflop", type=float, default=None,
                    help="curves: stop each run after its last evaluation mark <= this (a later call continues)")
     r.add_argument("--commit", action="store_true",
@@ -1105,10 +1151,11 @@ def main(argv=None):
         data = load_mnist(a.mnist)
         ev = Evaluator(data, get_classifier(data))
         ev.clf_sha1 = classifier_sha1()
-        for s in set_curves():
-            out = final_eval(s, data, ev, log)
-            if a.commit and out:
-                git_commit(out, f"bench: curves final evaluation of {run_name(s)}", log)
+        for set_name in FINAL_SETS:
+            for s in SETS[set_name]():
+                out = final_eval(set_name, s, data, ev, log)
+                if a.commit and out:
+                    git_commit(out, f"bench: {set_name} final evaluation of {run_name(s)}", log)
     elif a.cmd == "inception":
         cmd_inception(a)
     else:
