@@ -355,10 +355,10 @@ def fig_claim3(g, base, plt):
 K1_NAME, K3_NAME = "K = 1 (32)", "K = 3 (8, 16, 32)"
 
 
-def curve_runs():
-    """{method: [runs]} of bench/results/curves (partial runs included), seeds in order."""
+def curve_runs(set_name="curves"):
+    """{method: [runs]} of bench/results/<set_name> (partial runs included), seeds in order."""
     g = defaultdict(list)
-    for r in load("curves"):
+    for r in load(set_name):
         if r.get("kind") == "train":
             g[method(r["spec"])].append(r)
     for runs in g.values():
@@ -366,10 +366,12 @@ def curve_runs():
     return g
 
 
-def floor32():
-    """(cfd, acc, n) of n held-out real digits at 32 px (mean of 3 draws) under the classifier the curves are
-    scored with: results/curves_floor.json (results/floor.json belongs to the classifier of claims 1-9)."""
-    with open(os.path.join(RESULTS, "curves_floor.json")) as f:
+def floor32(set_name="curves"):
+    """(cfd, acc, n) of n held-out real digits at 32 px (mean of 3 draws) under the classifier a curve set is
+    scored with: results/curves_floor.json for the curves (results/floor.json belongs to the classifier of
+    claims 1-9), results/curves_rerun/floor.json for the re-runs."""
+    path = "curves_floor.json" if set_name == "curves" else os.path.join(set_name, "floor.json")
+    with open(os.path.join(RESULTS, path)) as f:
         fl = json.load(f)
     return (float(np.mean([v["cfd"] for v in fl["per_side"]["32"]])),
             float(np.mean([v["acc"] for v in fl["per_side"]["32"]])), fl["n"])
@@ -427,19 +429,20 @@ def ratio_cell(a, b):
     return f"{pa / pb:.2f}", pa / pb
 
 
-def curve_levels():
-    f, _, n = floor32()
+def curve_levels(set_name="curves"):
+    f, _, n = floor32(set_name)
     return [("acc", 0.9, False, "acc ≥ 0.9"), ("acc", 0.95, False, "acc ≥ 0.95"),
             ("cfd", 8 * f, True, f"cfd ≤ 8 × floor ({8 * f:.1f})"),
             ("cfd", 4 * f, True, f"cfd ≤ 4 × floor ({4 * f:.1f})"), ("cfd", 2 * f, True, f"cfd ≤ 2 × floor ({2 * f:.1f})")]
 
 
-def table_curves(g):
+def table_curves(g, set_name="curves"):
     """Compute each method needs to reach fixed quality levels, per seed, and the ratio K = 1 / K = 3."""
     if not g:
         return ""
     lines = []
-    fcfd, facc, n = floor32()
+    fcfd, facc, n = floor32(set_name)
+    levels = curve_levels(set_name)
     a, b = g.get(K1_NAME, []), g.get(K3_NAME, [])
     for m, runs in ((K1_NAME, a), (K3_NAME, b)):
         if runs:
@@ -449,11 +452,11 @@ def table_curves(g):
                          + f" PFLOP (of {runs[0]['spec']['budget_pflop']:g})")
     lines += ["", "PFLOP needed to reach each level (per run):", ""]
     lines.append("| method | seed | evals | PFLOP reached | lowest cfd (at PFLOP) | "
-                 + " | ".join(l[3] for l in curve_levels()) + " |")
-    lines.append("|---|---|---|---|---|" + "---|" * len(curve_levels()))
+                 + " | ".join(l[3] for l in levels) + " |")
+    lines.append("|---|---|---|---|---|" + "---|" * len(levels))
     for m, runs in ((K1_NAME, a), (K3_NAME, b)):
         for r in runs:
-            cells = [cell(compute_to_reach(r["evals"], k, lv, lb)) for k, lv, lb, _ in curve_levels()]
+            cells = [cell(compute_to_reach(r["evals"], k, lv, lb)) for k, lv, lb, _ in levels]
             last = r["evals"][-1]["pflop"] if r["evals"] else 0.0
             best = min(r["evals"], key=lambda e: e["cfd"])
             lines.append(f"| {m} | {r['spec']['seed']} | {len(r['evals'])}/{r['n_marks']}"
@@ -466,7 +469,7 @@ def table_curves(g):
                   "", "| level | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
                   "|---|" + "---|" * (len(seeds) + 1)]
         by_seed = {(method(r["spec"]), r["spec"]["seed"]): r for r in a + b}
-        for k, lv, lb, label in curve_levels():
+        for k, lv, lb, label in levels:
             cells, vals = [], []
             for s in seeds:
                 c, v = ratio_cell(compute_to_reach(by_seed[(K1_NAME, s)]["evals"], k, lv, lb),
@@ -622,31 +625,65 @@ def table_claim4lr():
 
 
 def table_final():
-    runs = load("curves_final")
-    runs = [r for r in runs if r.get("kind") == "final"]
+    """The final models, one row each: the curves' own runs and their re-runs (curves_rerun). The Inception
+    FID needs no classifier and pools over both; cfd and acc are on the scale of the classifier named."""
+    runs = sorted((r for r in load("curves_final") if r.get("kind") == "final"),
+                  key=lambda r: (method(r["spec"]), r["spec"]["seed"]))
     if not runs:
         return ""
-    with open(os.path.join(RESULTS, "curves_final", "floor.json")) as f:
-        fl = json.load(f)
+    floors = []
+    for p in sorted(glob.glob(os.path.join(RESULTS, "curves_final", "*floor.json"))):
+        with open(p) as f:
+            floors.append(json.load(f))
+    n, ref_n = runs[0]["n"], runs[0]["inception_ref_n"]
+    model = lambda r: "re-run" if r.get("set", "curves") == "curves_rerun" else "recorded run"  # noqa: E731
+    rows = [f"| method | seed | EMA of | classifier | cfd (n = {n}) | acc | Inception FID (n = {n} vs {ref_n} "
+            "held-out) |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        rows.append(f"| {method(r['spec'])} | {r['spec']['seed']} | {model(r)} | {r['classifier_sha1'][:7]} | "
+                    f"{r['cfd']:.1f} | {r['acc']:.3f} | {r['inception_fid']:.1f} |")
+    for fl in floors:
+        rows.append(f"| real digits (floor) | - | - | {fl['classifier_sha1'][:7]} | {fl['classifier']['cfd']:.1f} | "
+                    f"{fl['classifier']['acc']:.3f} | {fl['inception_fid']:.1f} |")
     g = defaultdict(list)
     for r in runs:
         g[method(r["spec"])].append(r)
-    n, ref_n = runs[0]["n"], runs[0]["inception_ref_n"]
-    rows = [f"| method | seeds | cfd (n = {n}) | acc | Inception FID (n = {n} vs {ref_n} held-out) |", "|---|---|---|---|---|"]
-    for m in sorted(g):
-        rs = sorted(g[m], key=lambda r: r["spec"]["seed"])
-        rows.append(f"| {m} | {', '.join(str(r['spec']['seed']) for r in rs)} | {fmt([r['cfd'] for r in rs])} | "
-                    f"{fmt([r['acc'] for r in rs], 3)} | {fmt([r['inception_fid'] for r in rs])} |")
-    rows.append(f"| real digits (floor) | - | {fl['classifier']['cfd']:.1f} | {fl['classifier']['acc']:.3f} | "
-                f"{fl['inception_fid']:.1f} |")
+    rows += ["", "Inception FID by method (mean ± sd over seeds): " + "; ".join(
+        f"{m}: {fmt([r['inception_fid'] for r in rs])} ({len(rs)} seeds)" for m, rs in sorted(g.items()))]
     steps = [v["steps_per_stage"] for v in runs[0]["steps_sweep"]]
-    rows += ["", "Steps per stage (claim 9 on the final models; 200 samples, the curves' noise; cfd / acc):", "",
-             "| method | seeds | " + " | ".join(f"{k} steps" for k in steps) + " |", "|---|---|" + "---|" * len(steps)]
-    for m in sorted(g):
-        rs = g[m]
-        cells = [f"{fmt([r['steps_sweep'][i]['cfd'] for r in rs])} / {fmt([r['steps_sweep'][i]['acc'] for r in rs], 3)}"
-                 for i in range(len(steps))]
-        rows.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
+    rows += ["", "Steps per stage (claim 9 on the final models; 200 samples, the curves' noise; cfd / acc, each "
+             "on its model's classifier):", "",
+             "| method | seed | EMA of | " + " | ".join(f"{k} steps" for k in steps) + " |",
+             "|---|---|---|" + "---|" * len(steps)]
+    for r in runs:
+        cells = [f"{v['cfd']:.1f} / {v['acc']:.3f}" for v in r["steps_sweep"]]
+        rows.append(f"| {method(r['spec'])} | {r['spec']['seed']} | {model(r)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+RERUN_MARKS = (0.004, 0.016, 0.032, 0.064, 0.128)
+
+
+def table_rerun():
+    """The curves' runs trained again on a second CPU (another rounding, a retrained classifier): the record
+    against the re-run at a few marks, and the re-runs' own compute-to-quality table."""
+    g, rec = curve_runs("curves_rerun"), curve_runs("curves")
+    if not g:
+        return ""
+    rows = ["| method | seed | " + " | ".join(f"{m:g} PFLOP: record → re-run" for m in RERUN_MARKS) + " |",
+            "|---|---|" + "---|" * len(RERUN_MARKS)]
+    for m, runs in sorted(g.items()):
+        for r in runs:
+            old = next((o for o in rec.get(m, []) if o["spec"] == r["spec"]), None)
+            cells = []
+            for mark in RERUN_MARKS:
+                a, b = (at_mark(x, mark) if x else None for x in (old, r))
+                f = lambda e: f"{e['cfd']:.1f} / {e['acc']:.2f}" if e else "-"  # noqa: E731
+                cells.append(f"{f(a)} → {f(b)}")
+            rows.append(f"| {m} | {r['spec']['seed']} | " + " | ".join(cells) + " |")
+    fo, fr = floor32("curves"), floor32("curves_rerun")
+    rows += ["", f"cfd / acc, 200 samples each. Floors (200 held-out digits, 3 draws): record {fo[0]:.2f} / {fo[1]:.3f}, "
+             f"re-run {fr[0]:.2f} / {fr[1]:.3f}.", "", "The re-runs' own table:", "", table_curves(g, "curves_rerun")]
     return "\n".join(rows)
 
 
@@ -683,7 +720,8 @@ def fig_grids(plt, k1_seed=2, k3_seed=1):
 def report_rechecks():
     for title, t in (("lr at 0.032 PFLOP (seed 100)", table_lrlong()), ("claim 3 at 0.032 PFLOP", table_claim3long()),
                      ("claim 4: the score interpolant at its own lr", table_claim4lr()),
-                     ("the curves' final models", table_final())):
+                     ("the curves' final models", table_final()),
+                     ("the curves re-run on a second CPU", table_rerun())):
         print(f"\n## {title}\n\n{t or '(no results yet)'}")
 
 
