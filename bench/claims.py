@@ -778,12 +778,26 @@ def set_curves_rerun():
     return [s for s in set_curves() if not os.path.exists(final_path("curves", s))]
 
 
-CURVE_SETS = ("curves", "curves_rerun", "lrlong", "claim3long")  # train_curve: stoppable at --max-pflop, resumable
+def set_curveslr():
+    """K = 3's curve at its long-budget lr: lrlong's lowest cfd at 0.032 PFLOP (1e-3; the curves' 4e-3 came
+    from the grid at 0.003 PFLOP and is too high there). K = 1's long-budget optimum is its curves' lr, so
+    its curves stand; same seeds, marks, budget and evaluation as the curves."""
+    runs = [s for s in set_lrlong() if s["resolutions"] == list(K3)]
+    cfds = [final_cfd("lrlong", s) for s in runs]
+    if None in cfds:
+        raise SystemExit("curveslr needs lrlong first: python bench/claims.py run lrlong")
+    lr = min(zip(cfds, [s["lr"] for s in runs]))[1]
+    marks = curve_marks()
+    return [spec(resolutions=K3, lr=lr, seed=seed, budget_pflop=CURVE_BUDGET, n_evals=len(marks), eval_pflop=marks)
+            for seed in CURVE_SEEDS]
+
+
+CURVE_SETS = ("curves", "curves_rerun", "curveslr", "lrlong", "claim3long")  # train_curve: stoppable at --max-pflop, resumable
 
 SETS = {"lrgrid": set_lrgrid, "claim1": set_claim1, "claim2": set_claim2, "claim3": set_claim3,
         "claim4": set_claim4, "claim5": set_claim5, "claim6": set_claim6,
         "claim7": set_claim7, "curves": set_curves, "lrlong": set_lrlong, "claim3long": set_claim3long,
-        "claim4lr": set_claim4lr, "curves_rerun": set_curves_rerun}
+        "claim4lr": set_claim4lr, "curves_rerun": set_curves_rerun, "curveslr": set_curveslr}
 # sampling-only sets on the claim-1 checkpoints (no training)
 SAMPLING_SETS = ("claim8", "claim9")
 
@@ -929,10 +943,10 @@ def classifier_sha1():
 def curves_floor(name, data, ev, log):
     """The floor of a curve set, measured with the classifier it is scored by (bench/cache/classifier.pt,
     identified by its sha1): the metrics of 200 held-out real digits (3 draws) and of all 2,000 at 32 px.
-    The curves, lrlong and claim3long share results/curves_floor.json; curves_rerun has its own. A set whose
+    The curves, lrlong and claim3long share results/curves_floor.json; later sets have their own. A set whose
     floor names another classifier stops here: its evaluations so far would not compare with new ones (the
     classifier retrains to other weights on another CPU). results/floor.json belongs to claims 1-9."""
-    path = os.path.join(RESULTS, name, "floor.json") if name == "curves_rerun" else CURVES_FLOOR
+    path = CURVES_FLOOR if name in ("curves", "lrlong", "claim3long") else os.path.join(RESULTS, name, "floor.json")
     if os.path.exists(path):
         old = read_json(path)["classifier"]["sha1"]
         if old == classifier_sha1():
@@ -986,7 +1000,7 @@ def run_curve(name, s, path, data, ev, log, a):
 # ------------------------------------------------------------------------------------------------
 
 FINAL = os.path.join(RESULTS, "curves_final")
-FINAL_SETS = ("curves", "curves_rerun")  # their complete runs get the final evaluation
+FINAL_SETS = ("curves", "curves_rerun", "curveslr")  # their complete runs get the final evaluation
 
 
 def final_path(set_name, s):
