@@ -486,12 +486,12 @@ def table_curves(g, set_name="curves"):
     return "\n".join(lines)
 
 
-def fig_curves(g, plt):
+def fig_curves(g, plt, set_name="curves", name="curves_compute.png", title=None):
     if not g:
         return None
-    fcfd, facc, n = floor32()
+    fcfd, facc, n = floor32(set_name)
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
-    for m in (K1_NAME, K3_NAME):
+    for m in ([K1_NAME, K3_NAME] if set(g) <= {K1_NAME, K3_NAME} else list(g)):
         runs = g.get(m, [])
         if not runs:
             continue
@@ -529,12 +529,12 @@ def fig_curves(g, plt):
     fig.legend(handles + [h for h, _ in extra], labels + [l for _, l in extra], loc="lower center", ncol=3,
                fontsize=7, frameon=False)
     nseeds = "; ".join(f"{m}: {len(r)}" for m, r in sorted(g.items()))
-    fig.suptitle("Curves: MNIST 32 px, DiT width 192, depth 4, patch 4, batch 32, equal training FLOPs; EMA, S_cfg 3, "
-                 "Euler 8 steps/stage, 200 samples per point\n"
+    fig.suptitle((title or "Curves") + ": MNIST 32 px, DiT width 192, depth 4, patch 4, batch 32, equal training "
+                 "FLOPs; EMA, S_cfg 3, Euler 8 steps/stage, 200 samples per point\n"
                  f"lines: mean over seeds ({nseeds}), bands ± sd where every seed has the point; "
                  f"2-core CPU, 1 thread, no GPU; {CMD} curves", fontsize=8)
     fig.tight_layout(rect=(0, 0.17, 1, 1))
-    path = os.path.join(FIGURES, "curves_compute.png")
+    path = os.path.join(FIGURES, name)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -664,6 +664,28 @@ def table_final():
 RERUN_MARKS = (0.004, 0.016, 0.032, 0.064, 0.128)
 
 
+def table_curveslr(plt=None):
+    """K = 3 at its long-budget lr (curveslr) against the runs of the same machine and classifier (the
+    re-runs): per seed at a few marks, the compute table with K = 1's re-runs, and their figure."""
+    lr_runs = curve_runs("curveslr").get(K3_NAME, [])
+    if not lr_runs:
+        return ""
+    rr = curve_runs("curves_rerun")
+    lr = lr_runs[0]["spec"]["lr"]
+    named = {f"{m}, lr {runs[0]['spec']['lr']:g}": runs for m, runs in sorted(rr.items())}
+    named[f"{K3_NAME}, lr {lr:g}"] = lr_runs
+    rows = ["| method | seed | " + " | ".join(f"cfd / acc at {m:g}" for m in RERUN_MARKS) + " |",
+            "|---|---|" + "---|" * len(RERUN_MARKS)]
+    for m, runs in named.items():
+        for r in runs:
+            cells = [(lambda e: f"{e['cfd']:.1f} / {e['acc']:.2f}" if e else "-")(at_mark(r, mk)) for mk in RERUN_MARKS]
+            rows.append(f"| {m} | {r['spec']['seed']} | " + " | ".join(cells) + " |")
+    fig = fig_curves(named, plt, "curveslr", "curves_lr.png", f"K = 3 at lr {lr:g} beside the re-runs") if plt else None
+    return "\n".join(rows + ["", f"K = 1 (its re-runs) against K = 3 at lr {lr:g}:", "",
+                              table_curves({K1_NAME: rr.get(K1_NAME, []), K3_NAME: lr_runs}, "curveslr")]
+                      + ([f"\nfigure: {fig}"] if fig else []))
+
+
 def table_rerun():
     """The curves' runs trained again on a second CPU (another rounding, a retrained classifier): the record
     against the re-run at a few marks, and the re-runs' own compute-to-quality table."""
@@ -717,11 +739,12 @@ def fig_grids(plt, k1_seed=2, k3_seed=1):
     return os.path.relpath(path, BENCH)
 
 
-def report_rechecks():
+def report_rechecks(plt=None):
     for title, t in (("lr at 0.032 PFLOP (seed 100)", table_lrlong()), ("claim 3 at 0.032 PFLOP", table_claim3long()),
                      ("claim 4: the score interpolant at its own lr", table_claim4lr()),
                      ("the curves' final models", table_final()),
-                     ("the curves re-run on a second CPU", table_rerun())):
+                     ("the curves re-run on a second CPU", table_rerun()),
+                     ("K = 3 at its long-budget lr", table_curveslr(plt))):
         print(f"\n## {title}\n\n{t or '(no results yet)'}")
 
 
@@ -735,7 +758,7 @@ def report(sections=None):
         if "curves" in sections:
             report_curves(plt)
         if "rechecks" in sections:
-            report_rechecks()
+            report_rechecks(plt)
         return
     fl = floor()
     with open(os.path.join(RESULTS, "classifier.json")) as f:
@@ -776,4 +799,4 @@ def report(sections=None):
         if f3:
             print("\nfigure:", f3)
     report_curves(plt)
-    report_rechecks()
+    report_rechecks(plt)
