@@ -486,7 +486,7 @@ def table_curves(g, set_name="curves"):
     return "\n".join(lines)
 
 
-def fig_curves(g, plt, set_name="curves", name="curves_compute.png", title=None):
+def fig_curves(g, plt, set_name="curves", name="curves_compute.png", title=None, cmd=f"{CMD} curves"):
     if not g:
         return None
     fcfd, facc, n = floor32(set_name)
@@ -501,7 +501,7 @@ def fig_curves(g, plt, set_name="curves", name="curves_compute.png", title=None)
             s = curve_series(runs, key)[:common]
             x, mean, sd = (np.array([p[i] for p in s]) for i in range(3))
             line, = ax.plot(x, mean, marker="o", ms=3,
-                            label=f"{m}, lr {runs[0]['spec']['lr']:g}, "
+                            label=(m if ", lr " in m else f"{m}, lr {runs[0]['spec']['lr']:g}") + ", "
                                   + (f"mean of seeds {seeds}" if len(runs) > 1 else f"seed {seeds}"))
             if len(runs) > 1:
                 ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
@@ -531,9 +531,9 @@ def fig_curves(g, plt, set_name="curves", name="curves_compute.png", title=None)
     nseeds = "; ".join(f"{m}: {len(r)}" for m, r in sorted(g.items()))
     fig.suptitle((title or "Curves") + ": MNIST 32 px, DiT width 192, depth 4, patch 4, batch 32, equal training "
                  "FLOPs; EMA, S_cfg 3, Euler 8 steps/stage, 200 samples per point\n"
-                 f"lines: mean over seeds ({nseeds}), bands ± sd where every seed has the point; "
-                 f"2-core CPU, 1 thread, no GPU; {CMD} curves", fontsize=8)
-    fig.tight_layout(rect=(0, 0.17, 1, 1))
+                 f"lines: mean over seeds ({nseeds}), bands ± sd where every seed has the point\n"
+                 f"2-core CPU, 1 thread, no GPU; {cmd}", fontsize=8)
+    fig.tight_layout(rect=(0, 0.17, 1, 0.97))
     path = os.path.join(FIGURES, name)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -680,7 +680,8 @@ def table_curveslr(plt=None):
         for r in runs:
             cells = [(lambda e: f"{e['cfd']:.1f} / {e['acc']:.2f}" if e else "-")(at_mark(r, mk)) for mk in RERUN_MARKS]
             rows.append(f"| {m} | {r['spec']['seed']} | " + " | ".join(cells) + " |")
-    fig = fig_curves(named, plt, "curveslr", "curves_lr.png", f"K = 3 at lr {lr:g} beside the re-runs") if plt else None
+    fig = (fig_curves(named, plt, "curveslr", "curves_lr.png", f"K = 3 at lr {lr:g} beside the re-runs (second CPU)",
+                      f"{CMD} rechecks") if plt else None)
     return "\n".join(rows + ["", f"K = 1 (its re-runs) against K = 3 at lr {lr:g}:", "",
                               table_curves({K1_NAME: rr.get(K1_NAME, []), K3_NAME: lr_runs}, "curveslr")]
                       + ([f"\nfigure: {fig}"] if fig else []))
@@ -719,16 +720,18 @@ def fig_grids(plt, k1_seed=2, k3_seed=1):
     first95 = {m: next(e["mark_pflop"] for e in r["evals"] if e["acc"] >= 0.95) for m, r in runs.items()}
     cols = [("matched compute", {m: 0.016 for m in runs}), ("matched compute", {m: 0.128 for m in runs}),
             ("matched quality: first acc ≥ 0.95", first95)]
+    png = lambda r, mark: os.path.join(BENCH, "cache", "grids", "curves__" + os.path.splitext(  # noqa: E731
+        os.path.basename(r["_file"]))[0] + f"__{mark:g}.png")
+    missing = [png(r, marks[m]) for _, marks in cols for m, r in runs.items() if not os.path.exists(png(r, marks[m]))]
+    if missing:  # the grids live only in a cache: never overwrite the committed figure with empty panels
+        return f"kept (bench/cache/grids lacks {len(missing)} of the {len(cols) * len(runs)} grids)"
     fig, axes = plt.subplots(2, 3, figsize=(12, 8.6))
     for j, (what, marks) in enumerate(cols):
         for i, (m, r) in enumerate(runs.items()):
             e = at_mark(r, marks[m])
-            name = os.path.splitext(os.path.basename(r["_file"]))[0]
-            png = os.path.join(BENCH, "cache", "grids", f"curves__{name}__{marks[m]:g}.png")
             ax = axes[i][j]
             ax.axis("off")
-            if os.path.exists(png):
-                ax.imshow(plt.imread(png))
+            ax.imshow(plt.imread(png(r, marks[m])))
             ax.set_title(f"{what}\n{m}, seed {r['spec']['seed']}: {marks[m]:g} PFLOP\ncfd {e['cfd']:.1f}, acc {e['acc']:.3f}"
                          f" (n = 200)", fontsize=8)
     fig.suptitle("EMA samples (one row per digit), S_cfg 3, Euler 8 steps/stage; 2-core CPU, 1 thread, no GPU; "
