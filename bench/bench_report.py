@@ -627,27 +627,30 @@ def table_claim4lr():
 def table_final():
     """The final models, one row each: the curves' own runs and their re-runs (curves_rerun). The Inception
     FID needs no classifier and pools over both; cfd and acc are on the scale of the classifier named."""
+    name = lambda r: f"{method(r['spec'])}, lr {r['spec']['lr']:g}"  # noqa: E731
     runs = sorted((r for r in load("curves_final") if r.get("kind") == "final"),
-                  key=lambda r: (method(r["spec"]), r["spec"]["seed"]))
+                  key=lambda r: (name(r), r["spec"]["seed"]))
     if not runs:
         return ""
     floors = []
     for p in sorted(glob.glob(os.path.join(RESULTS, "curves_final", "*floor.json"))):
         with open(p) as f:
-            floors.append(json.load(f))
+            fl = json.load(f)
+        if fl["classifier_sha1"] not in [x["classifier_sha1"] for x in floors]:
+            floors.append(fl)
     n, ref_n = runs[0]["n"], runs[0]["inception_ref_n"]
-    model = lambda r: "re-run" if r.get("set", "curves") == "curves_rerun" else "recorded run"  # noqa: E731
+    model = lambda r: {"curves_rerun": "re-run", "curveslr": "curveslr run"}.get(r.get("set"), "recorded run")  # noqa: E731
     rows = [f"| method | seed | EMA of | classifier | cfd (n = {n}) | acc | Inception FID (n = {n} vs {ref_n} "
             "held-out) |", "|---|---|---|---|---|---|---|"]
     for r in runs:
-        rows.append(f"| {method(r['spec'])} | {r['spec']['seed']} | {model(r)} | {r['classifier_sha1'][:7]} | "
+        rows.append(f"| {name(r)} | {r['spec']['seed']} | {model(r)} | {r['classifier_sha1'][:7]} | "
                     f"{r['cfd']:.1f} | {r['acc']:.3f} | {r['inception_fid']:.1f} |")
     for fl in floors:
         rows.append(f"| real digits (floor) | - | - | {fl['classifier_sha1'][:7]} | {fl['classifier']['cfd']:.1f} | "
                     f"{fl['classifier']['acc']:.3f} | {fl['inception_fid']:.1f} |")
     g = defaultdict(list)
     for r in runs:
-        g[method(r["spec"])].append(r)
+        g[name(r)].append(r)
     rows += ["", "Inception FID by method (mean ± sd over seeds): " + "; ".join(
         f"{m}: {fmt([r['inception_fid'] for r in rs])} ({len(rs)} seeds)" for m, rs in sorted(g.items()))]
     steps = [v["steps_per_stage"] for v in runs[0]["steps_sweep"]]
@@ -657,7 +660,7 @@ def table_final():
              "|---|---|---|" + "---|" * len(steps)]
     for r in runs:
         cells = [f"{v['cfd']:.1f} / {v['acc']:.3f}" for v in r["steps_sweep"]]
-        rows.append(f"| {method(r['spec'])} | {r['spec']['seed']} | {model(r)} | " + " | ".join(cells) + " |")
+        rows.append(f"| {name(r)} | {r['spec']['seed']} | {model(r)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
