@@ -652,7 +652,7 @@ def table_final():
     for r in runs:
         g[name(r)].append(r)
     rows += ["", "Inception FID by method (mean ± sd over seeds): " + "; ".join(
-        f"{m}: {fmt([r['inception_fid'] for r in rs])} ({len(rs)} seeds)" for m, rs in sorted(g.items()))]
+        f"{m}: {fmt([r['inception_fid'] for r in rs])} ({len(rs)} seed{'s' * (len(rs) > 1)})" for m, rs in sorted(g.items()))]
     steps = [v["steps_per_stage"] for v in runs[0]["steps_sweep"]]
     rows += ["", "Steps per stage (claim 9 on the final models; 200 samples, the curves' noise; cfd / acc, each "
              "on its model's classifier):", "",
