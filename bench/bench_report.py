@@ -369,7 +369,7 @@ def curve_runs(set_name="curves"):
 def floor32(set_name="curves"):
     """(cfd, acc, n) of n held-out real digits at 32 px (mean of 3 draws) under the classifier a curve set is
     scored with: results/curves_floor.json for the curves (results/floor.json belongs to the classifier of
-    claims 1-9), results/curves_rerun/floor.json for the re-runs."""
+    claims 1-9), results/<set>/floor.json for the later sets (curves_rerun, curveslr)."""
     path = "curves_floor.json" if set_name == "curves" else os.path.join(set_name, "floor.json")
     with open(os.path.join(RESULTS, path)) as f:
         fl = json.load(f)
@@ -625,8 +625,9 @@ def table_claim4lr():
 
 
 def table_final():
-    """The final models, one row each: the curves' own runs and their re-runs (curves_rerun). The Inception
-    FID needs no classifier and pools over both; cfd and acc are on the scale of the classifier named."""
+    """The final models, one row each: the curves' own runs, their re-runs (curves_rerun) and curveslr. The
+    Inception FID needs no classifier and pools over machines; cfd and acc are on the scale of the classifier
+    named in the row."""
     name = lambda r: f"{method(r['spec'])}, lr {r['spec']['lr']:g}"  # noqa: E731
     runs = sorted((r for r in load("curves_final") if r.get("kind") == "final"),
                   key=lambda r: (name(r), r["spec"]["seed"]))

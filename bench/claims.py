@@ -775,7 +775,7 @@ def set_curves_rerun():
     the floats round differently: a re-run is then another sample of the same training (same seed, data
     order and noise), not a bit-identical copy, and the classifier retrains to other weights (its sha1 is in
     each JSON), so its curve is a replication, kept apart from the record in results/curves_rerun/."""
-    return [s for s in set_curves() if not os.path.exists(final_path("curves", s))]
+    return [s for s in set_curves() if not os.path.exists(final_path("curves", run_name(s)))]
 
 
 def set_curveslr():
@@ -1003,8 +1003,9 @@ FINAL = os.path.join(RESULTS, "curves_final")
 FINAL_SETS = ("curves", "curves_rerun", "curveslr")  # their complete runs get the final evaluation
 
 
-def final_path(set_name, s):
-    return os.path.join(FINAL, ("" if set_name == "curves" else set_name + "__") + run_name(s) + ".json")
+def final_path(set_name, stem):
+    """results/curves_final/<stem>.json for the curves, <set>__<stem>.json for the later sets."""
+    return os.path.join(FINAL, ("" if set_name == "curves" else set_name + "__") + stem + ".json")
 
 
 def ema_path(set_name, s):
@@ -1042,13 +1043,13 @@ def final_eval(set_name, s, data, ev, log):
     Inception FID against the 2,000 held-out digits, and the steps-per-stage sweep. Returns the paths written."""
     import fid
     name = run_name(s)
-    out, ck = final_path(set_name, s), ema_path(set_name, s)
+    out, ck = final_path(set_name, name), ema_path(set_name, s)
     if os.path.exists(out) or not os.path.exists(ck):
         return []
     det = fid.load_detector(None, "cpu")
     ref = inception_ref(det, data, log)
     paths = []
-    floor_path = os.path.join(FINAL, ("" if set_name == "curves" else set_name + "__") + "floor.json")
+    floor_path = final_path(set_name, "floor")
     if os.path.exists(floor_path) and read_json(floor_path)["classifier_sha1"] != getattr(ev, "clf_sha1", None):
         raise SystemExit(f"error: {floor_path} was measured with another classifier than bench/cache/classifier.pt")
     if not os.path.exists(floor_path):
