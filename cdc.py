@@ -465,19 +465,25 @@ def create_model(name: str = "XL", **overrides) -> DiT:
 
 # ------------------------------ 5. Loss (eq. 13, 75; Alg. 1, 3) -----------------------------------
 
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum", "scaled-sum")
 STAGE_SAMPLINGS = ("stratified", "iid")
 
 
-def velocity_loss(b: torch.Tensor, I_dot: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def velocity_loss(b: torch.Tensor, I_dot: torch.Tensor, reduction: str = "mean",
+                  top_pixels: Optional[int] = None) -> torch.Tensor:
     """Per-sample loss of eq. 13 in MSE form ||b - I_dot||^2: eq. 13 plus ||I_dot||^2 (no theta), so the same
-    gradient without cancelling two large terms. 'mean' over C*H*W weighs every sample alike; 'sum' is Alg. 1
-    read literally. Derivation: docs/method.md#loss-in-mse-form"""
+    gradient without cancelling two large terms. Over the d_k = C*H*W values of a stage-k sample:
+    'sum' is Alg. 1 line 17 / eq. 75 read literally (a stage-k sample weighs d_k: 1 : 4 : 16 for 8/16/32 px);
+    'scaled-sum' is that sum / d_K (top_pixels, the last stage's C*H*W): the paper's relative stage weights
+    d_k / d_K at the gradient scale of a per-pixel mean, so a clip of 1 means at 256 px what it means at 32;
+    'mean' weighs every stage alike (a departure). Derivation: docs/method.md#loss-in-mse-form"""
     sq = (b.float() - I_dot.float()).pow(2).flatten(1)
     if reduction == "mean":
         return sq.mean(1)
     if reduction == "sum":
         return sq.sum(1)
+    if reduction == "scaled-sum":
+        return sq.sum(1) / top_pixels
     raise ValueError(f"unknown loss reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
 
 
@@ -549,7 +555,8 @@ def stage_loss(model: nn.Module, x1: torch.Tensor, y: Optional[torch.Tensor], ta
     """Per-sample loss of one stage (Alg. 1 lines 6-18) for images x1 = x1^(k) at the stage's side."""
     x0 = coupling_source(x1, stage, cfg)                        # lines 6-12 (eq. 8, 9)
     I, I_dot = cfg.interpolate(x0, x1, tau)                     # lines 13-14
-    return velocity_loss(model(I, tau, y), I_dot, reduction)    # lines 16-18
+    top_pixels = x1[0].numel() * 4 ** cfg.levels_below_top(stage)  # d_K, for 'scaled-sum'
+    return velocity_loss(model(I, tau, y), I_dot, reduction, top_pixels)  # lines 16-18
 
 
 def forward_order(K: int):

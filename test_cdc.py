@@ -364,9 +364,9 @@ def test_loss_gradient_equals_eq13_gradient(reduction):
     torch.manual_seed(0)
     b = torch.randn(4, 3, 8, 8, dtype=f64, requires_grad=True)
     I_dot = torch.randn(4, 3, 8, 8, dtype=f64)
-    g_mse, = torch.autograd.grad(cdc.velocity_loss(b, I_dot, reduction).double().sum(), b)
+    g_mse, = torch.autograd.grad(cdc.velocity_loss(b, I_dot, reduction, top_pixels=768).double().sum(), b)
     eq13 = (b.pow(2) - 2 * I_dot * b).flatten(1)                                 # ||b||^2 - 2 I_dot . b
-    eq13 = eq13.mean(1) if reduction == "mean" else eq13.sum(1)
+    eq13 = {"mean": eq13.mean(1), "sum": eq13.sum(1), "scaled-sum": eq13.sum(1) / 768}[reduction]
     g_eq13, = torch.autograd.grad(eq13.sum(), b)
     torch.testing.assert_close(g_mse.double(), g_eq13, rtol=1e-6, atol=1e-6)
 
@@ -375,6 +375,9 @@ def test_loss_reduction_sum_weights_by_pixel_count():
     b8, b16 = torch.ones(1, 3, 8, 8), torch.ones(1, 3, 16, 16)
     assert cdc.velocity_loss(b8, 0 * b8, "mean") == cdc.velocity_loss(b16, 0 * b16, "mean")
     assert cdc.velocity_loss(b16, 0 * b16, "sum") == 4 * cdc.velocity_loss(b8, 0 * b8, "sum")
+    # scaled-sum: Alg. 1's weights d_k / d_K; the last stage's sample weighs what it weighs under 'mean'
+    assert cdc.velocity_loss(b16, 0 * b16, "scaled-sum", 3 * 16 * 16) == cdc.velocity_loss(b16, 0 * b16, "mean")
+    assert cdc.velocity_loss(b8, 0 * b8, "scaled-sum", 3 * 16 * 16) == cdc.velocity_loss(b8, 0 * b8, "mean") / 4
 
 
 def test_label_dropout_rate_and_extremes():
@@ -455,7 +458,7 @@ def test_training_step_equals_alg1_rebuilt_by_hand_per_sample(kind, reduction, s
         m = torch.zeros_like(x1) if s == 0 else cdc.up(cdc.down(x1))
         zetas[s].append((x0 - m) / config.sigma_k(s))
         err = (0.5 * I + tau.view(-1, 1, 1, 1) + 0.1 * labels.view(-1, 1, 1, 1) - (da * x0 + db * x1)).pow(2).flatten(1)
-        per_sample[idx] = err.mean(1) if reduction == "mean" else err.sum(1)
+        per_sample[idx] = {"mean": err.mean(1), "sum": err.sum(1), "scaled-sum": err.sum(1) / (3 * 32 * 32)}[reduction]
     torch.testing.assert_close(got["loss"].detach(), per_sample.mean(), rtol=1e-4, atol=1e-5)
     for s in range(3):
         torch.testing.assert_close(got["stage_loss"][s], per_sample[stage == s].mean(), rtol=1e-4, atol=1e-5)

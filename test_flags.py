@@ -79,8 +79,8 @@ def recorded_run(root, name):
                                  labels_seen=torch.cat(seen), loss=out["loss"].item(), counts=list(out["stage_count"])))
         return out
 
-    def velocity_loss(b, I_dot, reduction="mean"):
-        value = real_velocity(b, I_dot, reduction)
+    def velocity_loss(b, I_dot, reduction="mean", top_pixels=None):
+        value = real_velocity(b, I_dot, reduction, top_pixels)
         rec["losses"].append(dict(dtype=b.dtype, b=b.detach().float(), I_dot=I_dot.detach().float(), value=value.detach()))
         return value
 

@@ -298,7 +298,7 @@ def get_parser():
     a("--sigma", type=float, default=1.0, help="stage-1 source std (eq. 8)")
     a("--gamma", type=float, default=2.0, help="diminish factor, sigma_k = gamma^-(k-1) sigma (eq. 20)")
     a("--interpolant", type=str, default="linear", choices=cdc.INTERPOLANTS, help="Table 5")
-    a("--loss-reduction", type=str, default="mean", choices=cdc.REDUCTIONS, help="per-sample mean or sum (Alg. 1) over pixels")
+    a("--loss-reduction", type=str, default="mean", choices=cdc.REDUCTIONS, help="per-sample loss over a stage's pixels: mean (every stage alike), sum (Alg. 1: a stage-k sample weighs d_k), scaled-sum (sum / d_K: Alg. 1's weights at mean's scale)")
     a("--stage-sampling", type=str, default="stratified", choices=cdc.STAGE_SAMPLINGS,
       help="stratified: fixed per-stage quotas, the same on every rank; iid: t ~ U[0,1] per sample (Alg. 1)")
     a("--class-dropout", type=float, default=0.1, help="label -> null class probability (eq. 74)")

@@ -792,12 +792,47 @@ def set_curveslr():
             for seed in CURVE_SEEDS]
 
 
-CURVE_SETS = ("curves", "curves_rerun", "curveslr", "lrlong", "claim3long")  # train_curve: stoppable at --max-pflop, resumable
+# Issue: the paper's loss weighting at convergence. Alg. 1 line 17 sums over a stage's d_k pixels, so a stage-k
+# sample weighs d_k (1 : 4 : 16 here); 'scaled-sum' is that sum / d_K (the same relative weights at the gradient
+# scale of 'mean'), 'sum' the literal form. Each gets its own lr from a ladder at the long budget (as lrlong did
+# for 'mean'), then the curves' seeds, marks and budget, and the final evaluation with the guidance sweep.
+WEIGHTINGS = ("scaled-sum", "sum")
+
+
+def set_lrweight():
+    """K = 3 under each of WEIGHTINGS at 0.032 PFLOP (seed 100, LONG_MARKS): lr x1/2, x1, x2 of 'mean''s long-budget
+    optimum (1e-3), widened until the optimum is interior."""
+    out = []
+    for red in WEIGHTINGS:
+        mk = lambda lr, red=red: spec(resolutions=K3, lr=lr, seed=LONG_SEED, budget_pflop=LONG_MARKS[-1],  # noqa: E731
+                                      n_evals=len(LONG_MARKS), eval_pflop=LONG_MARKS, reduction=red)
+        out += [mk(lr) for lr in lr_ladder(lambda lr: final_cfd("lrweight", mk(lr)), [5e-4, 1e-3, 2e-3])]
+    return out
+
+
+def weighting_lr(red):
+    runs = [s for s in set_lrweight() if s["reduction"] == red]
+    cfds = [final_cfd("lrweight", s) for s in runs]
+    if None in cfds:
+        raise SystemExit(f"weighting needs lrweight's {red} ladder first: python bench/claims.py run lrweight")
+    return min(zip(cfds, [s["lr"] for s in runs]))[1]
+
+
+def set_weighting():
+    """K = 3 under the paper's weights (scaled-sum first, then sum) at its lrweight optimum, to CURVE_BUDGET with
+    the curves' marks, seed by seed; compared with K = 1 and K = 3 'mean' at their own best guidance."""
+    marks = curve_marks()
+    return [spec(resolutions=K3, lr=weighting_lr(red), seed=seed, budget_pflop=CURVE_BUDGET, n_evals=len(marks),
+                 eval_pflop=marks, reduction=red) for red in WEIGHTINGS[:1] for seed in CURVE_SEEDS]
+
+
+CURVE_SETS = ("curves", "curves_rerun", "curveslr", "lrlong", "claim3long", "lrweight", "weighting")  # train_curve: stoppable at --max-pflop, resumable
 
 SETS = {"lrgrid": set_lrgrid, "claim1": set_claim1, "claim2": set_claim2, "claim3": set_claim3,
         "claim4": set_claim4, "claim5": set_claim5, "claim6": set_claim6,
         "claim7": set_claim7, "curves": set_curves, "lrlong": set_lrlong, "claim3long": set_claim3long,
-        "claim4lr": set_claim4lr, "curves_rerun": set_curves_rerun, "curveslr": set_curveslr}
+        "claim4lr": set_claim4lr, "curves_rerun": set_curves_rerun, "curveslr": set_curveslr,
+        "lrweight": set_lrweight, "weighting": set_weighting}
 # sampling-only sets on the claim-1 checkpoints (no training)
 SAMPLING_SETS = ("claim8", "claim9")
 
@@ -1000,7 +1035,7 @@ def run_curve(name, s, path, data, ev, log, a):
 # ------------------------------------------------------------------------------------------------
 
 FINAL = os.path.join(RESULTS, "curves_final")
-FINAL_SETS = ("curves", "curves_rerun", "curveslr")  # their complete runs get the final evaluation
+FINAL_SETS = ("curves", "curves_rerun", "curveslr", "weighting")  # their complete runs get the final evaluation
 
 
 def final_path(set_name, stem):
@@ -1074,12 +1109,97 @@ def final_eval(set_name, s, data, ev, log):
         sweep.append({"steps_per_stage": n, "n": len(xs), "sample_seconds": secs, **ev.metrics(xs, ys)})
     r.update(steps_sweep=sweep, set=set_name, cpu=CPU, classifier_sha1=getattr(ev, "clf_sha1", None),
              detector_sha1=det.sha1, machine=MACHINE, torch=torch.__version__)
+    if set_name not in ("curves", "curves_rerun", "curveslr"):  # the issue's protocol: each model at its best
+        r.update(best_guidance(s, cfg, ema, data, ev, det, ref, log))
     write_json(out, r)
     png = os.path.splitext(out)[0] + ".png"
     save_digits(x.view(10, -1, *x.shape[1:])[:, :10].reshape(-1, *x.shape[1:]), png)
     log(f"  final {name}: cfd {r['cfd']:.2f} acc {r['acc']:.3f} Inception FID {r['inception_fid']:.2f} (n {len(x)}); "
         f"steps sweep cfd {[round(v['cfd'], 1) for v in sweep]}")
     return paths + [out, png]
+
+
+CFG_SWEEP, STEPS_OF_CFG_SWEEP = (1.0, 1.5, 2.0, 3.0, 4.0), (4, 8, 24)
+
+
+@torch.no_grad()
+def teacher_forced(ema, cfg, s, data, ev, cfg_scale, steps, n=200, seed=1234):
+    """Where a chained sampler loses: for every stage k > 1, start it from the real held-out digits' D(x1^(k)),
+    upsampled, plus sigma_k zeta (eq. 9), and (a) score stage k's own output ('alone', at its side) and (b) run the
+    chain on to the last stage ('to_end', at 32 px). The chained sampler's per-stage outputs, with the same noise
+    seed and labels, are the comparison; the floor is n real held-out digits at each side."""
+    hx, hy = data[2][:n], data[3][:n]
+    gen = torch.Generator().manual_seed(seed)
+    field = cdc.guided_field(ema, hy, cfg_scale)
+    chained = cdc.sample(field, cfg, n, channels=1, steps=steps, solver=s["solver"], generator=gen,
+                         return_stages=True)
+    out = {"chained": [dict(side=x.shape[-1], **ev.metrics(x, hy)) for x in chained],
+           "floor": [dict(side=r, **ev.metrics(cdc.down(hx, cfg.levels_below_top(k)), hy))
+                     for k, r in enumerate(cfg.resolutions)], "alone": [None], "to_end": [None]}
+    for k in range(1, cfg.K):
+        gen = torch.Generator().manual_seed(seed + k)
+        prev = cdc.down(hx, cfg.levels_below_top(k - 1))
+        x = cdc.up(prev, cfg.levels(k)) + cfg.sigma_k(k) * cdc.randn(
+            (n, 1, cfg.resolutions[k], cfg.resolutions[k]), gen)
+        x = cdc.integrate_stage(field, x, k, steps, cfg, s["solver"], generator=gen)
+        out["alone"].append(dict(side=x.shape[-1], **ev.metrics(x, hy)))
+        for j in range(k + 1, cfg.K):
+            zeta = cdc.randn((n, 1, cfg.resolutions[j], cfg.resolutions[j]), gen)
+            x = cdc.integrate_stage(field, cdc.up(x, cfg.levels(j)) + cfg.sigma_k(j) * zeta, j, steps, cfg,
+                                    s["solver"], generator=gen)
+        out["to_end"].append(dict(side=x.shape[-1], **ev.metrics(x, hy)))
+    return out
+
+
+def gradient_shares(ema, cfg, data, n_per_stage=64, seed=0):
+    """Each stage's share of the training gradient at the final weights: the gradient norm of one stage's batch
+    mean loss under 'mean', for n_per_stage training digits per stage; 'sum' and 'scaled-sum' scale stage k's by
+    d_k and d_k / d_K exactly. share_k = ||g_k|| / sum_j ||g_j|| for each weighting."""
+    net = deepcopy(ema).train().requires_grad_(True)
+    torch.manual_seed(seed)
+    x, y = data[0][:n_per_stage], data[1][:n_per_stage]
+    norms = []
+    for k in range(cfg.K):
+        net.zero_grad()
+        x1 = cdc.down(x, cfg.levels_below_top(k))
+        cdc.stage_loss(net, x1, y, torch.rand(len(x)), k, cfg, "mean").mean().backward()
+        norms.append(float(torch.sqrt(sum(p.grad.pow(2).sum() for p in net.parameters() if p.grad is not None))))
+    d = [r * r for r in cfg.resolutions]
+    weights = {"mean": [1.0] * cfg.K, "sum": [float(v) for v in d], "scaled-sum": [v / d[-1] for v in d]}
+    shares = {}
+    for red, w in weights.items():
+        g = [a * b for a, b in zip(norms, w)]
+        shares[red] = [v / sum(g) for v in g]
+    return {"grad_norm_mean": norms, "share": shares, "n_per_stage": n_per_stage}
+
+
+def best_guidance(s, cfg, ema, data, ev, det, ref, log):
+    """Each model at its best: classifier metrics over CFG_SWEEP x STEPS_OF_CFG_SWEEP (200 samples, the curves'
+    noise); the Inception FID (FINAL_N samples, FINAL_SEED) at the lowest-cfd point and at S_cfg = 1 (its best
+    steps); the teacher-forced diagnosis at both points; each stage's gradient share."""
+    t0 = time.time()
+    grid = []
+    for S in CFG_SWEEP:
+        for n in STEPS_OF_CFG_SWEEP:
+            xs, ys, secs = draw(ema, cfg, s["eval_n"] // 10, s, seed=1234, cfg_scale=S, steps=n)
+            grid.append({"cfg": S, "steps_per_stage": n, "n": len(xs), "sample_seconds": secs, **ev.metrics(xs, ys)})
+    best = min(grid, key=lambda g: g["cfd"])
+    best1 = min((g for g in grid if g["cfg"] == 1.0), key=lambda g: g["cfd"])
+    points = []
+    for g in (best, best1) if best is not best1 else (best,):
+        x, y, _ = draw(ema, cfg, FINAL_N // 10, s, seed=FINAL_SEED, cfg_scale=g["cfg"], steps=g["steps_per_stage"])
+        points.append({"cfg": g["cfg"], "steps_per_stage": g["steps_per_stage"], "n": len(x), **ev.metrics(x, y),
+                       "inception_fid": fid_of(det, x, ref),
+                       "teacher_forced": teacher_forced(ema, cfg, s, data, ev, g["cfg"], g["steps_per_stage"])})
+        log(f"  at S_cfg {g['cfg']:g}, {g['steps_per_stage']} steps: cfd {points[-1]['cfd']:.2f} "
+            f"Inception FID {points[-1]['inception_fid']:.2f} (n {len(x)})")
+    return {"guidance_grid": grid, "at_best": points[0], "at_cfg1": points[-1], "gradient": gradient_shares(ema, cfg, data),
+            "best_guidance_seconds": time.time() - t0}
+
+
+def fid_of(det, x, ref):
+    import fid
+    return fid.frechet_distance(*inception_stats(det, x), *ref)
 
 
 INCEPTION_N, INCEPTION_REF = 100, 500
