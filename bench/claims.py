@@ -799,22 +799,22 @@ def set_curveslr():
 WEIGHTINGS = ("scaled-sum", "sum")
 
 
-def set_lrweight():
-    """K = 3 under each of WEIGHTINGS at 0.032 PFLOP (seed 100, LONG_MARKS): lr x1/2, x1, x2 of 'mean''s long-budget
+LR_SETS = {"scaled-sum": "lrweight", "sum": "lrsum"}  # the ladder of each weighting, in its own results folder
+
+
+def lr_ladder_of(red):
+    """K = 3 under weighting `red` at 0.032 PFLOP (seed 100, LONG_MARKS): lr x1/2, x1, x2 of 'mean''s long-budget
     optimum (1e-3), widened until the optimum is interior."""
-    out = []
-    for red in WEIGHTINGS:
-        mk = lambda lr, red=red: spec(resolutions=K3, lr=lr, seed=LONG_SEED, budget_pflop=LONG_MARKS[-1],  # noqa: E731
-                                      n_evals=len(LONG_MARKS), eval_pflop=LONG_MARKS, reduction=red)
-        out += [mk(lr) for lr in lr_ladder(lambda lr: final_cfd("lrweight", mk(lr)), [5e-4, 1e-3, 2e-3])]
-    return out
+    mk = lambda lr: spec(resolutions=K3, lr=lr, seed=LONG_SEED, budget_pflop=LONG_MARKS[-1],  # noqa: E731
+                         n_evals=len(LONG_MARKS), eval_pflop=LONG_MARKS, reduction=red)
+    return [mk(lr) for lr in lr_ladder(lambda lr: final_cfd(LR_SETS[red], mk(lr)), [5e-4, 1e-3, 2e-3])]
 
 
 def weighting_lr(red):
-    runs = [s for s in set_lrweight() if s["reduction"] == red]
-    cfds = [final_cfd("lrweight", s) for s in runs]
+    runs = lr_ladder_of(red)
+    cfds = [final_cfd(LR_SETS[red], s) for s in runs]
     if None in cfds:
-        raise SystemExit(f"weighting needs lrweight's {red} ladder first: python bench/claims.py run lrweight")
+        raise SystemExit(f"weighting needs the {red} ladder first: python bench/claims.py run {LR_SETS[red]}")
     return min(zip(cfds, [s["lr"] for s in runs]))[1]
 
 
@@ -826,13 +826,14 @@ def set_weighting():
                  eval_pflop=marks, reduction=red) for red in WEIGHTINGS[:1] for seed in CURVE_SEEDS]
 
 
-CURVE_SETS = ("curves", "curves_rerun", "curveslr", "lrlong", "claim3long", "lrweight", "weighting")  # train_curve: stoppable at --max-pflop, resumable
+CURVE_SETS = ("curves", "curves_rerun", "curveslr", "lrlong", "claim3long", "lrweight", "lrsum", "weighting")  # train_curve: stoppable at --max-pflop, resumable
 
 SETS = {"lrgrid": set_lrgrid, "claim1": set_claim1, "claim2": set_claim2, "claim3": set_claim3,
         "claim4": set_claim4, "claim5": set_claim5, "claim6": set_claim6,
         "claim7": set_claim7, "curves": set_curves, "lrlong": set_lrlong, "claim3long": set_claim3long,
         "claim4lr": set_claim4lr, "curves_rerun": set_curves_rerun, "curveslr": set_curveslr,
-        "lrweight": set_lrweight, "weighting": set_weighting}
+        "lrweight": functools.partial(lr_ladder_of, "scaled-sum"), "lrsum": functools.partial(lr_ladder_of, "sum"),
+        "weighting": set_weighting}
 # sampling-only sets on the claim-1 checkpoints (no training)
 SAMPLING_SETS = ("claim8", "claim9")
 
