@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import cdc
+from conftest import wake
 from theory.prior_equivalence import GaussianOracle, exact_chain_moments, operator_matrix
 
 f64 = torch.float64
@@ -203,15 +204,6 @@ RES = (8, 16, 32)
 def small_model(seed=0, **kw):
     torch.manual_seed(seed)
     return cdc.create_model("tiny", **{**dict(depth=2, width=64, heads=2, num_classes=5, resolutions=RES), **kw})
-
-
-def wake(model):
-    """Random weights where adaLN-Zero put zeros, so that outputs depend on every input."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear) and m.weight.abs().sum() == 0:
-                m.weight.normal_(0, 0.05)
-    return model
 
 
 def test_xl_preset_counts_677M_parameters():

@@ -20,7 +20,7 @@ import data
 import fid
 import sample
 from runs import ConfigError
-from test_train import TINY, ckpts, inproc, make_checkpoint, ok, run
+from conftest import TINY, ckpts, inproc, make_checkpoint, ok, run
 
 # ------------------------------------------------------------------------------------------------
 # Frechet distance

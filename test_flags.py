@@ -32,8 +32,7 @@ import data
 import runs
 import sample
 import train
-from test_cdc import wake
-from test_train import TINY, initial_weights, inproc, ok
+from conftest import TINY, initial_weights, inproc, ok, wake
 
 DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # as runs.setup_distributed
 EAGER = ["--no-compile"] if DEVICE.type == "cuda" else []  # the scripts compile by default on CUDA only

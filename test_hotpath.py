@@ -14,11 +14,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cdc
 import runs
 import train
+from conftest import HostToDevice, inproc, one_line_error
 from runs import ConfigError
 
 CONFIG = cdc.CDCConfig(resolutions=(4, 8, 16))
@@ -158,22 +158,6 @@ def test_a_training_step_reads_no_tensor_value_on_the_host(precision, accum):
     assert sum(out["stage_count"]) == 10 and meter.host[0] == 3
 
 
-class HostToDevice(TorchDispatchMode):
-    """Counts ops that take a CPU tensor into a computation on another device (a host-to-device copy)."""
-
-    def __init__(self):
-        super().__init__()
-        self.copies = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        out = func(*args, **(kwargs or {}))
-        outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
-        if any(t.device.type == "cpu" and t.dim() > 0 for t in tensors) and any(t.device.type != "cpu" for t in tensors + outs):
-            self.copies.append(str(func))
-        return out
-
-
 def test_the_default_step_copies_nothing_from_the_host():
     """The model and the data on the meta device: the stratified step's forward, backward and log
     bookkeeping make no host-to-device copy (tau and the label coins are drawn on the device, the stage
@@ -284,6 +268,5 @@ def test_two_micro_batches_of_b_give_the_gradient_of_one_batch_of_2b():
 
 
 def test_grad_accum_must_split_the_per_process_batch_evenly(tmp_path):
-    from test_train import inproc, one_line_error
     one_line_error(inproc("train.py", "--max-steps", 1, "--global-batch-size", 6, "--grad-accum", 4, cwd=tmp_path),
                    "--grad-accum 4")

@@ -24,8 +24,7 @@ import cdc
 import runs
 import train
 from data import DataOrder
-from test_cdc import wake
-from test_train import TINY, inproc, ok, run
+from conftest import HostToDevice, TINY, inproc, ok, run, wake
 from theory.prior_equivalence import GaussianOracle, exact_chain_moments
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -189,7 +188,6 @@ def test_sampling_noise_is_drawn_on_the_sampling_device():
     """No host draw per stage: sampling on the meta device with no generator (the device's own RNG) makes
     no host-to-device copy at all, while a CPU generator feeding the same device does copy (so the count
     can see one). A host draw plus a copy per stage fails the first assertion."""
-    from test_hotpath import HostToDevice
     config = cdc.CDCConfig(resolutions=(4, 8, 16))
     zero = lambda x, t, s: torch.zeros_like(x)  # noqa: E731  outputs are then the sampler's own noise
     for solver in ("euler", "sde"):
@@ -229,7 +227,7 @@ def test_a_non_finite_gradient_moves_neither_weights_nor_optimiser_nor_ema(monke
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, ema)]
     opt_before = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
     real = cdc.velocity_loss
-    monkeypatch.setattr(cdc, "velocity_loss", lambda b, t, r="mean": _InfGrad.apply(real(b, t, r)))
+    monkeypatch.setattr(cdc, "velocity_loss", lambda b, t, *a: _InfGrad.apply(real(b, t, *a)))
     out, gnorm, ok = train.train_step(objective, model, ema, opt, x, y, torch.Generator().manual_seed(1), 1, args)
     assert torch.isfinite(out["loss"]) and not torch.isfinite(gnorm) and not ok
     for m, b in zip((model, ema), before):
@@ -245,9 +243,9 @@ def test_a_run_with_an_inf_gradient_stops_before_saving(tmp_path, monkeypatch, c
     the next check with one line, and no checkpoint after step 2 exists."""
     real, calls = cdc.velocity_loss, []
 
-    def loss(b, t, r="mean"):
+    def loss(b, t, *a):
         calls.append(1)
-        return _InfGrad.apply(real(b, t, r)) if len(calls) > 2 * 3 else real(b, t, r)  # 3 stages per step
+        return _InfGrad.apply(real(b, t, *a)) if len(calls) > 2 * 3 else real(b, t, *a)  # 3 stages per step
 
     monkeypatch.setattr(cdc, "velocity_loss", loss)
     with pytest.raises(SystemExit) as e:

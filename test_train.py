@@ -5,10 +5,7 @@ codes, error lines and files on disk. Where a run only sets up a test, or a test
 does rather than the process around it, `inproc` calls the script's `main()` in this process instead:
 the same code and the same exit codes and output, without the seconds of a Python + torch start-up."""
 
-import contextlib
-import dataclasses
 import glob
-import io
 import math
 import os
 import re
@@ -26,53 +23,7 @@ import cdc
 import data
 import runs
 import train
-from test_cdc import wake
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-# A network of a few thousand parameters on 16 px images with 3 stages: seconds per run.
-TINY = ["--image-size", "16", "--resolutions", "4,8,16", "--patch-size", "2", "--width", "32", "--depth", "1", "--heads", "2",
-        "--global-batch-size", "8", "--dataset-size", "48", "--sample-steps", "2", "--num-workers", "0",
-        "--log-every", "2", "--threads", "1"]  # fixed threads: bit-exact comparisons across processes
-
-
-def run(script, *args, cwd, env=None):
-    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=env, timeout=600)
-
-
-def inproc(script, *args, cwd):
-    """`run` without the interpreter start-up: the script's main() in this process, in `cwd`, with its
-    stdout and stderr captured and SystemExit turned into a return code (an uncaught exception propagates
-    and fails the test, as a traceback would)."""
-    import sample
-    main = {"train.py": train.main, "sample.py": sample.main}[script]
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
-
-
-def ok(p):
-    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
-    return p
-
-
-def one_line_error(p, *words):
-    """A user error: non-zero exit, exactly one line on stderr, no traceback, mentioning `words`."""
-    assert p.returncode != 0, p.stdout
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    assert "Traceback" not in p.stderr + p.stdout
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
-
-
-def ckpts(results):
-    return sorted(glob.glob(os.path.join(results, "*", "checkpoints", "*.pt")))
+from conftest import HERE, TINY, ckpts, inproc, make_checkpoint, ok, one_line_error, run, wake
 
 
 def load(path):
@@ -277,14 +228,6 @@ def test_ema_decay_warmup_schedule():
     assert train.ema_decay_at(10 ** 6, 0.9999, True) == 0.9999
     assert train.ema_decay_at(50, 0.5, True) == 0.5                     # the cap also binds early
     assert train.ema_decay_at(0, 0.9999, False) == train.ema_decay_at(7, 0.9999, False) == 0.9999
-
-
-def initial_weights(argv):
-    """The weights train.py starts from (rank 0 and every rank: seeded by --global-seed before the build)."""
-    args = train.get_parser().parse_args(argv)
-    train.resolve_args(args, demo=args.data_path is None)
-    torch.manual_seed(args.global_seed)
-    return train.build_model(args, args.num_classes or 4).state_dict()
 
 
 def test_bf16_autocast_training_step_and_sampler_match_fp32():
@@ -554,15 +497,6 @@ def test_torchrun_two_processes_gloo_ranks_agree_and_split_the_data(tmp_path):
     # (rank, step) -> own seeds, and the timestep generator's differs from the global RNG's (one seed for both
     # would make the iid t replay the label coins' uniforms on the CPU)
     assert len({seed for r in (r0, r1) for pair in r["seeds"] for seed in pair}) == 16
-
-
-def make_checkpoint(path, config=cdc.CDCConfig(resolutions=(4, 8, 16))):
-    """A checkpoint as train.py writes it, of a small network with random (non-zero) output layers."""
-    torch.manual_seed(0)
-    model = wake(cdc.create_model("tiny", depth=1, width=32, heads=2, num_classes=4, resolutions=config.resolutions))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    runs.save_checkpoint({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": {}, "step": 0,
-                          "config": {"model": dataclasses.asdict(model.config), "cdc": config.to_dict()}}, path)
 
 
 def test_sample_npz_is_the_same_for_one_and_two_processes(tmp_path):
