@@ -425,11 +425,8 @@ def open_run(args, config, model, ema, opt, rank, world):
         check_compatible(ckpt, config, path)
         for part, module in (("model", model), ("ema", ema), ("opt", opt)):
             module.load_state_dict(ckpt[part])
-        step, epoch, pos, old = int(ckpt["step"]), ckpt["data"]["epoch"], ckpt["data"]["pos"], ckpt["args"]
-        changed = [f"{k}: {old[k]} -> {_prim(v)}" for k, v in vars(args).items()
-                   if k in old and k not in ("resume", "max_steps", "epochs") and _prim(v) != old[k]]
-        notes.append(f"resumed from {path} at step {step} (epoch {epoch}, image {pos} of the epoch)"
-                     + (f"; changed flags: {', '.join(changed)}" if changed else ""))
+        step, epoch, pos = int(ckpt["step"]), ckpt["data"]["epoch"], ckpt["data"]["pos"]
+        notes.append(f"resumed from {path} at step {step} (epoch {epoch}, image {pos} of the epoch)")
         if ckpt["world_size"] != world:
             notes.append(f"the checkpoint was written by {ckpt['world_size']} process(es), this run has {world}: the data "
                          f"continues where it stopped, but per-rank noise differs; bit-exact resume needs the same world size")
