@@ -164,19 +164,18 @@ def pick_threads(model, cdc_cfg, args, batch):
 
 
 class Meter:
-    """Running sums of the log, all-reduced once per log line. What the device computed (loss, grad norm,
-    non-finite steps, per-stage loss sums) stays on the device; what the host already knows (steps, stage
-    counts, training FLOPs = 3 x the analytic forward FLOPs of the stage mix drawn) is counted in Python.
-    So add() neither reads the device nor copies to it."""
+    """The log's running sums, all-reduced once per log line. What the device computed (loss, grad norm,
+    non-finite steps, per-stage loss sums) stays there; what the host knows (steps, stage counts, training
+    FLOPs = 3 x the analytic forward FLOPs of the stages drawn) is counted in Python: add() neither reads
+    the device nor copies to it."""
 
     def __init__(self, model, cdc_cfg, device):
         self.res, self.device = cdc_cfg.resolutions, device
         self.flops_of = [3.0 * model.flops_per_sample(r) for r in self.res]
         self.reset()
 
-    def reset(self):
-        self.sums = torch.zeros(3 + len(self.res), dtype=torch.float64, device=self.device)
-        self.host = [0.0] * (2 + len(self.res))  # steps, flops, counts per stage
+    def reset(self):  # device: loss, gnorm, non-finite, stage sums; host: steps, flops, stage counts
+        self.sums, self.host = torch.zeros(3 + len(self.res), dtype=torch.float64, device=self.device), [0.0] * (2 + len(self.res))
 
     def add(self, out, gnorm, ok):
         cnt = out["stage_count"]
@@ -317,11 +316,6 @@ def build(args, num_classes):
         raise ConfigError(str(e)) from None
 
 
-def _prim(v):
-    """Flag values as JSON/weights_only-safe primitives."""
-    return list(v) if isinstance(v, tuple) else v
-
-
 # ------------------------------------------------------------------------------------------------
 #                                        Data and the run
 # ------------------------------------------------------------------------------------------------
@@ -383,7 +377,7 @@ def check_compatible(ckpt, config, path):
     """The checkpoint must describe the same network and interpolant as the flags."""
     diffs = [f"{k}={a} (checkpoint) vs {b} (flags)" for part in ("model", "cdc")
              for k in sorted(set(ckpt["config"][part]) | set(config[part]))
-             if (a := _prim(ckpt["config"][part].get(k))) != (b := _prim(config[part].get(k)))]
+             if (a := ckpt["config"][part].get(k)) != (b := config[part].get(k))]
     if diffs:
         raise ConfigError(f"checkpoint {path} does not match the flags: {'; '.join(diffs)}. "
                           f"Pass the flags it was trained with, or start a new run without --resume")
@@ -496,14 +490,12 @@ def train(args):
             with open(os.path.join(run_dir, "log.txt"), "a") as f:
                 f.write(line + "\n")
 
-    threads = f"{torch.get_num_threads()} CPU thread(s)"
+    threads = f"{torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""
     if device.type == "cpu" and world == 1 and torch.get_num_threads() > 1:
-        n, measured = pick_threads(model, cdc_cfg, args, args.global_batch_size // args.grad_accum)
-        threads = f"{n} CPU thread(s), the faster measured ({measured}; OMP_NUM_THREADS=N fixes N)"
-    log(f"run directory {run_dir}; {world} process(es) on {device.type}" + (f"; {threads}" if device.type == "cpu" else "")
-        + f"; {note}")
-    for n in notes:
-        log(n)
+        threads = "{} CPU thread(s), the faster measured ({}; OMP_NUM_THREADS=N fixes N)".format(
+            *pick_threads(model, cdc_cfg, args, args.global_batch_size // args.grad_accum))
+    for line in [f"run directory {run_dir}; {world} process(es) on {device.type} {threads}; {note}", *notes]:
+        log(line)
     log(f"data: {args.data_path or 'built-in shapes'}: {len(dataset)} images, {num_classes} classes; "
         f"{order.steps_per_epoch} steps/epoch, {total_steps} steps")
     log(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config['model']}; "
@@ -512,15 +504,12 @@ def train(args):
 
     objective = Objective(compile_model(model) if args.compile else model, cdc_cfg, args.class_dropout,
                           args.loss_reduction, args.stage_sampling)
-    if distributed:  # buckets are views of the gradients (no copy, less memory); see cdc.training_losses
-        objective = nn.parallel.DistributedDataParallel(  # on why they fill during the largest stage
-            objective, device_ids=[device.index] if device.type == "cuda" else None,
-            gradient_as_bucket_view=True, broadcast_buffers=False)  # the only buffers are fixed position tables
+    if distributed:  # buckets: views of the gradients (no copy); why they fill in the largest stage: cdc.training_losses
+        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                                        gradient_as_bucket_view=True, broadcast_buffers=False)  # buffers: fixed tables
     model.train()
-    gen = torch.Generator()  # CPU generator of training_losses (iid timesteps)
-    meter = Meter(model, cdc_cfg, device)
-    t_start = t_last = time.time()
-    last_ckpt = None
+    gen, meter = torch.Generator(), Meter(model, cdc_cfg, device)  # gen: the CPU generator of the iid timesteps
+    t_start, t_last, last_ckpt = time.time(), time.time(), None
     while step < total_steps:
         order.set_position(epoch, pos)
         dataset.set_epoch(epoch)
@@ -558,12 +547,10 @@ def train(args):
                     t_last = time.time()
                 if is_ckpt:
                     last_ckpt = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
-                    if rank == 0:
-                        # No RNG state: every draw of step s on rank r is seeded by step_seed(seed, r, s).
+                    if rank == 0:  # no RNG state: every draw of step s on rank r is seeded by step_seed(seed, r, s)
                         save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                         "args": {k: _prim(v) for k, v in vars(args).items()}, "config": config,
-                                         "step": step, "data": {"epoch": epoch, "pos": pos}, "world_size": world},
-                                        last_ckpt)
+                                         "args": vars(args), "config": config, "step": step,
+                                         "data": {"epoch": epoch, "pos": pos}, "world_size": world}, last_ckpt)
                         prune_checkpoints(run_dir, args.keep_last, last_ckpt)
                         grid = os.path.join(run_dir, "samples", f"{step:07d}.png")
                         sample_grid(ema, cdc_cfg, args, device, grid)
