@@ -377,12 +377,11 @@ def test_choose_run_and_check_compatible(tmp_path):
             choose(tmp_path, str(bad))
 
     config = {"model": {"width": 32, "resolutions": (4, 8)}, "cdc": {"sigma": 1.0, "windows": None}}
-    same = {"model": {"width": 32, "resolutions": [4, 8]}, "cdc": {"sigma": 1.0, "windows": None}}
-    train.check_compatible({"config": same}, config, "c.pt")                       # lists and tuples compare equal
-    for old, words in (({"model": {"width": 64, "resolutions": [4, 8]}, "cdc": {"sigma": 1.0, "windows": None}}, "width=64"),
-                       ({"model": {"width": 32, "resolutions": [4, 8]}, "cdc": {"sigma": 1.0, "windows": [0.5, 0.5]}},
-                        "windows=[0.5, 0.5] (checkpoint) vs None (flags)"),
-                       ({"model": {"resolutions": [4, 8]}, "cdc": {"sigma": 1.0, "windows": None}}, "width=None (checkpoint) vs 32")):
+    train.check_compatible({"config": config}, config, "c.pt")
+    for old, words in (({"model": {"width": 64, "resolutions": (4, 8)}, "cdc": {"sigma": 1.0, "windows": None}}, "width=64"),
+                       ({"model": {"width": 32, "resolutions": (4, 8)}, "cdc": {"sigma": 1.0, "windows": (0.5, 0.5)}},
+                        "windows=(0.5, 0.5) (checkpoint) vs None (flags)"),
+                       ({"model": {"resolutions": (4, 8)}, "cdc": {"sigma": 1.0, "windows": None}}, "width=None (checkpoint) vs 32")):
         with pytest.raises(runs.ConfigError, match=re.escape(words)):
             train.check_compatible({"config": old}, config, "c.pt")
 

@@ -214,7 +214,7 @@ class Meter:
 _RECIPE = dict(model="XL", global_batch_size=256, lr=1e-4, log_every=100, ckpt_every=50_000)
 TRAIN_PRESETS = {
     "demo": dict(model="tiny", patch_size=2, resolutions="8,16", global_batch_size=16, lr=2e-3, log_every=100,
-                 ckpt_every=500, max_steps=4000, time_limit=7.5),
+                 ckpt_every=1000, max_steps=4000, time_limit=7.5),
     "imagenet256": dict(_RECIPE, patch_size=4, resolutions="32,64,128,256"),
     "imagenet512": dict(_RECIPE, patch_size=8, resolutions="32,64,128,256,512"),
     "imagenet64": dict(_RECIPE, patch_size=2, resolutions="32,64"),
