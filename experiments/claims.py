@@ -1,18 +1,20 @@
 """
 The paper's claims at small scale on real data (MNIST digits padded to 32 px), at equal training FLOPs.
 
-    python bench/claims.py run claim1            # one named set of experiments, resumable
-    python bench/claims.py run claim1 --dry-run  # list its runs and which are done
-    python bench/claims.py report                # tables (markdown) and figures from bench/results/
-    python bench/claims.py run curves --max-pflop 0.064 --commit   # the long curves, stoppable, resumable
-    python bench/claims.py report curves         # the curves' figure and compute-ratio table only
+    python experiments/claims.py run claim1            # one named set of runs (finished runs are skipped)
+    python experiments/claims.py run claim1 --dry-run  # list its runs and which are done
+    python experiments/claims.py run curves --max-pflop 0.064   # stop every run at a mark; a later call continues
+    python experiments/claims.py final                 # final evaluation of the complete FINAL_SETS runs
+    python experiments/claims.py sheet curveslr        # Fig. 9-style stage sheets from the cached final EMAs
+    python experiments/claims.py report                # tables (markdown) and figures from experiments/results/
 
-Every run trains in-process with the project's own code (train.Objective, train.make_optimizer,
-train.train_step, train.update_ema through train_step, train.step_seed; cdc.sample, cdc.guided_field),
-so what is measured is what a user runs. A run stops when its training FLOPs (3 x the analytic
-cdc.DiT.flops_per_sample of every sample's stage, as drawn) reach its budget; its EMA is evaluated at
-evenly spaced fractions of the budget. Each finished run writes one JSON under bench/results/<set>/ and
-is skipped next time; a run killed midway starts again from scratch (runs are minutes long).
+Every run trains in-process with the project's own step (train.Objective, train.make_optimizer,
+train.train_step, train.step_seed; cdc.sample, cdc.guided_field), so what is measured is what a user runs.
+A run stops when its training FLOPs (3 x the analytic cdc.DiT.flops_per_sample of every sample's stage, as
+drawn) reach its budget; its EMA is evaluated at spec['eval_pflop'] (PFLOP) or at n_evals evenly spaced
+fractions of the budget. One loop (train_loop) trains every run: it checkpoints to experiments/cache/ckpt and
+resumes bit-exactly (experiments/check_resume.py). Each run writes one JSON under experiments/results/<set>/,
+rewritten at every evaluation ("complete": false until the last).
 
 Data: the MNIST test set (10k digits, idx files; not shipped), zero-padded to 32 px, one channel, in
 [-1, 1]. A fixed permutation (seed 0) holds out 2,000 digits for evaluation; the other 8,000 train both
@@ -27,6 +29,8 @@ Floors: the same numbers for as many held-out real digits as there are samples.
 
 import argparse
 import functools
+import glob
+import gzip
 import hashlib
 import json
 import math
@@ -50,11 +54,11 @@ import cdc  # noqa: E402
 import train  # noqa: E402
 from theory.common import read_idx_images  # noqa: E402
 
-from fid import frechet_distance  # noqa: E402  (results before fid.py landed used scipy's sqrtm; see README)
+from fid import frechet_distance  # noqa: E402  (results before fid.py landed used scipy's sqrtm; see CLAIMS.md)
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(BENCH, "results")
-CACHE = os.path.join(BENCH, "cache")  # classifier and EMA weights (not committed)
+EXP = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(EXP, "results")
+CACHE = os.path.join(EXP, "cache")  # classifier, EMA weights, checkpoints, every mark's grid (not committed)
 MACHINE = "2-core CPU, 1 thread, no GPU"
 
 
@@ -71,8 +75,25 @@ def cpu_name():
 
 CPU = cpu_name()
 
+
+def log(s):
+    print(time.strftime("%H:%M:%S"), s, flush=True)
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 # ------------------------------------------------------------------------------------------------
-#                                              Data
+#                                   Data and the evaluation classifier
 # ------------------------------------------------------------------------------------------------
 
 N_HELDOUT = 2000
@@ -81,7 +102,7 @@ N_HELDOUT = 2000
 def load_mnist(mnist_dir):
     """(train_x, train_y, held_x, held_y): float32 (N, 1, 32, 32) in [-1, 1] and long labels."""
     imgs = read_idx_images(os.path.join(mnist_dir, "mnist-t10k-images-idx3-ubyte.gz"))
-    with __import__("gzip").open(os.path.join(mnist_dir, "mnist-t10k-labels-idx1-ubyte.gz"), "rb") as f:
+    with gzip.open(os.path.join(mnist_dir, "mnist-t10k-labels-idx1-ubyte.gz"), "rb") as f:
         labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8).astype(np.int64)
     imgs = np.pad(imgs, ((0, 0), (2, 2), (2, 2)))
     x = torch.from_numpy(imgs).float().div(127.5).sub(1).unsqueeze(1)
@@ -89,11 +110,6 @@ def load_mnist(mnist_dir):
     perm = torch.from_numpy(np.random.default_rng(0).permutation(len(x)))
     held, tr = perm[:N_HELDOUT], perm[N_HELDOUT:]
     return x[tr], y[tr], x[held], y[held]
-
-
-# ------------------------------------------------------------------------------------------------
-#                                    Evaluation classifier
-# ------------------------------------------------------------------------------------------------
 
 
 class Classifier(nn.Module):
@@ -139,11 +155,16 @@ def get_classifier(data):
     os.makedirs(CACHE, exist_ok=True)
     torch.save(net.state_dict(), path)
     if os.path.exists(info_path):  # the record of the classifier claims 1-9 were scored with stays
-        print(f"retrained the classifier (held-out accuracy {acc:.4f}); {info_path} is left as it is", flush=True)
+        log(f"retrained the classifier (held-out accuracy {acc:.4f}); {info_path} is left as it is")
         return net
     write_json(info_path, {"heldout_accuracy": acc, "n_heldout": len(hx), "n_train": len(tx),
                            "train_seconds": time.time() - t0, "machine": MACHINE})
     return net
+
+
+def classifier_sha1():
+    with open(os.path.join(CACHE, "classifier.pt"), "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
 
 
 @torch.no_grad()
@@ -164,15 +185,14 @@ class Evaluator:
     """Reference statistics of the training split, at full resolution and at every stage resolution
     (real digits taken down to the stage's side and replicated back up to 32 px, like a stage output)."""
 
-    def __init__(self, data, clf):
-        self.data, self.clf = data, clf
+    def __init__(self, data, clf, clf_sha1=None):
+        self.data, self.clf, self.clf_sha1 = data, clf, clf_sha1
         self.ref = {}
 
     def ref_stats(self, side):
         if side not in self.ref:
-            tx = self.data[0]
             L = int(math.log2(32 // side))
-            self.ref[side] = gauss(feats_and_preds(self.clf, cdc.up(cdc.down(tx, L), L))[0])
+            self.ref[side] = gauss(feats_and_preds(self.clf, cdc.up(cdc.down(self.data[0], L), L))[0])
         return self.ref[side]
 
     def metrics(self, x, y):
@@ -191,16 +211,31 @@ class Evaluator:
         return self.metrics(cdc.down(hx[idx], L), hy[idx])
 
 
+def evaluator(a):
+    """(data, Evaluator) for a command with --mnist and --threads."""
+    torch.set_num_threads(a.threads)
+    data = load_mnist(a.mnist)
+    clf = get_classifier(data)
+    return data, Evaluator(data, clf, classifier_sha1())
+
+
 # ------------------------------------------------------------------------------------------------
-#                                    Training and sampling
+#                                      Runs, models and sampling
 # ------------------------------------------------------------------------------------------------
 
-# The scale (see bench/README.md for why): tiny DiT (width 192, depth 4, 3 heads) at patch 4,
-# batch 32, the paper's AdamW betas (0.9, 0.95), grad clip 1, EMA 0.9999 with the train.py warm-up.
+# The scale (see CLAIMS.md for why): tiny DiT (width 192, depth 4, 3 heads) at patch 4, batch 32, the
+# paper's AdamW betas (0.9, 0.95), grad clip 1, EMA 0.9999 with the train.py warm-up.
 BASE = dict(width=192, depth=4, heads=3, patch=4, batch=32, sigma=1.0, gamma=2.0, interpolant="linear",
             fusion="xattn", reduction="mean", stage_sampling="stratified", resolutions=(8, 16, 32), lr=1e-3,
             budget_pflop=0.008, n_evals=4, seed=0, eval_n=200, cfg=3.0, steps=8, solver="euler",
             stage_specific=False)
+
+
+def spec(**kw):
+    s = dict(BASE)
+    s.update(kw)
+    s["resolutions"] = list(s["resolutions"])
+    return s
 
 
 def run_name(spec):
@@ -224,271 +259,9 @@ def make_model(spec, res):
                             fusion=spec["fusion"])
 
 
-@torch.no_grad()
-def draw(ema, cfg, n_per_class, spec, seed, return_stages=False, cfg_scale=None, steps=None):
-    """n_per_class samples of each digit, fixed noise per seed; returns (images or stages, labels, seconds)."""
-    y = torch.arange(10).repeat_interleave(n_per_class)
-    gen = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    out = cdc.sample(cdc.guided_field(ema, y, spec["cfg"] if cfg_scale is None else cfg_scale), cfg, len(y),
-                     channels=1, steps=spec["steps"] if steps is None else steps, solver=spec["solver"],
-                     generator=gen, return_stages=return_stages)
-    return out, y, time.time() - t0
-
-
-def load_ema(path):
-    """(spec, CDC config, EMA model in eval mode) of EMA weights saved by a run in bench/cache/ema."""
-    saved = torch.load(path, weights_only=False)
-    s = saved["spec"]
-    cfg = cdc.CDCConfig(resolutions=tuple(s["resolutions"]), sigma=s["sigma"], gamma=s["gamma"],
-                        interpolant=s["interpolant"])
-    ema = make_model(s, cfg.resolutions)
-    ema.load_state_dict(saved["ema"])
-    return s, cfg, ema.eval()
-
-
-def save_digits(x, path, nrow=10):
-    from data import save_grid
-    save_grid(x.float().repeat(1, 3, 1, 1), path, nrow)
-
-
-def build(spec):
-    """The run's CDC config, model (initialised from spec['seed']), EMA, optimiser arguments, optimiser,
-    objective and training FLOPs per sample of each stage."""
-    res = tuple(spec["resolutions"])
-    cfg = cdc.CDCConfig(resolutions=res, sigma=spec["sigma"], gamma=spec["gamma"], interpolant=spec["interpolant"])
-    torch.manual_seed(spec["seed"])
-    model = make_model(spec, res)
-    ema = deepcopy(model).requires_grad_(False).eval()
-    args = SimpleNamespace(lr=spec["lr"], beta1=0.9, beta2=0.95, eps=1e-6, weight_decay=0.0, grad_clip=1.0,
-                           ema_decay=0.9999, ema_warmup=True, precision="fp32")
-    opt = train.make_optimizer(model, args)
-    objective = train.Objective(model, cfg, 0.1, spec["reduction"], spec["stage_sampling"])
-    flops_of = [3.0 * model.flops_per_sample(r) for r in res]
-    return res, cfg, model, ema, args, opt, objective, flops_of
-
-
-def train_run(spec, data, ev, out_path, log):
-    """Train one model to spec['budget_pflop'] training FLOPs, evaluating the EMA n_evals times."""
-    res, cfg, model, ema, args, opt, objective, flops_of = build(spec)
-    tx, ty = data[0], data[1]
-    budget = spec["budget_pflop"] * 1e15
-    marks = [budget * (i + 1) / spec["n_evals"] for i in range(spec["n_evals"])]
-    gen, order_gen = torch.Generator(), torch.Generator().manual_seed(spec["seed"])
-    perm, pos = torch.randperm(len(tx), generator=order_gen), 0
-    flops, step, train_s, evals, loss_sum, loss_n = 0.0, 0, 0.0, [], 0.0, 0
-    counts_total = [0] * len(res)
-    model.train()
-    while marks:
-        t0 = time.time()
-        if pos + spec["batch"] > len(tx):
-            perm, pos = torch.randperm(len(tx), generator=order_gen), 0
-        idx = perm[pos:pos + spec["batch"]]
-        pos += spec["batch"]
-        seed = train.step_seed(spec["seed"], 0, step)
-        torch.manual_seed(seed)
-        gen.manual_seed(seed)
-        out, gnorm, ok = train.train_step(objective, model, ema, opt, tx[idx], ty[idx], gen, step, args)
-        if not bool(ok):  # recorded as diverged; best_lr never picks it
-            log(f"  non-finite loss or gradient at step {step}: diverged")
-            return {"kind": "train", "spec": spec, "diverged_at_step": step, "evals": evals,
-                    "final": {"cfd": float("inf"), "acc": 0.0}, "machine": MACHINE}
-        step += 1
-        flops += sum(c * f for c, f in zip(out["stage_count"], flops_of))
-        counts_total = [a + b for a, b in zip(counts_total, out["stage_count"])]
-        loss_sum, loss_n = loss_sum + float(out["loss"].detach()), loss_n + 1
-        train_s += time.time() - t0
-        if flops >= marks[0]:
-            marks.pop(0)
-            x, y, sample_s = draw(ema, cfg, spec["eval_n"] // 10, spec, seed=1234)
-            m = ev.metrics(x, y)
-            evals.append({"step": step, "pflop": flops / 1e15, "train_seconds": train_s, "sample_seconds": sample_s,
-                          "loss_recent": loss_sum / loss_n, **m})
-            log(f"  step {step} {flops / 1e15:.4f} PFLOP train {train_s:.0f}s loss {loss_sum / loss_n:.4f} "
-                f"cfd {m['cfd']:.2f} acc {m['acc']:.3f} (sampling {sample_s:.1f}s)")
-            loss_sum, loss_n = 0.0, 0
-    os.makedirs(os.path.join(CACHE, "ema"), exist_ok=True)
-    name = os.path.splitext(os.path.basename(out_path))[0]
-    set_name = os.path.basename(os.path.dirname(out_path))
-    torch.save({"ema": ema.state_dict(), "spec": spec}, os.path.join(CACHE, "ema", f"{set_name}__{name}.pt"))
-    save_digits(x[::spec["eval_n"] // 100][:100] if spec["eval_n"] >= 100 else x,
-                os.path.join(os.path.dirname(out_path), name + ".png"))
-    return {"kind": "train", "spec": spec, "cdc": cfg.to_dict(), "steps": step, "pflop": flops / 1e15,
-            "train_seconds": train_s, "stage_count_total": counts_total,
-            "params": sum(p.numel() for p in model.parameters()), "evals": evals, "final": evals[-1],
-            "machine": MACHINE, "torch": torch.__version__}
-
-
-# ------------------------------------------------------------------------------------------------
-#                     Curves: long, stoppable, exactly resumable training runs
-# ------------------------------------------------------------------------------------------------
-
-CKPT = os.path.join(CACHE, "ckpt")  # resume checkpoints (not committed)
-CKPT_EVERY_S = 180.0  # wall seconds between resume checkpoints (also one at every evaluation)
-
-
-class Interrupted(Exception):
-    """Raised by train_curve(interrupt_at_step=...): a simulated kill, for bench/check_resume.py."""
-
-
-def git_out(*cmd):
-    try:
-        r = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=60)
-        return r.stdout.strip() if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def code_version():
-    """The code this process runs: HEAD, and the .py files that differ from it (with a sha1 of that diff)."""
-    dirty = git_out("diff", "--name-only", "HEAD", "--", "*.py")
-    diff = git_out("diff", "HEAD", "--", "*.py") or ""
-    sha = hashlib.sha1(diff.encode()).hexdigest() if dirty else None
-    if sha:  # kept beside the checkpoints (not committed), so that the code can be rebuilt
-        path = os.path.join(CACHE, "code", sha + ".diff")
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                f.write(diff + "\n")
-    return {"commit": git_out("rev-parse", "HEAD"), "dirty_py": dirty.split() if dirty else [], "dirty_diff_sha1": sha}
-
-
-PROCESS_CODE = None  # code_version() at the start of this process (set by main; the code in memory)
-
-
-def save_ckpt(path, spec, model, ema, opt, order_gen, perm, pos, st):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save({"spec": spec, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "order_gen": order_gen.get_state(), "perm": perm, "pos": pos, "state": st}, tmp)
-    os.replace(tmp, path)
-
-
-def train_curve(spec, data, ev, out_path, log, max_pflop=None, ckpt_path=None, ckpt_every_s=CKPT_EVERY_S,
-                on_write=None, interrupt_at_step=None, ema_dir=os.path.join(CACHE, "ema")):
-    """Like train_run, with the EMA evaluated at the absolute compute marks spec['eval_pflop'] (PFLOP), and
-    stoppable and exactly resumable:
-
-    - it stops after the last mark <= max_pflop (default: the whole budget) and writes the JSON with
-      "complete": false until the last mark is reached; a later call with a larger max_pflop continues;
-    - every ckpt_every_s wall seconds and at every evaluation it saves model, EMA, optimiser state, data
-      order (the permutation generator's state, the permutation and the position in it), step, FLOPs,
-      stage counts, the loss window, the evaluations so far and the training seconds to ckpt_path; a call
-      that finds ckpt_path continues from it. Every random draw of a step is re-seeded from (seed, step)
-      (train.step_seed) and evaluation draws its own noise, so a resumed run is bit-identical to an
-      uninterrupted one under the same code (bench/check_resume.py checks this);
-    - "code" lists the code version (git HEAD, modified .py files) at the start and at every resume.
-
-    The JSON (and the grid of the latest evaluation's samples beside it) is rewritten at every evaluation;
-    on_write(paths, message, final) is called after each write (final: the call is about to return). A
-    complete run also leaves its final EMA in ema_dir/<set>__<name>.pt, like train_run."""
-    res, cfg, model, ema, args, opt, objective, flops_of = build(spec)
-    tx, ty = data[0], data[1]
-    marks = list(spec["eval_pflop"])
-    stop = spec["budget_pflop"] if max_pflop is None else max_pflop
-    n_target = sum(1 for m in marks if m <= stop * (1 + 1e-9))
-    order_gen = torch.Generator().manual_seed(spec["seed"])
-    perm, pos = torch.randperm(len(tx), generator=order_gen), 0
-    st = dict(step=0, flops=0.0, train_seconds=0.0, loss_sum=0.0, loss_n=0, counts=[0] * len(res), evals=[], code=[])
-    code = PROCESS_CODE or code_version()
-    if ckpt_path and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, weights_only=False)
-        if ck["spec"] != spec:
-            raise SystemExit(f"{ckpt_path} holds another spec: move it away to start afresh")
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        order_gen.set_state(ck["order_gen"])
-        perm, pos, st = ck["perm"], ck["pos"], ck["state"]
-        log(f"  resumed from {os.path.relpath(ckpt_path, ROOT)}: step {st['step']}, {st['flops'] / 1e15:.5f} PFLOP, "
-            f"{len(st['evals'])} evaluations")
-        event = "resume"
-    else:
-        event = "start"
-    st["code"].append({"event": event, "step": st["step"], "pflop": st["flops"] / 1e15,
-                       "time": time.strftime("%Y-%m-%d %H:%M:%S"), **code})
-    name = os.path.splitext(os.path.basename(out_path))[0]
-    png = os.path.join(os.path.dirname(out_path), name + ".png")
-
-    def result(extra=None):
-        r = {"kind": "train", "set_kind": "curve", "spec": spec, "cdc": cfg.to_dict(), "steps": st["step"],
-             "pflop": st["flops"] / 1e15, "train_seconds": st["train_seconds"], "stage_count_total": st["counts"],
-             "params": sum(p.numel() for p in model.parameters()), "complete": len(st["evals"]) >= len(marks),
-             "n_marks": len(marks), "evals": st["evals"], "final": st["evals"][-1] if st["evals"] else None,
-             "code": st["code"], "classifier_sha1": getattr(ev, "clf_sha1", None), "machine": MACHINE, "cpu": CPU,
-             "torch": torch.__version__}
-        r.update(extra or {})
-        return r
-
-    def ckpt():
-        if ckpt_path:
-            save_ckpt(ckpt_path, spec, model, ema, opt, order_gen, perm, pos, st)
-
-    gen = torch.Generator()
-    model.train()
-    last_ckpt = time.time()
-    while len(st["evals"]) < n_target:
-        if interrupt_at_step is not None and st["step"] == interrupt_at_step:
-            raise Interrupted(st["step"])
-        t0 = time.time()
-        if pos + spec["batch"] > len(tx):
-            perm, pos = torch.randperm(len(tx), generator=order_gen), 0
-        idx = perm[pos:pos + spec["batch"]]
-        pos += spec["batch"]
-        seed = train.step_seed(spec["seed"], 0, st["step"])
-        torch.manual_seed(seed)
-        gen.manual_seed(seed)
-        out, gnorm, ok = train.train_step(objective, model, ema, opt, tx[idx], ty[idx], gen, st["step"], args)
-        if not bool(ok):  # terminal: recorded, never resumed
-            log(f"  non-finite loss or gradient at step {st['step']}: diverged")
-            r = result({"diverged_at_step": st["step"], "complete": True})
-            write_json(out_path, r)
-            if on_write:
-                on_write([out_path], f"{name}: diverged at step {st['step']}", True)
-            return r
-        st["step"] += 1
-        st["flops"] += sum(c * f for c, f in zip(out["stage_count"], flops_of))
-        st["counts"] = [a + b for a, b in zip(st["counts"], out["stage_count"])]
-        st["loss_sum"], st["loss_n"] = st["loss_sum"] + float(out["loss"].detach()), st["loss_n"] + 1
-        st["train_seconds"] += time.time() - t0
-        if st["flops"] >= marks[len(st["evals"])] * 1e15:
-            x, y, sample_s = draw(ema, cfg, spec["eval_n"] // 10, spec, seed=1234)
-            m = ev.metrics(x, y)
-            st["evals"].append({"mark_pflop": marks[len(st["evals"])], "step": st["step"], "pflop": st["flops"] / 1e15,
-                                "train_seconds": st["train_seconds"], "sample_seconds": sample_s,
-                                "loss_recent": st["loss_sum"] / st["loss_n"], **m})
-            log(f"  step {st['step']} {st['flops'] / 1e15:.5f} PFLOP train {st['train_seconds']:.0f}s "
-                f"loss {st['loss_sum'] / st['loss_n']:.4f} cfd {m['cfd']:.2f} acc {m['acc']:.3f} "
-                f"(sampling {sample_s:.1f}s)")
-            st["loss_sum"], st["loss_n"] = 0.0, 0
-            ckpt()
-            last_ckpt = time.time()
-            save_digits(x[::max(1, len(x) // 100)][:100], png)
-            grid = os.path.join(CACHE, "grids", f"{os.path.basename(os.path.dirname(out_path))}__{name}__"
-                                f"{st['evals'][-1]['mark_pflop']:g}.png")  # every mark's grid (not committed)
-            os.makedirs(os.path.dirname(grid), exist_ok=True)
-            save_digits(x[::max(1, len(x) // 100)][:100], grid)
-            r = result()
-            write_json(out_path, r)
-            done = len(st["evals"]) >= n_target
-            if on_write:
-                on_write([out_path, png], f"{name} to {m_label(r)}", done)
-        elif time.time() - last_ckpt >= ckpt_every_s:
-            ckpt()
-            last_ckpt = time.time()
-    r = result()
-    if r["complete"]:
-        os.makedirs(ema_dir, exist_ok=True)
-        set_name = os.path.basename(os.path.dirname(out_path))
-        torch.save({"ema": ema.state_dict(), "spec": spec}, os.path.join(ema_dir, f"{set_name}__{name}.pt"))
-    if not os.path.exists(out_path) or read_json(out_path)["evals"] != r["evals"]:
-        write_json(out_path, r)  # resumed past the stop already (a smaller max_pflop than before)
-    return r
-
-
-def m_label(r):
-    last = r["evals"][-1]["mark_pflop"] if r["evals"] else 0.0
-    return f"{last:g} PFLOP ({len(r['evals'])}/{r['n_marks']} evals, {'complete' if r['complete'] else 'partial'})"
+def cdc_config(spec):
+    return cdc.CDCConfig(resolutions=tuple(spec["resolutions"]), sigma=spec["sigma"], gamma=spec["gamma"],
+                         interpolant=spec["interpolant"])
 
 
 class StageObjective(nn.Module):
@@ -524,65 +297,244 @@ class StageRouter(nn.Module):
         return self.models[str(x.shape[-1])](x, tau, y)
 
 
-def train_stage_specific(spec, data, ev, out_path, log):
-    """K separate models, model k trained only on stage k, with stage k's share of the budget: the share
-    the unified model spends on stage k (equal windows: flops_per_sample(r_k) / sum over stages). All K
-    reach each evaluation mark before the chain of their EMAs is sampled."""
-    res = tuple(spec["resolutions"])
-    cfg = cdc.CDCConfig(resolutions=res, sigma=spec["sigma"], gamma=spec["gamma"], interpolant=spec["interpolant"])
+def build(spec, n_train):
+    """The run's CDC config, optimiser arguments and lanes. A lane is one trained network with its own
+    optimiser, data order and step counter: one lane trained on every stage (the method), or, for
+    spec['stage_specific'], one per stage trained on that stage alone (claim 6's baseline; lane k's seed is
+    seed * 100 + k and it gets stage k's share of every mark: the share the unified model spends on it)."""
+    res, cfg = tuple(spec["resolutions"]), cdc_config(spec)
     args = SimpleNamespace(lr=spec["lr"], beta1=0.9, beta2=0.95, eps=1e-6, weight_decay=0.0, grad_clip=1.0,
                            ema_decay=0.9999, ema_warmup=True, precision="fp32")
+    lanes = []
+    for k in range(len(res)) if spec.get("stage_specific") else [None]:
+        seed = spec["seed"] if k is None else spec["seed"] * 100 + k
+        torch.manual_seed(seed)
+        model = make_model(spec, res if k is None else (res[k],)).train()
+        if k is None:
+            objective = train.Objective(model, cfg, 0.1, spec["reduction"], spec["stage_sampling"])
+            flops_of = [3.0 * model.flops_per_sample(r) for r in res]
+        else:
+            objective = StageObjective(model, cfg, k, spec["reduction"])
+            flops_of = [3.0 * model.flops_per_sample(r) if j == k else 0.0 for j, r in enumerate(res)]
+        order_gen = torch.Generator().manual_seed(seed)
+        lanes.append(SimpleNamespace(seed=seed, model=model, ema=deepcopy(model).requires_grad_(False).eval(),
+                                     opt=train.make_optimizer(model, args), objective=objective, flops_of=flops_of,
+                                     order_gen=order_gen, perm=torch.randperm(n_train, generator=order_gen), pos=0,
+                                     step=0, flops=0.0))
+    field = lanes[0].ema if len(lanes) == 1 else StageRouter({r: ln.ema for r, ln in zip(res, lanes)}).eval()
+    return cfg, args, lanes, field
+
+
+@torch.no_grad()
+def draw(field, cfg, n_per_class, spec, seed, return_stages=False, cfg_scale=None, steps=None):
+    """n_per_class samples of each digit, fixed noise per seed; returns (images or stages, labels, seconds)."""
+    y = torch.arange(10).repeat_interleave(n_per_class)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    out = cdc.sample(cdc.guided_field(field, y, spec["cfg"] if cfg_scale is None else cfg_scale), cfg, len(y),
+                     channels=1, steps=spec["steps"] if steps is None else steps, solver=spec["solver"],
+                     generator=gen, return_stages=return_stages)
+    return out, y, time.time() - t0
+
+
+def ema_path(set_name, s):
+    return os.path.join(CACHE, "ema", f"{set_name}__{run_name(s)}.pt")
+
+
+def load_ema(path):
+    """(spec, CDC config, EMA field in eval mode) of a run's final EMA weights saved by train_loop."""
+    saved = torch.load(path, weights_only=False)
+    s = saved["spec"]
+    cfg, _, lanes, field = build(s, 1)
+    field.load_state_dict(saved["ema"])
+    return s, cfg, field.eval()
+
+
+def save_digits(x, path, nrow=10):
+    from data import save_grid
+    save_grid(x.float().repeat(1, 3, 1, 1), path, nrow)
+
+
+def save_sheet(field, cfg, s, path):
+    """Fig. 9's stage sheet: one digit of each class (FINAL_SEED noise), each stage's output (8 -> 16 -> 32
+    px, upsampled) and the detail each stage added."""
+    from data import save_stage_sheet
+    stages, _, _ = draw(field, cfg, 1, s, seed=FINAL_SEED, return_stages=True)
+    save_stage_sheet([x.float().repeat(1, 3, 1, 1) for x in stages], path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+#                  Training: one loop for every set, stoppable and exactly resumable
+# ------------------------------------------------------------------------------------------------
+
+CKPT_EVERY_S = 180.0  # wall seconds between resume checkpoints (also one at every evaluation)
+
+
+class Interrupted(Exception):
+    """Raised by train_loop(interrupt_at_step=...): a simulated kill, for experiments/check_resume.py."""
+
+
+def git_out(*cmd):
+    try:
+        r = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        return r.stdout.strip() if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def code_version():
+    """The code this process runs (read once, at its start): HEAD, and the .py files that differ from it,
+    with a sha1 of that diff (the diff is kept in cache/code/, so that the code can be rebuilt)."""
+    dirty = git_out("diff", "--name-only", "HEAD", "--", "*.py")
+    diff = git_out("diff", "HEAD", "--", "*.py") or ""
+    sha = hashlib.sha1(diff.encode()).hexdigest() if dirty else None
+    if sha and not os.path.exists(path := os.path.join(CACHE, "code", sha + ".diff")):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(diff + "\n")
+    return {"commit": git_out("rev-parse", "HEAD"), "dirty_py": dirty.split() if dirty else [], "dirty_diff_sha1": sha}
+
+
+def marks_of(spec):
+    """The evaluation marks: (PFLOP labels, FLOP thresholds): spec['eval_pflop'], or n_evals evenly spaced
+    fractions of the budget (each threshold computed as it always was, so that a mark falls on the same step)."""
+    if "eval_pflop" in spec:
+        return list(spec["eval_pflop"]), [m * 1e15 for m in spec["eval_pflop"]]
+    n, budget = spec["n_evals"], spec["budget_pflop"] * 1e15
+    return [spec["budget_pflop"] * (i + 1) / n for i in range(n)], [budget * (i + 1) / n for i in range(n)]
+
+
+LANE_STATE = ("order_gen", "perm", "pos", "step", "flops")
+
+
+def train_loop(spec, data, ev, out_path, log=log, max_pflop=None, ckpt_path=None, ckpt_every_s=CKPT_EVERY_S,
+          interrupt_at_step=None, ema_dir=os.path.join(CACHE, "ema")):
+    """Train one run to its last mark <= max_pflop (default: the whole budget), evaluating the EMA at every
+    mark; returns the run's record, also written to out_path ("complete": false until the last mark).
+
+    Each step of a lane: the next batch of its data order (a permutation from its own generator, redrawn
+    when it runs out), every random draw re-seeded from (lane seed, step) (train.step_seed), then
+    train.train_step. Evaluation draws its own noise (seed 1234) and never touches the training RNG, so
+    stopping, resuming or evaluating more often leaves the training unchanged. Every ckpt_every_s wall
+    seconds and at every evaluation the whole state (weights, EMA, optimiser, data order, steps, FLOPs, the
+    loss window, the evaluations so far) goes to ckpt_path; a call that finds it continues from it, bit for
+    bit (experiments/check_resume.py). "code" lists the code version at the start and at every resume. A
+    complete run leaves its final EMA in ema_dir/<set>__<name>.pt; a non-finite step ends it as diverged."""
     tx, ty = data[0], data[1]
-    per_stage = []
-    for s, r in enumerate(res):
-        torch.manual_seed(spec["seed"] * 100 + s)
-        model = make_model(spec, (r,))
-        ema = deepcopy(model).requires_grad_(False).eval()
-        og = torch.Generator().manual_seed(spec["seed"] * 100 + s)
-        per_stage.append(dict(model=model, ema=ema, opt=train.make_optimizer(model, args),
-                              obj=StageObjective(model, cfg, s, spec["reduction"]), f=3.0 * model.flops_per_sample(r),
-                              flops=0.0, step=0, og=og, perm=torch.randperm(len(tx), generator=og), pos=0, secs=0.0))
-    total_f = sum(st["f"] for st in per_stage)
-    budget = spec["budget_pflop"] * 1e15
-    gen, evals = torch.Generator(), []
-    router = StageRouter({r: st["ema"] for r, st in zip(res, per_stage)}).eval()
-    for i in range(spec["n_evals"]):
-        mark = budget * (i + 1) / spec["n_evals"]
-        for s, st in enumerate(per_stage):
-            st["model"].train()
-            while st["flops"] < mark * st["f"] / total_f:
+    cfg, args, lanes, field = build(spec, len(tx))
+    labels, marks = marks_of(spec)
+    one = len(lanes) == 1
+    if one:  # a mark is reached by a step, then evaluated: no two marks may fall within one step
+        big = spec["batch"] * max(lanes[0].flops_of)
+        assert all(b - a > big for a, b in zip([0.0] + marks, marks)), "marks closer than one step's FLOPs"
+    total_f = sum(sum(ln.flops_of) for ln in lanes)
+    stop = spec["budget_pflop"] if max_pflop is None else max_pflop
+    n_target = sum(1 for m in labels if m <= stop * (1 + 1e-9))
+    st = dict(train_seconds=0.0, loss_sum=0.0, loss_n=0, counts=[0] * cfg.K, evals=[], code=[])
+    event = "start"
+    if ckpt_path and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, weights_only=False)
+        if ck["spec"] != spec:
+            raise SystemExit(f"error: {ckpt_path} holds another spec: move it away to start afresh")
+        if "lanes" not in ck:  # written by the earlier loop of one network: the same state, laid out flat
+            ck["lanes"] = [dict(ck, step=ck["state"].pop("step"), flops=ck["state"].pop("flops"))]
+        st = ck["state"]
+        for ln, c in zip(lanes, ck["lanes"]):
+            ln.model.load_state_dict(c["model"])
+            ln.ema.load_state_dict(c["ema"])
+            ln.opt.load_state_dict(c["opt"])
+            ln.order_gen.set_state(c["order_gen"])
+            ln.perm, ln.pos, ln.step, ln.flops = c["perm"], c["pos"], c["step"], c["flops"]
+        event = "resume"
+        log(f"  resumed from {os.path.relpath(ckpt_path, ROOT)}: steps {[ln.step for ln in lanes]}, "
+            f"{sum(ln.flops for ln in lanes) / 1e15:.5f} PFLOP, {len(st['evals'])} evaluations")
+    flops = lambda: sum(ln.flops for ln in lanes)  # noqa: E731
+    st["code"].append({"event": event, "step": sum(ln.step for ln in lanes), "pflop": flops() / 1e15,
+                       "time": time.strftime("%Y-%m-%d %H:%M:%S"), **code_version()})
+    name = os.path.splitext(os.path.basename(out_path))[0]
+    set_name = os.path.basename(os.path.dirname(out_path))
+    png = os.path.join(os.path.dirname(out_path), name + ".png")
+
+    def result(**extra):
+        r = {"kind": "train", "spec": spec, "cdc": cfg.to_dict(), "steps": sum(ln.step for ln in lanes),
+             "pflop": flops() / 1e15, "train_seconds": st["train_seconds"], "stage_count_total": st["counts"],
+             "params": sum(p.numel() for ln in lanes for p in ln.model.parameters()),
+             "complete": len(st["evals"]) >= len(marks), "n_marks": len(marks), "evals": st["evals"],
+             "final": st["evals"][-1] if st["evals"] else None, "code": st["code"], "classifier_sha1": ev.clf_sha1,
+             "machine": MACHINE, "cpu": CPU, "torch": torch.__version__, **extra}
+        if not one:
+            r["steps_per_stage_model"] = [ln.step for ln in lanes]
+        return r
+
+    def ckpt():
+        if ckpt_path:
+            os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
+            lane_states = [dict(model=ln.model.state_dict(), ema=ln.ema.state_dict(), opt=ln.opt.state_dict(),
+                                **{k: getattr(ln, k) for k in LANE_STATE}) for ln in lanes]
+            for c, ln in zip(lane_states, lanes):
+                c["order_gen"] = ln.order_gen.get_state()
+            torch.save({"spec": spec, "lanes": lane_states, "state": st}, ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)
+
+    gen, last_ckpt = torch.Generator(), time.time()
+    while len(st["evals"]) < n_target:
+        i = len(st["evals"])
+        for ln in lanes:
+            while ln.flops < (marks[i] if one else marks[i] * sum(ln.flops_of) / total_f):
+                if interrupt_at_step is not None and sum(x.step for x in lanes) == interrupt_at_step:
+                    raise Interrupted(interrupt_at_step)  # steps counted over all lanes
                 t0 = time.time()
-                if st["pos"] + spec["batch"] > len(tx):
-                    st["perm"], st["pos"] = torch.randperm(len(tx), generator=st["og"]), 0
-                idx = st["perm"][st["pos"]:st["pos"] + spec["batch"]]
-                st["pos"] += spec["batch"]
-                seed = train.step_seed(spec["seed"] * 100 + s, 0, st["step"])
+                if ln.pos + spec["batch"] > len(tx):
+                    ln.perm, ln.pos = torch.randperm(len(tx), generator=ln.order_gen), 0
+                idx = ln.perm[ln.pos:ln.pos + spec["batch"]]
+                ln.pos += spec["batch"]
+                seed = train.step_seed(ln.seed, 0, ln.step)
                 torch.manual_seed(seed)
                 gen.manual_seed(seed)
-                out, gnorm, ok = train.train_step(st["obj"], st["model"], st["ema"], st["opt"], tx[idx], ty[idx], gen,
-                                                  st["step"], args)
-                if not bool(ok):
-                    log(f"  stage {s}: non-finite loss or gradient at step {st['step']}: diverged")
-                    return {"kind": "train", "spec": spec, "diverged_at_step": st["step"], "evals": evals,
-                            "final": {"cfd": float("inf"), "acc": 0.0}, "machine": MACHINE}
-                st["step"] += 1
-                st["flops"] += spec["batch"] * st["f"]
-                st["secs"] += time.time() - t0
-        x, y, sample_s = draw(router, cfg, spec["eval_n"] // 10, spec, seed=1234)
+                out, gnorm, ok = train.train_step(ln.objective, ln.model, ln.ema, ln.opt, tx[idx], ty[idx], gen,
+                                                  ln.step, args)
+                if not bool(ok):  # terminal: recorded, never resumed; best_lr and final_cfd never pick it
+                    log(f"  non-finite loss or gradient at step {ln.step} (lane seed {ln.seed}): diverged")
+                    r = result(diverged_at_step=ln.step, complete=True)
+                    write_json(out_path, r)
+                    return r
+                ln.step += 1
+                ln.flops += sum(c * f for c, f in zip(out["stage_count"], ln.flops_of))
+                st["counts"] = [a + b for a, b in zip(st["counts"], out["stage_count"])]
+                st["loss_sum"], st["loss_n"] = st["loss_sum"] + float(out["loss"].detach()), st["loss_n"] + 1
+                st["train_seconds"] += time.time() - t0
+                if time.time() - last_ckpt >= ckpt_every_s:
+                    ckpt()
+                    last_ckpt = time.time()
+        x, y, sample_s = draw(field, cfg, spec["eval_n"] // 10, spec, seed=1234)
         m = ev.metrics(x, y)
-        flops = sum(st["flops"] for st in per_stage)
-        train_s = sum(st["secs"] for st in per_stage)
-        evals.append({"step": [st["step"] for st in per_stage], "pflop": flops / 1e15, "train_seconds": train_s,
-                      "sample_seconds": sample_s, **m})
-        log(f"  steps {[st['step'] for st in per_stage]} {flops / 1e15:.4f} PFLOP train {train_s:.0f}s "
-            f"cfd {m['cfd']:.2f} acc {m['acc']:.3f} (sampling {sample_s:.1f}s)")
-    name = os.path.splitext(os.path.basename(out_path))[0]
-    save_digits(x[::spec["eval_n"] // 100][:100], os.path.join(os.path.dirname(out_path), name + ".png"))
-    return {"kind": "train", "spec": spec, "cdc": cfg.to_dict(), "steps": sum(st["step"] for st in per_stage),
-            "steps_per_stage_model": [st["step"] for st in per_stage], "pflop": evals[-1]["pflop"],
-            "train_seconds": evals[-1]["train_seconds"],
-            "params": sum(p.numel() for st in per_stage for p in st["model"].parameters()), "evals": evals,
-            "final": evals[-1], "machine": MACHINE, "torch": torch.__version__}
+        loss = st["loss_sum"] / max(st["loss_n"], 1)
+        st["evals"].append({"mark_pflop": labels[i], "step": lanes[0].step if one else [ln.step for ln in lanes],
+                            "pflop": flops() / 1e15, "train_seconds": st["train_seconds"], "sample_seconds": sample_s,
+                            "loss_recent": loss, **m})
+        log(f"  steps {[ln.step for ln in lanes]} {flops() / 1e15:.5f} PFLOP train {st['train_seconds']:.0f}s "
+            f"loss {loss:.4f} cfd {m['cfd']:.2f} acc {m['acc']:.3f} (sampling {sample_s:.1f}s)")
+        st["loss_sum"], st["loss_n"] = 0.0, 0
+        ckpt()
+        last_ckpt = time.time()
+        grid = x[::max(1, len(x) // 100)][:100]
+        save_digits(grid, png)
+        save_digits(grid, os.path.join(CACHE, "grids", f"{set_name}__{name}__{labels[i]:g}.png"))  # every mark's
+        write_json(out_path, result())
+    r = result()
+    if r["complete"]:
+        os.makedirs(ema_dir, exist_ok=True)
+        torch.save({"ema": field.state_dict(), "spec": spec}, os.path.join(ema_dir, f"{set_name}__{name}.pt"))
+    if not os.path.exists(out_path) or read_json(out_path)["evals"] != r["evals"]:
+        write_json(out_path, r)  # resumed past the stop already (a smaller max_pflop than before)
+    return r
+
+
+def m_label(r):
+    last = r["evals"][-1]["mark_pflop"] if r["evals"] else 0.0
+    return f"{last:g} PFLOP ({len(r['evals'])}/{r['n_marks']} evals, {'complete' if r['complete'] else 'partial'})"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -593,30 +545,28 @@ K1, K3 = (32,), (8, 16, 32)
 LR_GRID = (1e-3, 2e-3, 4e-3)
 GRID_BUDGET = 0.003
 HEADLINE_SEEDS = (0, 1, 2)
+ABLATION_SEEDS = (0,)  # claims 2-6; `run --seeds 0,1,2` adds seeds (claim 7 always runs the headline seeds)
+LONG_SEEDS = (0, 1)  # claim3long
+CURVE_SEEDS = HEADLINE_SEEDS  # `run curves --seeds 2` runs only seed 2
 
 
-def spec(**kw):
-    s = dict(BASE)
-    s.update(kw)
-    s["resolutions"] = list(s["resolutions"])
-    return s
+def needs(set_name):
+    raise SystemExit(f"error: this set needs {set_name} first: python experiments/claims.py run {set_name}")
 
 
 def best_lr(resolutions):
-    """The learning rate with the lowest final cfd in the lr grid (None until the grid is done)."""
+    """The learning rate with the lowest final cfd in the lr grid."""
     best = None
     for lr in LR_GRID:
         p = os.path.join(RESULTS, "lrgrid", run_name(spec(resolutions=resolutions, lr=lr, seed=100,
                                                           budget_pflop=GRID_BUDGET, n_evals=1)) + ".json")
         if not os.path.exists(p):
-            return None
+            needs("lrgrid")
         r = read_json(p)
-        if r.get("diverged_at_step") is not None:
-            continue
-        if best is None or r["final"]["cfd"] < best[0]:
+        if r.get("diverged_at_step") is None and (best is None or r["final"]["cfd"] < best[0]):
             best = (r["final"]["cfd"], lr)
     if best is None:
-        raise SystemExit(f"every lr of the grid diverged for {resolutions}")
+        raise SystemExit(f"error: every lr of the grid diverged for {resolutions}")
     return best[1]
 
 
@@ -626,31 +576,14 @@ def set_lrgrid():
 
 
 def set_claim1():
-    out = []
-    for seed in HEADLINE_SEEDS:
-        for res in (K3, K1):
-            lr = best_lr(res)
-            if lr is None:
-                raise SystemExit("claim1 needs the lr grid first: python bench/claims.py run lrgrid")
-            out.append(spec(resolutions=res, lr=lr, seed=seed))
-    return out
-
-
-def cdc_lr():
-    lr = best_lr(K3)
-    if lr is None:
-        raise SystemExit("needs the lr grid first: python bench/claims.py run lrgrid")
-    return lr
+    return [spec(resolutions=res, lr=best_lr(res), seed=seed) for seed in HEADLINE_SEEDS for res in (K3, K1)]
 
 
 # The ablations (claims 2-7) evaluate once, at the end of the budget: evaluation draws its own noise
 # (seed 1234) and never touches the training RNG, so the final numbers equal those of a 4-point run
 # (claim 1's K = 3 row, their baseline) and each run saves ~2 minutes of sampling on the CPU.
 def ablation(**kw):
-    return spec(**{"lr": cdc_lr(), "n_evals": 1, **kw})
-
-
-ABLATION_SEEDS = (0,)  # claims 2-6; `run --seeds 0,1,2` adds seeds (claim 7 always runs the headline seeds)
+    return spec(**{"lr": best_lr(K3), "n_evals": 1, **kw})
 
 
 def set_claim2():
@@ -691,45 +624,25 @@ def curve_marks():
 CURVE_BUDGET = 0.128
 
 
-CURVE_SEEDS = HEADLINE_SEEDS  # `run curves --seeds 2` runs only seed 2
+def curve(res, lr, seed, **kw):
+    marks = curve_marks()
+    return spec(resolutions=res, lr=lr, seed=seed, budget_pflop=CURVE_BUDGET, n_evals=len(marks), eval_pflop=marks, **kw)
 
 
 def set_curves():
     """Claim 1's pair (K = 1 and K = 3 at their grid learning rates, the same network, batch and optimiser)
     trained to CURVE_BUDGET, evaluated (200 samples) at curve_marks(); K = 1 before K = 3, seed by seed."""
-    marks = curve_marks()
-    out = []
-    for seed in CURVE_SEEDS:
-        for res in (K1, K3):
-            lr = best_lr(res)
-            if lr is None:
-                raise SystemExit("curves needs the lr grid first: python bench/claims.py run lrgrid")
-            out.append(spec(resolutions=res, lr=lr, seed=seed, budget_pflop=CURVE_BUDGET, n_evals=len(marks),
-                            eval_pflop=marks))
-    return out
+    return [curve(res, best_lr(res), seed) for seed in CURVE_SEEDS for res in (K1, K3)]
 
 
-# Re-checks on models that have learned (issue: the curves' lrs came from a grid at 0.003 PFLOP, claim 3's
-# gamma sweep and claim 4's score row were at 0.008, where single-stage FM had not learned).
+# Re-checks on models that have learned (the curves' lrs came from a grid at 0.003 PFLOP, claim 3's gamma
+# sweep and claim 4's score row were at 0.008, where single-stage FM had not learned).
 LONG_MARKS = [0.004, 0.008, 0.016, 0.032]  # curve marks: these evaluations equal the curves' at those points
 LONG_SEED = 100  # the lr grid's seed, not a headline seed
 
 
-def lr_ladder(results, lrs):
-    """lrs widened by factors of 2 until the best (lowest final cfd of `results(lr)`, None while a run is
-    missing) is interior; returns the lrs to run."""
-    lrs = sorted(lrs)
-    while True:
-        finals = [results(lr) for lr in lrs]
-        if any(f is None for f in finals):
-            return lrs
-        best = min(range(len(lrs)), key=lambda i: finals[i])
-        if 0 < best < len(lrs) - 1:
-            return lrs
-        lrs = [lrs[0] / 2] + lrs if best == 0 else lrs + [lrs[-1] * 2]
-
-
 def final_cfd(set_name, s):
+    """A finished run's final cfd (inf if it diverged), None while it is missing or partial."""
     p = os.path.join(RESULTS, set_name, run_name(s) + ".json")
     if not os.path.exists(p):
         return None
@@ -739,42 +652,63 @@ def final_cfd(set_name, s):
     return r["final"]["cfd"] if r.get("complete", True) else None
 
 
+def lr_ladder(set_name, mk, lrs):
+    """Runs mk(lr) for lrs widened by factors of 2 until the lowest final cfd is interior."""
+    lrs = sorted(lrs)
+    while True:
+        finals = [final_cfd(set_name, mk(lr)) for lr in lrs]
+        if any(f is None for f in finals):
+            return [mk(lr) for lr in lrs]
+        best = min(range(len(lrs)), key=lambda i: finals[i])
+        if 0 < best < len(lrs) - 1:
+            return [mk(lr) for lr in lrs]
+        lrs = [lrs[0] / 2] + lrs if best == 0 else lrs + [lrs[-1] * 2]
+
+
+def ladder_best(set_name, runs):
+    """The lr of a finished ladder's lowest final cfd."""
+    cfds = [final_cfd(set_name, s) for s in runs]
+    if None in cfds:
+        needs(set_name)
+    return min(zip(cfds, [s["lr"] for s in runs]))[1]
+
+
+def long_run(res, lr, **kw):
+    return spec(resolutions=res, lr=lr, seed=LONG_SEED, budget_pflop=LONG_MARKS[-1], n_evals=len(LONG_MARKS),
+                eval_pflop=LONG_MARKS, **kw)
+
+
 def set_lrlong():
     """Both methods' lr at 0.032 PFLOP (seed 100, evaluated at LONG_MARKS): x1/2, x1, x2 the curves' lr,
     widened until the optimum is interior."""
     out = []
     for res in (K3, K1):
-        mk = lambda lr, res=res: spec(resolutions=res, lr=lr, seed=LONG_SEED, budget_pflop=LONG_MARKS[-1],  # noqa: E731
-                                      n_evals=len(LONG_MARKS), eval_pflop=LONG_MARKS)
         base = best_lr(res)
-        out += [mk(lr) for lr in lr_ladder(lambda lr: final_cfd("lrlong", mk(lr)), [base / 2, base, base * 2])]
+        out += lr_ladder("lrlong", functools.partial(long_run, res), [base / 2, base, base * 2])
     return out
-
-
-LONG_SEEDS = (0, 1)
 
 
 def set_claim3long():
     """gamma in {1, 4, 6} at 0.032 PFLOP, where CDC's curve has flattened, seeds 0 and 1; gamma 2 is the
     curves' K = 3 run at its 0.032 mark (the same evaluation noise and n)."""
-    return [spec(resolutions=K3, lr=cdc_lr(), gamma=g, seed=seed, budget_pflop=LONG_MARKS[-1], n_evals=3,
+    return [spec(resolutions=K3, lr=best_lr(K3), gamma=g, seed=seed, budget_pflop=LONG_MARKS[-1], n_evals=3,
                  eval_pflop=LONG_MARKS[1:]) for seed in LONG_SEEDS for g in (1.0, 4.0, 6.0)]
 
 
 def set_claim4lr():
     """The score interpolant at its own lr (claim 4's budget 0.008 PFLOP, seed 0): x1/4..x2 CDC's lr,
     widened until the optimum is interior (the lr 4e-3 run repeats claim 4's row)."""
-    mk = lambda lr: ablation(interpolant="score", seed=0, lr=lr)  # noqa: E731
-    base = cdc_lr()
-    return [mk(lr) for lr in lr_ladder(lambda lr: final_cfd("claim4lr", mk(lr)), [base / 4, base / 2, base, base * 2])]
+    base = best_lr(K3)
+    return lr_ladder("claim4lr", lambda lr: ablation(interpolant="score", seed=0, lr=lr),
+                     [base / 4, base / 2, base, base * 2])
 
 
 def set_curves_rerun():
     """The curves' runs whose final evaluation is missing (their EMA weights were lost with a machine's
-    bench/cache), trained again from step 0 under the same specs, for that final evaluation. On another CPU
-    the floats round differently: a re-run is then another sample of the same training (same seed, data
-    order and noise), not a bit-identical copy, and the classifier retrains to other weights (its sha1 is in
-    each JSON), so its curve is a replication, kept apart from the record in results/curves_rerun/."""
+    cache), trained again from step 0 under the same specs, for that final evaluation. On another CPU the
+    floats round differently: a re-run is then another sample of the same training (same seed, data order
+    and noise), not a bit-identical copy, and the classifier retrains to other weights (its sha1 is in each
+    JSON), so its curve is a replication, kept apart from the record in results/curves_rerun/."""
     return [s for s in set_curves() if not os.path.exists(final_path("curves", run_name(s)))]
 
 
@@ -782,125 +716,133 @@ def set_curveslr():
     """K = 3's curve at its long-budget lr: lrlong's lowest cfd at 0.032 PFLOP (1e-3; the curves' 4e-3 came
     from the grid at 0.003 PFLOP and is too high there). K = 1's long-budget optimum is its curves' lr, so
     its curves stand; same seeds, marks, budget and evaluation as the curves."""
-    runs = [s for s in set_lrlong() if s["resolutions"] == list(K3)]
-    cfds = [final_cfd("lrlong", s) for s in runs]
-    if None in cfds:
-        raise SystemExit("curveslr needs lrlong first: python bench/claims.py run lrlong")
-    lr = min(zip(cfds, [s["lr"] for s in runs]))[1]
-    marks = curve_marks()
-    return [spec(resolutions=K3, lr=lr, seed=seed, budget_pflop=CURVE_BUDGET, n_evals=len(marks), eval_pflop=marks)
-            for seed in CURVE_SEEDS]
+    lr = ladder_best("lrlong", [s for s in set_lrlong() if s["resolutions"] == list(K3)])
+    return [curve(K3, lr, seed) for seed in CURVE_SEEDS]
 
 
-# Issue: the paper's loss weighting at convergence. Alg. 1 line 17 sums over a stage's d_k pixels, so a stage-k
-# sample weighs d_k (1 : 4 : 16 here); 'scaled-sum' is that sum / d_K (the same relative weights at the gradient
-# scale of 'mean'), 'sum' the literal form. Each gets its own lr from a ladder at the long budget (as lrlong did
-# for 'mean'), then the curves' seeds, marks and budget, and the final evaluation with the guidance sweep.
+# The paper's loss weighting at convergence. Alg. 1 line 17 sums over a stage's d_k pixels, so a stage-k sample
+# weighs d_k (1 : 4 : 16 here); 'scaled-sum' is that sum / d_K (the same relative weights at the gradient scale
+# of 'mean'), 'sum' the literal form. Each gets its own lr from a ladder at the long budget (as lrlong did for
+# 'mean'), then the curves' seeds, marks and budget, and the final evaluation with the guidance sweep.
 WEIGHTINGS = ("scaled-sum", "sum")
-
-
 LR_SETS = {"scaled-sum": "lrweight", "sum": "lrsum"}  # the ladder of each weighting, in its own results folder
 
 
 def lr_ladder_of(red):
     """K = 3 under weighting `red` at 0.032 PFLOP (seed 100, LONG_MARKS): lr x1/2, x1, x2 of 'mean''s long-budget
     optimum (1e-3), widened until the optimum is interior."""
-    mk = lambda lr: spec(resolutions=K3, lr=lr, seed=LONG_SEED, budget_pflop=LONG_MARKS[-1],  # noqa: E731
-                         n_evals=len(LONG_MARKS), eval_pflop=LONG_MARKS, reduction=red)
-    return [mk(lr) for lr in lr_ladder(lambda lr: final_cfd(LR_SETS[red], mk(lr)), [5e-4, 1e-3, 2e-3])]
-
-
-def weighting_lr(red):
-    runs = lr_ladder_of(red)
-    cfds = [final_cfd(LR_SETS[red], s) for s in runs]
-    if None in cfds:
-        raise SystemExit(f"weighting needs the {red} ladder first: python bench/claims.py run {LR_SETS[red]}")
-    return min(zip(cfds, [s["lr"] for s in runs]))[1]
+    return lr_ladder(LR_SETS[red], lambda lr: long_run(K3, lr, reduction=red), [5e-4, 1e-3, 2e-3])
 
 
 def set_weighting():
-    """K = 3 under the paper's weights (scaled-sum first, then sum) at its lrweight optimum, to CURVE_BUDGET with
-    the curves' marks, seed by seed; compared with K = 1 and K = 3 'mean' at their own best guidance."""
-    marks = curve_marks()
-    return [spec(resolutions=K3, lr=weighting_lr(red), seed=seed, budget_pflop=CURVE_BUDGET, n_evals=len(marks),
-                 eval_pflop=marks, reduction=red) for red in WEIGHTINGS[:1] for seed in CURVE_SEEDS]
+    """K = 3 under the paper's weights (scaled-sum) at its lrweight optimum, to CURVE_BUDGET with the curves'
+    marks, seed by seed; compared with K = 1 and K = 3 'mean' at their own best guidance."""
+    return [curve(K3, ladder_best(LR_SETS[red], lr_ladder_of(red)), seed, reduction=red)
+            for red in WEIGHTINGS[:1] for seed in CURVE_SEEDS]
 
-
-CURVE_SETS = ("curves", "curves_rerun", "curveslr", "lrlong", "claim3long", "lrweight", "lrsum", "weighting")  # train_curve: stoppable at --max-pflop, resumable
 
 SETS = {"lrgrid": set_lrgrid, "claim1": set_claim1, "claim2": set_claim2, "claim3": set_claim3,
-        "claim4": set_claim4, "claim5": set_claim5, "claim6": set_claim6,
-        "claim7": set_claim7, "curves": set_curves, "lrlong": set_lrlong, "claim3long": set_claim3long,
-        "claim4lr": set_claim4lr, "curves_rerun": set_curves_rerun, "curveslr": set_curveslr,
+        "claim4": set_claim4, "claim5": set_claim5, "claim6": set_claim6, "claim7": set_claim7,
+        "curves": set_curves, "lrlong": set_lrlong, "claim3long": set_claim3long, "claim4lr": set_claim4lr,
+        "curves_rerun": set_curves_rerun, "curveslr": set_curveslr,
         "lrweight": functools.partial(lr_ladder_of, "scaled-sum"), "lrsum": functools.partial(lr_ladder_of, "sum"),
         "weighting": set_weighting}
-# sampling-only sets on the claim-1 checkpoints (no training)
-SAMPLING_SETS = ("claim8", "claim9")
+SAMPLING_SETS = ("claim8", "claim9")  # sampling only, on the claim-1 EMA models
+FINAL_SETS = ("curves", "curves_rerun", "curveslr", "weighting")  # their complete runs get the final evaluation
 
 
-def sampling_sweep(set_name, data, ev, log, seeds=HEADLINE_SEEDS):
+def sampling_sweep(set_name, ev, seeds=HEADLINE_SEEDS):
     """claim8: per-stage quality against S_cfg; claim9: quality against steps per stage (and time)."""
-    lr3 = cdc_lr()
-    lr1 = best_lr(K1)
+    lr3, lr1 = best_lr(K3), best_lr(K1)
     jobs = []
     for seed in seeds:
         if set_name == "claim8":
-            for s in (1.0, 1.5, 2.0, 3.0, 4.0, 6.0):
-                jobs.append((K3, lr3, seed, dict(cfg_scale=s), f"cfg{s}"))
+            jobs += [(K3, lr3, seed, dict(cfg_scale=s), f"cfg{s}") for s in (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)]
         else:
-            for n in (2, 4, 8, 16, 24):
-                for res, lr in ((K3, lr3), (K1, lr1)):
-                    jobs.append((res, lr, seed, dict(steps=n), f"steps{n}"))
+            jobs += [(res, lr, seed, dict(steps=n), f"steps{n}") for n in (2, 4, 8, 16, 24)
+                     for res, lr in ((K3, lr3), (K1, lr1))]
     for res, lr, seed, kw, tag in jobs:
-        base = run_name(spec(resolutions=res, lr=lr, seed=seed))
-        path = os.path.join(RESULTS, set_name, f"{base}_{tag}.json")
+        base = spec(resolutions=res, lr=lr, seed=seed)
+        path = os.path.join(RESULTS, set_name, f"{run_name(base)}_{tag}.json")
         if os.path.exists(path):
             continue
-        ck = os.path.join(CACHE, "ema", f"claim1__{base}.pt")
-        if not os.path.exists(ck):
+        if not os.path.exists(ck := ema_path("claim1", base)):
             log(f"skip {path}: no checkpoint {ck} (run claim1 first)")
             continue
         s, cfg, ema = load_ema(ck)
         stages, y, secs = draw(ema, cfg, s["eval_n"] // 10, s, seed=1234, return_stages=True, **kw)
         per_stage = [dict(side=x.shape[-1], **ev.metrics(x, y)) for x in stages]
-        result = {"kind": "sampling", "set": set_name, "checkpoint_spec": s, "sampler": {**kw, "solver": s["solver"]},
-                  "sample_seconds": secs, "n": len(y), "per_stage": per_stage, "final": per_stage[-1],
-                  "machine": MACHINE, "torch": torch.__version__}
-        write_json(path, result)
+        write_json(path, {"kind": "sampling", "set": set_name, "checkpoint_spec": s,
+                          "sampler": {**kw, "solver": s["solver"]}, "sample_seconds": secs, "n": len(y),
+                          "per_stage": per_stage, "final": per_stage[-1], "machine": MACHINE, "torch": torch.__version__})
         log(f"{path}: {json.dumps(per_stage)} ({secs:.1f}s)")
 
 
 # ------------------------------------------------------------------------------------------------
-#                                             Plumbing
+#                                        Running the sets
 # ------------------------------------------------------------------------------------------------
 
-
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+CURVES_FLOOR = os.path.join(RESULTS, "curves_floor.json")
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+def curves_floor(name, ev):
+    """The floor of a set with eval_pflop marks, measured with the classifier it is scored by
+    (cache/classifier.pt, identified by its sha1): the metrics of 200 held-out real digits (3 draws) and of
+    all 2,000 at 32 px. The curves, lrlong and claim3long share results/curves_floor.json; later sets have
+    their own. A set whose floor names another classifier stops here: its evaluations so far would not
+    compare with new ones (the classifier retrains to other weights on another CPU). results/floor.json
+    belongs to claims 1-9."""
+    path = CURVES_FLOOR if name in ("curves", "lrlong", "claim3long") else os.path.join(RESULTS, name, "floor.json")
+    if os.path.exists(path):
+        old = read_json(path)["classifier"]["sha1"]
+        if old == ev.clf_sha1:
+            return
+        raise SystemExit(f"error: {name} is scored with classifier {old[:7]}, cache/classifier.pt is "
+                         f"{ev.clf_sha1[:7]}: new evaluations would not compare (run curves_rerun instead)")
+    hx, hy = ev.data[2], ev.data[3]
+    with torch.no_grad():
+        acc = float((ev.clf(hx).argmax(1) == hy).float().mean())
+    fl = {"classifier": {"sha1": ev.clf_sha1, "heldout_accuracy": acc, "n_heldout": len(hx)},
+          "n": BASE["eval_n"], "per_side": {"32": [ev.floor(BASE["eval_n"], 32, seed) for seed in range(3)]},
+          "full_heldout_32": ev.floor(N_HELDOUT, 32), "machine": MACHINE, "cpu": CPU}
+    write_json(path, fl)
+    log(f"{name} floor: {json.dumps(fl)}")
+
+
+def run_one(name, s, data, ev, a):
+    """One run of a set, up to its last mark <= --max-pflop; skipped when its JSON has that mark already."""
+    path = os.path.join(RESULTS, name, run_name(s) + ".json")
+    labels, _ = marks_of(s)
+    stop = s["budget_pflop"] if a.max_pflop is None else a.max_pflop
+    n_target = sum(1 for m in labels if m <= stop * (1 + 1e-9))
+    ckpt_path = os.path.join(CACHE, "ckpt", f"{name}__{run_name(s)}.pt")
+    if os.path.exists(path):
+        r = read_json(path)
+        if r.get("complete", True) or len(r["evals"]) >= n_target:
+            log(f"done already: {path}")
+            return
+        if not os.path.exists(ckpt_path):
+            log(f"  {path} is partial but {ckpt_path} is missing: the run starts again from step 0")
+    if "eval_pflop" in s:
+        curves_floor(name, ev)
+    if a.dry_run:
+        log(f"to run (to the mark {labels[n_target - 1]:g} PFLOP): {path}")
+        return
+    log(f"run {path} (to {stop:g} PFLOP)")
+    r = train_loop(s, data, ev, path, max_pflop=a.max_pflop, ckpt_path=ckpt_path)
+    log(f"wrote {path}: {m_label(r)}")
+    if name in FINAL_SETS and r["complete"]:
+        final_eval(name, s, data, ev)
 
 
 def cmd_run(a):
     global ABLATION_SEEDS, LONG_SEEDS, CURVE_SEEDS
-    try:
-        if a.seeds is not None:  # only these seeds (two processes can share a set's runs this way)
+    if a.seeds is not None:  # only these seeds (two processes can share a set's runs this way)
+        try:
             ABLATION_SEEDS = LONG_SEEDS = CURVE_SEEDS = tuple(int(v) for v in a.seeds.split(","))
-    except ValueError:
-        raise SystemExit(f"error: --seeds takes comma-separated integers, got {a.seeds!r}") from None
-    torch.set_num_threads(a.threads)
-    log = lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)  # noqa: E731
-    data = load_mnist(a.mnist)
-    clf = get_classifier(data)
-    ev = Evaluator(data, clf)
-    ev.clf_sha1 = classifier_sha1()
+        except ValueError:
+            raise SystemExit(f"error: --seeds takes comma-separated integers, got {a.seeds!r}") from None
+    data, ev = evaluator(a)
     floor_path = os.path.join(RESULTS, "floor.json")
     if not os.path.exists(floor_path):
         fl = {"n": BASE["eval_n"], "per_side": {s: [ev.floor(BASE["eval_n"], s, seed) for seed in range(3)]
@@ -909,134 +851,25 @@ def cmd_run(a):
         write_json(floor_path, fl)
         log(f"floors: {json.dumps(fl)}")
     for name in a.sets:
-        if name in SAMPLING_SETS:
-            continue
         seen = set()
-        while todo := [s for s in SETS[name]() if run_name(s) not in seen]:  # re-read: a grid may widen
-            s = todo[0]
-            seen.add(run_name(s))
-            path = os.path.join(RESULTS, name, run_name(s) + ".json")
-            if name in CURVE_SETS:
-                run_curve(name, s, path, data, ev, log, a)
-                continue
-            if os.path.exists(path):
-                log(f"done already: {path}")
-                continue
-            if a.dry_run:
-                log(f"to run: {path}")
-                continue
-            log(f"run {path}")
-            result = (train_stage_specific if s.get("stage_specific") else train_run)(s, data, ev, path, log)
-            write_json(path, result)
-            log(f"wrote {path}")
+        while name in SETS and (todo := [s for s in SETS[name]() if run_name(s) not in seen]):  # a ladder may widen
+            seen.add(run_name(todo[0]))
+            run_one(name, todo[0], data, ev, a)
     sweeps = [n for n in a.sets if n in SAMPLING_SETS]
     if sweeps and not a.dry_run:  # seed 0 of every sweep first, then the other seeds
         for seeds in ((HEADLINE_SEEDS[0],), HEADLINE_SEEDS):
             for name in sweeps:
-                sampling_sweep(name, data, ev, log, seeds)
-
-
-def git_commit(paths, message, log, tries=40):
-    """git add + git commit of exactly these paths (never anything else), retried while another git
-    process holds the index lock."""
-    rel = [os.path.relpath(p, ROOT) for p in paths if os.path.exists(p)]
-    lock = git_out("rev-parse", "--git-path", "index.lock")
-    lock = os.path.join(ROOT, lock) if lock else None
-    err = "the index stayed locked"
-    for _ in range(tries):
-        if lock and os.path.exists(lock):
-            time.sleep(3)
-            continue
-        add = subprocess.run(["git", "add", "--", *rel], cwd=ROOT, capture_output=True, text=True)
-        if add.returncode != 0:
-            err = add.stderr
-            time.sleep(3)
-            continue
-        if subprocess.run(["git", "diff", "--cached", "--quiet", "HEAD", "--", *rel], cwd=ROOT).returncode == 0:
-            return True  # nothing new in these files
-        com = subprocess.run(["git", "commit", "-q", "-m", message, "--", *rel], cwd=ROOT, capture_output=True,
-                             text=True)
-        if com.returncode == 0:
-            log(f"  committed {' '.join(rel)}")
-            return True
-        err = com.stderr or com.stdout
-        time.sleep(3)
-    log(f"  could not commit {' '.join(rel)} (left in the working tree): {err.strip()[:300]}")
-    return False
-
-
-COMMIT_EVERY_S = 900.0  # --commit: a run's partial JSON at most every 15 min, and always when it stops
-
-
-CURVES_FLOOR = os.path.join(RESULTS, "curves_floor.json")
-
-
-def classifier_sha1():
-    with open(os.path.join(CACHE, "classifier.pt"), "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()
-
-
-def curves_floor(name, data, ev, log):
-    """The floor of a curve set, measured with the classifier it is scored by (bench/cache/classifier.pt,
-    identified by its sha1): the metrics of 200 held-out real digits (3 draws) and of all 2,000 at 32 px.
-    The curves, lrlong and claim3long share results/curves_floor.json; later sets have their own. A set whose
-    floor names another classifier stops here: its evaluations so far would not compare with new ones (the
-    classifier retrains to other weights on another CPU). results/floor.json belongs to claims 1-9."""
-    path = CURVES_FLOOR if name in ("curves", "lrlong", "claim3long") else os.path.join(RESULTS, name, "floor.json")
-    if os.path.exists(path):
-        old = read_json(path)["classifier"]["sha1"]
-        if old == classifier_sha1():
-            return
-        raise SystemExit(f"error: {name} is scored with classifier {old[:7]}, bench/cache/classifier.pt is "
-                         f"{classifier_sha1()[:7]}: new evaluations would not compare (run curves_rerun instead)")
-    with torch.no_grad():
-        acc = float((ev.clf(data[2]).argmax(1) == data[3]).float().mean())
-    fl = {"classifier": {"sha1": classifier_sha1(), "heldout_accuracy": acc, "n_heldout": len(data[2])},
-          "n": BASE["eval_n"], "per_side": {"32": [ev.floor(BASE["eval_n"], 32, seed) for seed in range(3)]},
-          "full_heldout_32": ev.floor(N_HELDOUT, 32), "machine": MACHINE, "cpu": CPU}
-    write_json(path, fl)
-    log(f"{name} floor: {json.dumps(fl)}")
-
-
-def run_curve(name, s, path, data, ev, log, a):
-    """One run of a curve set, up to the last mark <= --max-pflop; skipped when its JSON is there already."""
-    stop = s["budget_pflop"] if a.max_pflop is None else a.max_pflop
-    n_target = sum(1 for m in s["eval_pflop"] if m <= stop * (1 + 1e-9))
-    ckpt_path = os.path.join(CKPT, f"{name}__{run_name(s)}.pt")
-    if os.path.exists(path):
-        r = read_json(path)
-        if r.get("complete") or len(r["evals"]) >= n_target:
-            log(f"done already to {m_label(r)}: {path}")
-            return
-        if not os.path.exists(ckpt_path):
-            log(f"  {path} is partial but {ckpt_path} is missing: the run starts again from step 0")
-    curves_floor(name, data, ev, log)
-    if a.dry_run:
-        log(f"to run (to the mark {s['eval_pflop'][n_target - 1]:g} PFLOP): {path}")
-        return
-    last = [0.0]
-
-    def on_write(paths, message, final):
-        if a.commit and (final or time.time() - last[0] >= COMMIT_EVERY_S):
-            git_commit(paths, f"bench: {name} {message}", log)
-            last[0] = time.time()
-
-    log(f"run {path} (to {stop:g} PFLOP)")
-    r = train_curve(s, data, ev, path, log, max_pflop=a.max_pflop, ckpt_path=ckpt_path, on_write=on_write,
-                    ema_dir=os.path.dirname(ema_path(name, s)))
-    log(f"wrote {path}: {m_label(r)}")
-    if name in FINAL_SETS and r["complete"]:
-        out = final_eval(name, s, data, ev, log)
-        if a.commit and out:
-            git_commit(out, f"bench: {name} final evaluation of {run_name(s)}", log)
+                sampling_sweep(name, ev, seeds)
 
 
 # ------------------------------------------------------------------------------------------------
-#            The curves' final models: 1,000 samples, classifier metrics and the Inception FID
+#             The final models: 1,000 samples, classifier metrics and the Inception FID
 # ------------------------------------------------------------------------------------------------
 
 FINAL = os.path.join(RESULTS, "curves_final")
-FINAL_SETS = ("curves", "curves_rerun", "curveslr", "weighting")  # their complete runs get the final evaluation
+FINAL_N, FINAL_SEED = 1000, 4321  # 100 per digit; noise unlike the curves' (seed 1234, 200 samples)
+STEPS_SWEEP = (2, 4, 8, 16, 24)  # claim 9 again, on the learned models (200 samples, the curves' noise)
+CFG_SWEEP, STEPS_OF_CFG_SWEEP = (1.0, 1.5, 2.0, 3.0, 4.0), (4, 8, 24)
 
 
 def final_path(set_name, stem):
@@ -1044,12 +877,10 @@ def final_path(set_name, stem):
     return os.path.join(FINAL, ("" if set_name == "curves" else set_name + "__") + stem + ".json")
 
 
-def ema_path(set_name, s):
-    return os.path.join(CACHE, "ema", f"{set_name}__{run_name(s)}.pt")
-
-
-FINAL_N, FINAL_SEED = 1000, 4321  # 100 per digit; noise unlike the curves' (seed 1234, 200 samples)
-STEPS_SWEEP = (2, 4, 8, 16, 24)  # claim 9 again, on the learned models (200 samples, the curves' noise)
+def sheet_path(set_name, name):
+    """The stage sheet beside the run's final grid (the final evaluation's, else the run's own)."""
+    p = final_path(set_name, name) if set_name in FINAL_SETS else os.path.join(RESULTS, set_name, name + ".json")
+    return os.path.splitext(p)[0] + "_stages.png"
 
 
 def inception_stats(det, x):
@@ -1058,69 +889,70 @@ def inception_stats(det, x):
     import fid
     from data import to_uint8
     u8 = to_uint8(x.float().repeat(1, 3, 1, 1)).numpy()  # to_uint8 clamps to [-1, 1]
-    return fid.extract(det, fid.npz_batches(u8, 50), "cpu", every=1e9)["pool"].result()
+    if hasattr(fid, "pool_stats"):
+        return fid.pool_stats(det, u8, "cpu", 50)
+    return fid.extract(det, fid.npz_batches(u8, 50), "cpu", every=1e9)["pool"].result()  # fid.py before pool_stats
 
 
-def inception_ref(det, data, log):
-    """The reference: all 2,000 held-out digits (cached); floor: 1,000 training digits against it, and the
-    classifier metrics of 1,000 held-out digits (results/curves_final/floor.json)."""
-    path = os.path.join(CACHE, f"inception_heldout{N_HELDOUT}_{det.sha1[:12]}.npz")
+def fid_of(det, x, ref):
+    return frechet_distance(*inception_stats(det, x), *ref)
+
+
+def inception_ref(det, data, n, name):
+    """Inception statistics of the first n held-out digits, cached in cache/<name>.npz."""
+    path = os.path.join(CACHE, name + ".npz")
     if not os.path.exists(path):
         t0 = time.time()
-        mu, sigma = inception_stats(det, data[2])
+        mu, sigma = inception_stats(det, data[2][:n])
+        os.makedirs(CACHE, exist_ok=True)
         np.savez(path, mu=mu, sigma=sigma)
-        log(f"  Inception statistics of the {N_HELDOUT} held-out digits ({time.time() - t0:.0f}s)")
+        log(f"  Inception statistics of {n} held-out digits ({time.time() - t0:.0f}s)")
     with np.load(path) as f:
         return f["mu"], f["sigma"]
 
 
-def final_eval(set_name, s, data, ev, log):
-    """FINAL_N samples of a complete curves run's final EMA (bench/cache/ema): classifier cfd / acc, the
-    Inception FID against the 2,000 held-out digits, and the steps-per-stage sweep. Returns the paths written."""
+def final_eval(set_name, s, data, ev):
+    """FINAL_N samples of a complete run's final EMA (cache/ema): classifier cfd / acc, the Inception FID
+    against the 2,000 held-out digits, the steps-per-stage sweep, the stage sheet; for the later sets also
+    each model at its best guidance (best_guidance). Skipped when done or when the EMA is not cached."""
     import fid
     name = run_name(s)
     out, ck = final_path(set_name, name), ema_path(set_name, s)
     if os.path.exists(out) or not os.path.exists(ck):
-        return []
+        return
     det = fid.load_detector(None, "cpu")
-    ref = inception_ref(det, data, log)
-    paths = []
+    ref = inception_ref(det, data, N_HELDOUT, f"inception_heldout{N_HELDOUT}_{det.sha1[:12]}")
     floor_path = final_path(set_name, "floor")
-    if os.path.exists(floor_path) and read_json(floor_path)["classifier_sha1"] != getattr(ev, "clf_sha1", None):
-        raise SystemExit(f"error: {floor_path} was measured with another classifier than bench/cache/classifier.pt")
+    if os.path.exists(floor_path) and read_json(floor_path)["classifier_sha1"] != ev.clf_sha1:
+        raise SystemExit(f"error: {floor_path} was measured with another classifier than cache/classifier.pt")
     if not os.path.exists(floor_path):
         t0 = time.time()
-        fl = {"inception_fid": fid.frechet_distance(*inception_stats(det, data[0][:FINAL_N]), *ref),
+        fl = {"inception_fid": fid_of(det, data[0][:FINAL_N], ref),
               "inception_what": f"the first {FINAL_N} training digits against the {N_HELDOUT} held-out digits",
               "classifier": ev.floor(FINAL_N, 32), "classifier_what": f"{FINAL_N} held-out digits (seed 0)",
-              "classifier_sha1": getattr(ev, "clf_sha1", None), "detector_sha1": det.sha1,
+              "classifier_sha1": ev.clf_sha1, "detector_sha1": det.sha1,
               "seconds": time.time() - t0, "machine": MACHINE, "cpu": CPU}
         write_json(floor_path, fl)
-        paths.append(floor_path)
         log(f"  final floor: {json.dumps(fl)}")
     s, cfg, ema = load_ema(ck)
     x, y, sample_s = draw(ema, cfg, FINAL_N // 10, s, seed=FINAL_SEED)
     t0 = time.time()
     r = {"kind": "final", "spec": s, "n": len(x), "seed": FINAL_SEED, "sample_seconds": sample_s, **ev.metrics(x, y),
-         "inception_fid": fid.frechet_distance(*inception_stats(det, x), *ref), "inception_ref_n": N_HELDOUT}
+         "inception_fid": fid_of(det, x, ref), "inception_ref_n": N_HELDOUT}
     r["inception_seconds"] = time.time() - t0
     sweep = []
     for n in STEPS_SWEEP:
         xs, ys, secs = draw(ema, cfg, s["eval_n"] // 10, s, seed=1234, steps=n)
         sweep.append({"steps_per_stage": n, "n": len(xs), "sample_seconds": secs, **ev.metrics(xs, ys)})
-    r.update(steps_sweep=sweep, set=set_name, cpu=CPU, classifier_sha1=getattr(ev, "clf_sha1", None),
+    r.update(steps_sweep=sweep, set=set_name, cpu=CPU, classifier_sha1=ev.clf_sha1,
              detector_sha1=det.sha1, machine=MACHINE, torch=torch.__version__)
-    if set_name not in ("curves", "curves_rerun", "curveslr"):  # the issue's protocol: each model at its best
-        r.update(best_guidance(s, cfg, ema, data, ev, det, ref, log))
+    if set_name not in ("curves", "curves_rerun", "curveslr"):  # each model at its best
+        r.update(best_guidance(s, cfg, ema, data, ev, det, ref))
     write_json(out, r)
-    png = os.path.splitext(out)[0] + ".png"
-    save_digits(x.view(10, -1, *x.shape[1:])[:, :10].reshape(-1, *x.shape[1:]), png)
+    save_digits(x.view(10, -1, *x.shape[1:])[:, :10].reshape(-1, *x.shape[1:]), os.path.splitext(out)[0] + ".png")
+    save_sheet(ema, cfg, s, sheet_path(set_name, name))
     log(f"  final {name}: cfd {r['cfd']:.2f} acc {r['acc']:.3f} Inception FID {r['inception_fid']:.2f} (n {len(x)}); "
         f"steps sweep cfd {[round(v['cfd'], 1) for v in sweep]}")
-    return paths + [out, png]
-
-
-CFG_SWEEP, STEPS_OF_CFG_SWEEP = (1.0, 1.5, 2.0, 3.0, 4.0), (4, 8, 24)
 
 
 @torch.no_grad()
@@ -1174,7 +1006,7 @@ def gradient_shares(ema, cfg, data, n_per_stage=64, seed=0):
     return {"grad_norm_mean": norms, "share": shares, "n_per_stage": n_per_stage}
 
 
-def best_guidance(s, cfg, ema, data, ev, det, ref, log):
+def best_guidance(s, cfg, ema, data, ev, det, ref):
     """Each model at its best: classifier metrics over CFG_SWEEP x STEPS_OF_CFG_SWEEP (200 samples, the curves'
     noise); the Inception FID (FINAL_N samples, FINAL_SEED) at the lowest-cfd point and at S_cfg = 1 (its best
     steps); the teacher-forced diagnosis at both points; each stage's gradient share."""
@@ -1198,11 +1030,6 @@ def best_guidance(s, cfg, ema, data, ev, det, ref, log):
             "best_guidance_seconds": time.time() - t0}
 
 
-def fid_of(det, x, ref):
-    import fid
-    return fid.frechet_distance(*inception_stats(det, x), *ref)
-
-
 INCEPTION_N, INCEPTION_REF = 100, 500
 
 
@@ -1214,91 +1041,78 @@ def cmd_inception(a):
     same for every row: read them against the floor."""
     import fid
     torch.set_num_threads(a.threads)
-    log = lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)  # noqa: E731
     data = load_mnist(a.mnist)
     det = fid.load_detector(None, "cpu")
-    out_dir = os.path.join(RESULTS, "inception")
-
-    stats = functools.partial(inception_stats, det)
-
-    ref_cache = os.path.join(CACHE, f"inception_ref{INCEPTION_REF}.npz")
-    if not os.path.exists(ref_cache):
-        mu, sigma = stats(data[2][:INCEPTION_REF])
-        np.savez(ref_cache, mu=mu, sigma=sigma)
-    with np.load(ref_cache) as f:
-        ref = (f["mu"], f["sigma"])
-    jobs = [("floor", None)] + [(run_name(spec(resolutions=res, lr=best_lr(res), seed=seed)), res)
-                                for seed in HEADLINE_SEEDS for res in (K3, K1)]
-    for name, res in jobs:
-        path = os.path.join(out_dir, name + ".json")
+    ref = inception_ref(det, data, INCEPTION_REF, f"inception_ref{INCEPTION_REF}")
+    for s in [None] + set_claim1():
+        path = os.path.join(RESULTS, "inception", ("floor" if s is None else run_name(s)) + ".json")
         if os.path.exists(path):
             continue
         t0 = time.time()
-        if res is None:
+        if s is None:
             x = data[0][:INCEPTION_N]
             meta = {"what": f"{INCEPTION_N} training digits (the floor)"}
         else:
-            s, cfg, ema = load_ema(os.path.join(CACHE, "ema", f"claim1__{name}.pt"))
+            s, cfg, ema = load_ema(ema_path("claim1", s))
             x, _, _ = draw(ema, cfg, s["eval_n"] // 10, s, seed=1234)
             x = x.view(10, -1, *x.shape[1:])[:, :INCEPTION_N // 10].reshape(-1, *x.shape[1:])  # 10 per digit
             meta = {"what": "claim-1 final EMA samples", "checkpoint_spec": s}
-        d = fid.frechet_distance(*stats(x), *ref)
+        d = fid_of(det, x, ref)
         write_json(path, {"kind": "inception", "fid": d, "n": len(x), "ref_n": INCEPTION_REF,
                           "ref": f"the first {INCEPTION_REF} held-out digits", "detector_sha1": det.sha1,
                           "seconds": time.time() - t0, "machine": MACHINE, "torch": torch.__version__, **meta})
         log(f"{path}: FID {d:.2f} ({time.time() - t0:.0f}s)")
 
 
+def cmd_sheet(a):
+    """The stage sheet of every run of a set whose final EMA is cached (no data needed)."""
+    paths = sorted(glob.glob(os.path.join(CACHE, "ema", f"{a.set}__*.pt")))
+    if not paths:
+        raise SystemExit(f"error: no cached final EMA of {a.set} in {os.path.join(CACHE, 'ema')} (train the set first)")
+    for p in paths:
+        s, cfg, ema = load_ema(p)
+        log(f"wrote {save_sheet(ema, cfg, s, sheet_path(a.set, run_name(s)))}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run named experiment sets in order (finished runs are skipped)")
+    mnist = os.path.join(ROOT, "..", "shared", "data", "mnist")
+    r = sub.add_parser("run", help="run named sets in order (finished runs are skipped, partial ones resumed)")
+    f = sub.add_parser("final", help="final evaluation of the complete runs of " + ", ".join(FINAL_SETS))
+    i = sub.add_parser("inception", help="standard Inception FID of the claim-1 models (needs their cached EMA)")
+    for q in (r, f, i):
+        q.add_argument("--mnist", default=mnist, help="folder with mnist-t10k-{images-idx3,labels-idx1}-ubyte.gz")
+        q.add_argument("--threads", type=int, default=1)
     r.add_argument("sets", nargs="+", choices=list(SETS) + list(SAMPLING_SETS))
-    r.add_argument("--mnist", default=os.path.join(ROOT, "..", "shared", "data", "mnist"),
-                   help="folder with mnist-t10k-{images-idx3,labels-idx1}-ubyte.gz")
-    r.add_argument("--threads", type=int, default=1)
     r.add_argument("--dry-run", action="store_true")
     r.add_argument("--seeds", default=None,
                    help="comma-separated seeds of the ablations, claims 2-6 (default 0), claim3long (default 0,1) "
-                   "and the curves (default 0,1,2)")
+                   "and the curve sets (default 0,1,2)")
     r.add_argument("--max-pflop", type=float, default=None,
-                   help="curves: stop each run after its last evaluation mark <= this (a later call continues)")
-    r.add_argument("--commit", action="store_true",
-                   help="curves: git-commit each run's JSON and sample grid (only those files) as they are written")
-    f = sub.add_parser("final", help="final evaluation (1,000 samples, Inception FID, steps sweep) of the complete "
-                       "curves runs whose EMA is in bench/cache")
-    f.add_argument("--mnist", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
-    f.add_argument("--threads", type=int, default=1)
-    f.add_argument("--commit", action="store_true")
-    i = sub.add_parser("inception", help="standard Inception FID of the claim-1 models (needs their cached EMA weights)")
-    i.add_argument("--mnist", default=os.path.join(ROOT, "..", "shared", "data", "mnist"))
-    i.add_argument("--threads", type=int, default=1)
-    rp = sub.add_parser("report", help="markdown tables and figures from bench/results")
+                   help="stop each run after its last evaluation mark <= this (a later call continues)")
+    sh = sub.add_parser("sheet", help="stage sheets (Fig. 9) of a set's runs from their cached final EMA")
+    sh.add_argument("set", choices=list(SETS))
+    rp = sub.add_parser("report", help="markdown tables and figures from experiments/results")
     rp.add_argument("sections", nargs="*", metavar="curves|rechecks",
                     help="only the curves, or only the re-checks on learned models (default: everything)")
     a = p.parse_args(argv)
-    global PROCESS_CODE
-    PROCESS_CODE = code_version()
+    code_version()  # the code this process started with
     if a.cmd == "run":
         cmd_run(a)
     elif a.cmd == "final":
-        torch.set_num_threads(a.threads)
-        log = lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)  # noqa: E731
-        data = load_mnist(a.mnist)
-        ev = Evaluator(data, get_classifier(data))
-        ev.clf_sha1 = classifier_sha1()
+        data, ev = evaluator(a)
         for set_name in FINAL_SETS:
             for s in SETS[set_name]():
-                out = final_eval(set_name, s, data, ev, log)
-                if a.commit and out:
-                    git_commit(out, f"bench: {set_name} final evaluation of {run_name(s)}", log)
+                final_eval(set_name, s, data, ev)
     elif a.cmd == "inception":
         cmd_inception(a)
+    elif a.cmd == "sheet":
+        cmd_sheet(a)
     else:
-        from bench_report import report  # noqa: E402  (bench/bench_report.py)
         if set(a.sections) - {"curves", "rechecks"}:
-            p.error(f"report: unknown section(s) {sorted(set(a.sections) - {'curves', 'rechecks'})}; "
-                    f"the sections are 'curves' and 'rechecks'")
+            p.error(f"report: the sections are 'curves' and 'rechecks', got {a.sections}")
+        from report import report  # noqa: E402  (experiments/report.py)
         report(a.sections)
 
 
