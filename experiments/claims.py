@@ -345,7 +345,7 @@ def load_ema(path):
     """(spec, CDC config, EMA field in eval mode) of a run's final EMA weights saved by train_loop."""
     saved = torch.load(path, weights_only=False)
     s = saved["spec"]
-    cfg, _, lanes, field = build(s, 1)
+    cfg, _, _, field = build(s, 1)
     field.load_state_dict(saved["ema"])
     return s, cfg, field.eval()
 
@@ -493,8 +493,8 @@ def train_loop(spec, data, ev, out_path, log=log, max_pflop=None, ckpt_path=None
                 seed = train.step_seed(ln.seed, 0, ln.step)
                 torch.manual_seed(seed)
                 gen.manual_seed(seed)
-                out, gnorm, ok = train.train_step(ln.objective, ln.model, ln.ema, ln.opt, tx[idx], ty[idx], gen,
-                                                  ln.step, args)
+                out, _, ok = train.train_step(ln.objective, ln.model, ln.ema, ln.opt, tx[idx], ty[idx], gen,
+                                              ln.step, args)
                 if not bool(ok):  # terminal: recorded, never resumed; best_lr and final_cfd never pick it
                     log(f"  non-finite loss or gradient at step {ln.step} (lane seed {ln.seed}): diverged")
                     r = result(diverged_at_step=ln.step, complete=True)
