@@ -741,14 +741,22 @@ def set_weighting():
             for red in WEIGHTINGS[:1] for seed in CURVE_SEEDS]
 
 
+def set_atbest():
+    """The comparators of the weighting set under its final protocol (each model at its best guidance): K = 1 at
+    its long-budget lr (2e-3) and K = 3 'mean' at its (curveslr's 1e-3), the same specs as curves_rerun's and
+    curveslr's runs (their EMA weights were not kept, so they are trained again), K = 1 first, seed by seed."""
+    return [curve(res, lr, seed) for seed in CURVE_SEEDS
+            for res, lr in ((K1, best_lr(K1)), (K3, set_curveslr()[0]["lr"]))]
+
+
 SETS = {"lrgrid": set_lrgrid, "claim1": set_claim1, "claim2": set_claim2, "claim3": set_claim3,
         "claim4": set_claim4, "claim5": set_claim5, "claim6": set_claim6, "claim7": set_claim7,
         "curves": set_curves, "lrlong": set_lrlong, "claim3long": set_claim3long, "claim4lr": set_claim4lr,
         "curves_rerun": set_curves_rerun, "curveslr": set_curveslr,
         "lrweight": functools.partial(lr_ladder_of, "scaled-sum"), "lrsum": functools.partial(lr_ladder_of, "sum"),
-        "weighting": set_weighting}
+        "weighting": set_weighting, "atbest": set_atbest}
 SAMPLING_SETS = ("claim8", "claim9")  # sampling only, on the claim-1 EMA models
-FINAL_SETS = ("curves", "curves_rerun", "curveslr", "weighting")  # their complete runs get the final evaluation
+FINAL_SETS = ("curves", "curves_rerun", "curveslr", "weighting", "atbest")  # their complete runs get the final evaluation
 
 
 def sampling_sweep(set_name, ev, seeds=HEADLINE_SEEDS):
