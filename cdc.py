@@ -72,11 +72,9 @@ def _linear(tau):  # eq. 12: alpha = 1 - tau, beta = tau
     return 1 - tau, tau, -torch.ones_like(tau), torch.ones_like(tau)
 
 
-_H = math.pi / 2
-
-
 def _trigonometric(tau):  # Table 5 (Albergo et al. 2023a): alpha = cos(pi tau / 2), beta = sin(pi tau / 2)
-    return torch.cos(_H * tau), torch.sin(_H * tau), -_H * torch.sin(_H * tau), _H * torch.cos(_H * tau)
+    h = math.pi / 2
+    return torch.cos(h * tau), torch.sin(h * tau), -h * torch.sin(h * tau), h * torch.cos(h * tau)
 
 
 def _score(tau):  # Table 5 (Song et al. 2021): alpha = sqrt(1 - tau^2), beta = tau; alpha_dot clamped (above)
@@ -453,9 +451,7 @@ def velocity_loss(b: torch.Tensor, I_dot: torch.Tensor, reduction: str = "mean",
 
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:
     """Host -> device copy that never blocks the host (pinned memory) on CUDA."""
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
 
 
 def drop_labels(y: torch.Tensor, p: float, null_class: int, generator=None) -> torch.Tensor:

@@ -682,15 +682,6 @@ def test_sde_without_noise_is_euler_and_its_last_step_adds_no_noise():
     torch.testing.assert_close(last[0], last[1], rtol=0, atol=0)
 
 
-def gaussian_problem(seed, C=1, R=8):
-    g = torch.Generator().manual_seed(seed)
-    d = C * R * R
-    L = torch.randn(d, d, generator=g, dtype=f64) * 0.15
-    Sigma = L @ L.T + 0.05 * torch.eye(d, dtype=f64)
-    mu = torch.randn(C, R, R, generator=g, dtype=f64) * 0.5
-    return mu, Sigma
-
-
 @pytest.mark.parametrize("kind", cdc.INTERPOLANTS)
 @pytest.mark.parametrize("res, solver, steps", [((2, 4, 8), "euler", 400), ((2, 4, 8), "heun", 40), ((2, 8), "heun", 40)])
 def test_ode_chain_transports_exactly_to_every_stage_marginal(kind, res, solver, steps):
@@ -699,7 +690,7 @@ def test_ode_chain_transports_exactly_to_every_stage_marginal(kind, res, solver,
     discretisation error (2% of the largest variance; the last stage is the stiffest, its source noise
     sigma_3 = sigma/4 is small). The moments come from theory/prior_equivalence.exact_chain_moments, itself
     tested against Monte-Carlo runs of cdc.sample in test_theory.py."""
-    mu, Sigma = gaussian_problem(0)
+    mu, Sigma = random_gaussian((1, 8, 8), seed=0)
     config = cdc.CDCConfig(resolutions=res, interpolant=kind)
     oracle = GaussianOracle(mu, Sigma, config)
     for s, (mean, cov) in enumerate(exact_chain_moments(oracle, steps, solver)):
@@ -724,28 +715,23 @@ def test_sde_chain_reaches_every_stage_marginal(kind):
         assert t["mean_p"] > 1e-3 and t["cov_p"] > 1e-3, (s, t)
 
 
-def score_from_velocity(field_value, x, tau, stage, config):
-    """s_tau(x) = grad log rho_tau(x) (eq. 26) from the velocity, as the SDE sampler uses it: I = (function
-    of x1) + alpha sigma_k zeta with zeta independent of x1, so Tweedie gives s = -E[sigma_k zeta | x] /
-    (alpha sigma_k^2) (eq. 28 with gamma_t -> alpha sigma_k). Finite for tau < 1."""
-    alpha = coefficients(config.interpolant, tau)[0]
-    return -cdc.source_noise_estimate(field_value, x, tau, stage, config) / (alpha * config.sigma_k(stage) ** 2)
-
-
 @pytest.mark.parametrize("kind", cdc.INTERPOLANTS)
 @given(stage=st.integers(0, 2), tau=st.floats(0.0, 0.95), seed=st.integers(0, 100))
 def test_sde_score_from_velocity_is_the_exact_score(kind, stage, tau, seed):
-    """App. D, eq. 28/34: the score derived in closed form from the velocity equals grad log rho_tau of the
-    oracle's Gaussian marginal of I_tau, at every stage (stage 1 Gaussian source; k > 1 the coupling)."""
-    mu, Sigma = gaussian_problem(seed % 3)
+    """App. D, eq. 28/34: the score as the SDE sampler derives it from the velocity, s = -E[sigma_k zeta | x] /
+    (alpha sigma_k^2) (Tweedie: I = (a function of x1) + alpha sigma_k zeta with zeta independent of x1),
+    equals grad log rho_tau (eq. 26) of the oracle's Gaussian marginal of I_tau, at every stage (stage 1
+    Gaussian source; k > 1 the coupling)."""
+    mu, Sigma = random_gaussian((1, 8, 8), seed=seed % 3)
     config = cdc.CDCConfig(resolutions=(2, 4, 8), interpolant=kind, sigma=0.9, gamma=2.5)
     oracle = GaussianOracle(mu, Sigma, config)
     r, d = config.resolutions[stage], config.resolutions[stage] ** 2
     x = images(seed, 4, 1, r)
     t = torch.full((4,), tau, dtype=f64)
-    score = score_from_velocity(oracle(x, t, stage), x, t, stage, config).reshape(4, d)
-    m, S = oracle.marginal(stage)
     a, b, _, _ = (float(v) for v in cdc.INTERPOLANTS[kind].coefficients(t[:1]))
+    noise = cdc.source_noise_estimate(oracle(x, t, stage), x, t, stage, config)
+    score = (-noise / (a * config.sigma_k(stage) ** 2)).reshape(4, d)
+    m, S = oracle.marginal(stage)
     G = a * oracle.M[stage] + b * torch.eye(d, dtype=f64)
     cov_I = G @ S @ G.T + (a * config.sigma_k(stage)) ** 2 * torch.eye(d, dtype=f64)
     true = -torch.linalg.solve(cov_I, (x.reshape(4, d) - G @ m).T).T
