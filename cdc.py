@@ -9,7 +9,7 @@
 
 Images are NCHW. Stages count from 0 (`stage = k - 1`): stage 0 is the paper's k = 1, stage K-1 the full
 resolution. A velocity field is any callable field(x, tau, stage) -> b, tau an (N,) tensor in [0, 1].
-Arguments are checked once, where they enter (CDCConfig, DiTConfig). Derivations and departures: docs/method.md.
+Arguments are checked once, where they enter. Derivations and departures: docs/method.md.
 """
 
 import itertools
@@ -113,7 +113,7 @@ class CDCConfig:
             raise ValueError(f"resolutions must be positive sides, each a power-of-two multiple (2x, 4x, ...) of the "
                              f"one before, e.g. 32,64,128,256 or 64,256; got {res}")
         if not (self.sigma > 0 and self.gamma >= 1):
-            raise ValueError(f"need sigma > 0 (eq. 8) and gamma >= 1 (eq. 20); got sigma {self.sigma}, gamma {self.gamma}")
+            raise ValueError(f"need sigma > 0 (eq. 8) and gamma >= 1 (eq. 20), got {self.sigma}, {self.gamma}")
         if self.interpolant not in INTERPOLANTS:
             raise ValueError(f"unknown interpolant {self.interpolant!r}; choose one of {', '.join(INTERPOLANTS)}")
         if w is not None and (len(w) != len(res) or min(w) <= 0 or abs(sum(w) - 1) > 1e-6):
@@ -429,7 +429,6 @@ def create_model(name: str = "XL", **overrides) -> DiT:
     return DiT(DiTConfig(**{**PRESETS[name], **overrides}))
 
 
-
 # ------------------------------ 5. Loss (eq. 13, 75; Alg. 1, 3) -----------------------------------
 
 REDUCTIONS = ("mean", "sum", "scaled-sum")
@@ -484,7 +483,8 @@ def stage_loss(model: nn.Module, x1: torch.Tensor, y: Optional[torch.Tensor], ta
 
 
 def forward_order(K: int):
-    """Stages largest first, so that DDP's all-reduce overlaps the largest stage's backward: docs/method.md#stage-order-and-ddp"""
+    """Stages largest first, so that DDP's all-reduce overlaps the largest stage's backward.
+    Why: docs/method.md#stage-order-and-ddp"""
     return range(K - 1, -1, -1)
 
 
@@ -571,7 +571,7 @@ def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cfg: 
     sde:   Euler-Maruyama on eq. 34 with s = -E[sigma_k zeta | x] / (alpha sigma_k^2) (eq. 28) and, our choice,
            eps_tau = sde_scale * alpha_tau * sigma_k^2, so eps s is finite; no noise on the last step.
            Derivation: docs/method.md#sde-sampler"""
-    assert solver in SOLVERS and sde_scale >= 0, f"solver {solver!r} is not one of {SOLVERS}, or sde_scale {sde_scale} < 0"
+    assert solver in SOLVERS and sde_scale >= 0, f"solver {solver!r} not in {SOLVERS}, or sde_scale {sde_scale} < 0"
     path = INTERPOLANTS[cfg.interpolant]
     grid = path.grid(steps)
     ones = torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
