@@ -1,6 +1,6 @@
 """CDC-FM: Stochastic Interpolants via Conditional Dependent Coupling, in one file, in the paper's order:
 
-    1. Operators            §3.1        D (2x2 block average), U (replication), the pyramid x1^(k)
+    1. Operators            §3.1        D (2x2 block average), U (replication)
     2. Stages and time      §3.2        sigma_k (eq. 20), t -> (stage, tau) (eq. 12), interpolants (Table 5)
     3. Coupling             eq. 8-11    x0^(1) ~ N(0, s^2 I);  x0^(k) = U(D(x1^(k))) + sigma_k zeta
     4. Model                App. F      one DiT for every stage, resolution embedding fused by eqs. 41-44
@@ -12,10 +12,9 @@ resolution. A velocity field is any callable field(x, tau, stage) -> b, tau an (
 Arguments are checked once, where they enter. Derivations and departures: docs/method.md.
 """
 
-import functools
 import itertools
 import math
-import operator
+import random
 from dataclasses import dataclass, asdict, fields
 from typing import Callable, Optional
 
@@ -26,17 +25,10 @@ from torch.utils.checkpoint import checkpoint
 
 # ------------------------------ 1. Operators (§3.1) -----------------------------------------------
 
-def _block_side(levels) -> int:
-    """2^levels, the side of the blocks D and U act on; `levels` counts 2x steps."""
-    if not isinstance(levels, int) or levels < 0:
-        raise ValueError(f"levels must be a non-negative int (how many 2x steps), got {levels!r}")
-    return 2 ** levels
-
-
 def down(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
     """D applied `levels` times: the mean over (2^levels x 2^levels) blocks; down(x, K-k) is D_{K->k} (§3.1).
     One pool of side 2^L equals L nested 2x2 means (§3.1's transitivity), and is cheaper."""
-    f = _block_side(levels)
+    f = 2 ** levels
     if f == 1:
         return x
     if x.shape[-1] % f or x.shape[-2] % f:  # avg_pool2d would silently drop the last rows and columns
@@ -46,16 +38,8 @@ def down(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
 
 def up(x: torch.Tensor, levels: int = 1) -> torch.Tensor:
     """U applied `levels` times: replicate every pixel into a (2^levels x 2^levels) block."""
-    f = _block_side(levels)
-    if f == 1:
-        return x
-    return x.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
-
-
-def pyramid(x: torch.Tensor, K: int) -> list:
-    """[x1^(1), ..., x1^(K)] with x1^(k) = D_{K->k}(x) (§3.1) for sides that double from stage to stage;
-    x is the full-resolution image x^(K). (Any path: [down(x, cfg.levels_below_top(s)) for s ...].)"""
-    return [down(x, K - 1 - s) for s in range(K)]
+    f = 2 ** levels
+    return x if f == 1 else x.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
 
 
 # D o U = id, so P = U o D is an orthogonal projection and Assumption 1 / Lemma 1 hold exactly, not as
@@ -88,11 +72,9 @@ def _linear(tau):  # eq. 12: alpha = 1 - tau, beta = tau
     return 1 - tau, tau, -torch.ones_like(tau), torch.ones_like(tau)
 
 
-_H = math.pi / 2
-
-
 def _trigonometric(tau):  # Table 5 (Albergo et al. 2023a): alpha = cos(pi tau / 2), beta = sin(pi tau / 2)
-    return torch.cos(_H * tau), torch.sin(_H * tau), -_H * torch.sin(_H * tau), _H * torch.cos(_H * tau)
+    h = math.pi / 2
+    return torch.cos(h * tau), torch.sin(h * tau), -h * torch.sin(h * tau), h * torch.cos(h * tau)
 
 
 def _score(tau):  # Table 5 (Song et al. 2021): alpha = sqrt(1 - tau^2), beta = tau; alpha_dot clamped (above)
@@ -107,14 +89,9 @@ INTERPOLANTS = {
 }
 
 
-def interpolant_coefficients(kind: str, tau: torch.Tensor):
-    """(alpha, beta, alpha_dot, beta_dot) of interpolant `kind` at tau."""
-    return INTERPOLANTS[kind].coefficients(tau)
-
-
 @dataclass(frozen=True)
 class CDCConfig:
-    """Everything that defines the multi-stage interpolant (not the network). Checked when built.
+    """Everything that defines the multi-stage interpolant (not the network); checked here, once.
     resolutions: image side of every stage, coarse to fine, each a power-of-two multiple of the one before
                  (Table 6's 64 -> 256 is 4x: D and U then act on 4x4 blocks, and sigma_k is unchanged).
     sigma, gamma: stage-1 source std (eq. 8) and diminish factor, sigma_k = gamma^-(k-1) sigma (eq. 20).
@@ -129,24 +106,18 @@ class CDCConfig:
 
     def __post_init__(self):
         res = tuple(int(r) for r in self.resolutions)
+        w = None if self.windows is None else tuple(float(v) for v in self.windows)
         object.__setattr__(self, "resolutions", res)
-        if len(res) == 0 or res[0] < 1:
-            raise ValueError(f"resolutions must be a non-empty list of positive sides, got {res}")
-        if any(b <= a or b % a or (b // a) & (b // a - 1) for a, b in zip(res, res[1:])):
-            raise ValueError(f"each resolution must be a power-of-two multiple (2x, 4x, ...) of the one before, "
-                             f"e.g. 32,64,128,256 or 64,256; got {res}")
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0 (the source must have a density), got {self.sigma}")
-        if not self.gamma >= 1:
-            raise ValueError(f"gamma must be >= 1 (eq. 20: noise diminishes with the stage), got {self.gamma}")
+        object.__setattr__(self, "windows", w)
+        if not res or res[0] < 1 or any(b <= a or b % a or (b // a) & (b // a - 1) for a, b in zip(res, res[1:])):
+            raise ValueError(f"resolutions must be positive sides, each a power-of-two multiple (2x, 4x, ...) of the "
+                             f"one before, e.g. 32,64,128,256 or 64,256; got {res}")
+        if not (self.sigma > 0 and self.gamma >= 1):
+            raise ValueError(f"need sigma > 0 (eq. 8) and gamma >= 1 (eq. 20), got {self.sigma}, {self.gamma}")
         if self.interpolant not in INTERPOLANTS:
             raise ValueError(f"unknown interpolant {self.interpolant!r}; choose one of {', '.join(INTERPOLANTS)}")
-        if self.windows is not None:
-            w = tuple(float(v) for v in self.windows)
-            object.__setattr__(self, "windows", w)
-            if len(w) != len(res) or min(w) <= 0 or abs(sum(w) - 1) > 1e-6:
-                raise ValueError(f"windows must be {len(res)} positive widths summing to 1 "
-                                 f"(one per stage), got {w}")
+        if w is not None and (len(w) != len(res) or min(w) <= 0 or abs(sum(w) - 1) > 1e-6):
+            raise ValueError(f"windows must be {len(res)} positive widths summing to 1 (one per stage), got {w}")
 
     @property
     def K(self) -> int:
@@ -166,9 +137,7 @@ class CDCConfig:
 
     def widths(self) -> torch.Tensor:
         """Window widths t1^k - t0^k (float64, K values summing to 1)."""
-        if self.windows:
-            return torch.tensor(self.windows, dtype=torch.float64)
-        return torch.full((self.K,), 1.0 / self.K, dtype=torch.float64)
+        return torch.tensor(self.windows or [1.0 / self.K] * self.K, dtype=torch.float64)
 
     def boundaries(self) -> torch.Tensor:
         """t0^1 = 0 < t1^1 = t0^2 < ... < t1^K = 1 (float64, K + 1 values)."""
@@ -179,8 +148,6 @@ class CDCConfig:
     def stage_and_tau(self, t: torch.Tensor):
         """eq. 12, vectorised: (stage: long, tau: float32) on t's device, k = arg_k {t in [t0^k, t1^k)} (t = 1
         in the last), tau = (t - t0^k) / (t1^k - t0^k). A float32 t rounded onto a boundary goes later."""
-        if t.device.type == "cpu" and not bool(((t >= 0) & (t <= 1)).all()):  # (no check on GPU: a sync)
-            raise ValueError("t must lie in [0, 1] (eq. 12); got values outside it or NaN")
         b = self.boundaries().to(t.device)
         t64 = t.to(torch.float64)
         stage = torch.searchsorted(b[1:-1].contiguous(), t64, right=True)
@@ -189,8 +156,7 @@ class CDCConfig:
 
     def interpolate(self, x0: torch.Tensor, x1: torch.Tensor, tau: torch.Tensor):
         """I_tau and its time derivative I_dot (eq. 1, 12); tau has shape (N,)."""
-        coefficients = interpolant_coefficients(self.interpolant, tau)
-        a, b, da, db = (c.view(-1, 1, 1, 1).to(x0.dtype) for c in coefficients)
+        a, b, da, db = (c.view(-1, 1, 1, 1).to(x0.dtype) for c in INTERPOLANTS[self.interpolant].coefficients(tau))
         return a * x0 + b * x1, da * x0 + db * x1
 
     def to_dict(self) -> dict:
@@ -472,27 +438,20 @@ STAGE_SAMPLINGS = ("stratified", "iid")
 
 def velocity_loss(b: torch.Tensor, I_dot: torch.Tensor, reduction: str = "mean",
                   top_pixels: Optional[int] = None) -> torch.Tensor:
-    """Per-sample loss of eq. 13 in MSE form ||b - I_dot||^2: eq. 13 plus ||I_dot||^2 (no theta), so the same
-    gradient without cancelling two large terms. Over the d_k = C*H*W values of a stage-k sample:
-    'sum' is Alg. 1 line 17 / eq. 75 read literally (a stage-k sample weighs d_k: 1 : 4 : 16 for 8/16/32 px);
-    'scaled-sum' is that sum / d_K (top_pixels, the last stage's C*H*W): the paper's relative stage weights
-    d_k / d_K at the gradient scale of a per-pixel mean, so a clip of 1 means at 256 px what it means at 32;
-    'mean' weighs every stage alike (a departure). Derivation: docs/method.md#loss-in-mse-form"""
+    """Per-sample loss of eq. 13 in MSE form ||b - I_dot||^2 (eq. 13 plus ||I_dot||^2, no theta: the same gradient
+    without cancelling two large terms), over the d_k = C*H*W values of a stage-k sample: 'sum' is Alg. 1 line 17
+    / eq. 75 read literally (a stage-k sample weighs d_k); 'scaled-sum' is that sum / d_K (top_pixels): the
+    paper's stage weights at a per-pixel mean's gradient scale; 'mean' weighs every stage alike (a departure).
+    Derivation: docs/method.md#loss-in-mse-form"""
     sq = (b.float() - I_dot.float()).pow(2).flatten(1)
     if reduction == "mean":
         return sq.mean(1)
-    if reduction == "sum":
-        return sq.sum(1)
-    if reduction == "scaled-sum":
-        return sq.sum(1) / top_pixels
-    raise ValueError(f"unknown loss reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    return sq.sum(1) if reduction == "sum" else sq.sum(1) / top_pixels
 
 
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:
     """Host -> device copy that never blocks the host (pinned memory) on CUDA."""
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
 
 
 def drop_labels(y: torch.Tensor, p: float, null_class: int, generator=None) -> torch.Tensor:
@@ -502,53 +461,17 @@ def drop_labels(y: torch.Tensor, p: float, null_class: int, generator=None) -> t
     return torch.where(_to_device(drop, y.device), torch.full_like(y, null_class), y)
 
 
-_GOLDEN = (math.sqrt(5) - 1) / 2
-
-
-@functools.lru_cache(maxsize=64)
-def _quota_edges(cfg: CDCConfig, batch: int):
-    """(edges, period): eq. 12's window edges times B (0 = B t0^1 < ... < B t1^K = B; within 1e-9 of an
-    integer snapped to it) and the smallest P <= 10^4 putting every edge on the grid j / P, or None.
-    Pure Python, no tensor, so that a step under fake tensors or tracing can call it."""
-    t = list(itertools.accumulate(cfg.windows or (1.0 / cfg.K,) * cfg.K, initial=0.0))
-    t[-1] = 1.0
-    edges = [batch * v for v in t]
-    edges = tuple(round(e) if abs(e - round(e)) < 1e-9 else e for e in edges)
-    period = next((P for P in range(1, 10_001) if all(abs(P * e - round(P * e)) < 1e-6 for e in edges)), None)
-    return edges, period
-
-
-def stage_quotas(cfg: CDCConfig, batch: int, step: Optional[int] = None, generator=None) -> list:
-    """Samples per stage in one stratified step: systematic sampling of Alg. 1's t ~ U[0, 1] (eq. 12 windows),
-    n_k = ceil(B t1^k - theta) - ceil(B t0^k - theta); theta turns with `step`, so every rank gets the same
-    counts and any P consecutive steps average exactly B w_k. Host-only: the step never waits on the device.
-    Derivation: docs/method.md#stratified-stage-sampling"""
-    edges, period = _quota_edges(cfg, int(batch))
-    if period == 1:                      # every B w_k is an integer: exact, and no random number drawn
-        theta = 0.5
-    elif step is None:                   # randomised: E[n_k] = B w_k at every step
-        theta = float(torch.rand((), generator=generator))
-    elif period is not None:
-        theta = (step % period + 0.5) / period
-    else:                                # no period below 10^4: the golden-ratio sequence, exact in the limit
-        theta = ((step + 0.5) * _GOLDEN) % 1.0
+def stage_quotas(cfg: CDCConfig, batch: int, step: int = 0) -> list:
+    """Samples per stage in one stratified step: systematic sampling of Alg. 1's t ~ U[0, 1] over eq. 12's windows,
+    n_k = ceil(B t1^k - theta) - ceil(B t0^k - theta) (floor(B w_k) or one more, summing to B). theta =
+    (step mod K + u) / K, u ~ U[0, 1) seeded by the step: uniform, so E[n_k] = B w_k; the same on every rank;
+    pure Python, so the step reads no device value; exact when every B w_k is an integer, and with equal
+    windows over any K consecutive steps. Derivation: docs/method.md#stratified-stage-sampling"""
+    t = itertools.accumulate(cfg.windows or (1.0 / cfg.K,) * cfg.K, initial=0.0)
+    edges = [round(e) if abs(e - round(e)) < 1e-9 else e for e in (batch * v for v in t)]  # float sums miss by a hair
+    edges[-1] = batch
+    theta = (step % cfg.K + random.Random(step).random()) / cfg.K
     return [math.ceil(hi - theta) - math.ceil(lo - theta) for lo, hi in zip(edges, edges[1:])]
-
-
-def _stage_batches(x, y, cfg: CDCConfig, stage_sampling: str, step: Optional[int], generator):
-    """Each sample's stage k and tau (eq. 12), samples grouped by stage: (x, y, tau, counts).
-    'iid' is Alg. 1 lines 3-4 (t from the CPU `generator`). 'stratified' (default, a departure): stage_quotas
-    samples per stage in batch order, tau ~ U[0, 1] on x's device; same expected loss as Alg. 1, no more
-    variance, repeating shapes. Derivation: docs/method.md#stratified-stage-sampling"""
-    B, device = x.shape[0], x.device
-    if stage_sampling == "iid":
-        t = torch.rand(B, generator=generator)                  # Alg. 1 line 3, on the CPU
-        stage, tau = cfg.stage_and_tau(t)                       # Alg. 1 line 4
-        counts = torch.bincount(stage, minlength=cfg.K).tolist()
-        order = _to_device(torch.argsort(stage, stable=True), device)
-        return x[order], None if y is None else y[order], _to_device(tau[order], device), counts
-    counts = stage_quotas(cfg, B, step, generator)
-    return x, y, torch.rand(B, device=device), counts
 
 
 def stage_loss(model: nn.Module, x1: torch.Tensor, y: Optional[torch.Tensor], tau: torch.Tensor, stage: int,
@@ -561,29 +484,31 @@ def stage_loss(model: nn.Module, x1: torch.Tensor, y: Optional[torch.Tensor], ta
 
 
 def forward_order(K: int):
-    """The order in which training_losses runs the stages: largest first, so that DDP's all-reduce overlaps
-    the largest stage's backward (test_hotpath.py). Why: docs/method.md#stage-order-and-ddp"""
+    """Stages largest first, so that DDP's all-reduce overlaps the largest stage's backward.
+    Why: docs/method.md#stage-order-and-ddp"""
     return range(K - 1, -1, -1)
 
 
 def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], cfg: CDCConfig,
                     class_dropout: float = 0.1, reduction: str = "mean", generator=None,
-                    stage_sampling: str = "stratified", step: Optional[int] = None) -> dict:
-    """One step of Alg. 1 / Alg. 3 for full-resolution images x^(K) and labels y: stages and taus from
-    `_stage_batches`, one model call per non-empty stage in `forward_order`. Only 'iid' (and step=None) draw
-    from `generator`; the rest uses x's device RNG, so the default step copies nothing from the host.
-    Pass the bare (or compiled) model (it reads model.null_class); for DDP, wrap a module that calls this.
-    Returns {'loss': batch mean of per-sample losses (differentiable), 'stage_loss': (K,) detached
-    per-stage means (NaN where a stage got no sample), 'stage_count': list of K ints}."""
-    R = cfg.resolutions[-1]
-    if x.shape[-1] != R or x.shape[-2] != R:  # a smaller image would pass for a lower stage's
-        raise ValueError(f"training images must be {R}x{R} (the last resolution), got {tuple(x.shape[-2:])}")
-    if not 0 <= class_dropout <= 1:
-        raise ValueError(f"class_dropout is a probability in [0, 1], got {class_dropout}")
-    if stage_sampling not in STAGE_SAMPLINGS:
-        raise ValueError(f"unknown stage sampling {stage_sampling!r}; choose one of {', '.join(STAGE_SAMPLINGS)}")
-    B, K, device = x.shape[0], cfg.K, x.device
-    xs, y, tau, counts = _stage_batches(x, y, cfg, stage_sampling, step, generator)
+                    stage_sampling: str = "stratified", step: int = 0) -> dict:
+    """One step of Alg. 1 / Alg. 3 for full-resolution images x^(K) and labels y, one model call per non-empty
+    stage in `forward_order`. 'iid' is Alg. 1 lines 3-4 (t from the CPU `generator`, samples grouped by stage);
+    'stratified' (default, a departure: docs/method.md#stratified-stage-sampling) gives stage k `stage_quotas`
+    samples in batch order, tau ~ U[0, 1] on x's device. Pass the bare (or compiled) model (it reads
+    model.null_class); for DDP, wrap a module that calls this. Returns {'loss': the batch mean (differentiable),
+    'stage_loss': (K,) detached per-stage means (NaN for an empty stage), 'stage_count': K ints}."""
+    B, K, R, device = x.shape[0], cfg.K, cfg.resolutions[-1], x.device
+    assert x.shape[-2:] == (R, R), f"training images must be {R}x{R} (a smaller one would pass for a lower stage's)"
+    assert 0 <= class_dropout <= 1 and reduction in REDUCTIONS and stage_sampling in STAGE_SAMPLINGS
+    if stage_sampling == "iid":
+        t = torch.rand(B, generator=generator)                  # Alg. 1 line 3, on the CPU
+        stage, tau = cfg.stage_and_tau(t)                       # Alg. 1 line 4
+        counts = torch.bincount(stage, minlength=K).tolist()
+        order = _to_device(torch.argsort(stage, stable=True), device)
+        x, y, tau = x[order], None if y is None else y[order], _to_device(tau[order], device)
+    else:
+        counts, tau = stage_quotas(cfg, B, step), torch.rand(B, device=device)
     if y is not None and class_dropout > 0:
         y = drop_labels(y, class_dropout, model.null_class)     # Alg. 3 line 15
     starts = [sum(counts[:s]) for s in range(K)]
@@ -593,7 +518,7 @@ def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor]
         if counts[s] == 0:
             continue
         part = slice(starts[s], starts[s] + counts[s])
-        x1 = down(xs[part], cfg.levels_below_top(s))            # x1^(k) = D_{K->k}(x^(K)), line 5
+        x1 = down(x[part], cfg.levels_below_top(s))             # x1^(k) = D_{K->k}(x^(K)), line 5
         per_sample = stage_loss(model, x1, None if y is None else y[part], tau[part], s, cfg, reduction)
         total = total + per_sample.sum()
         per_stage[s] = per_sample.detach().mean()
@@ -623,23 +548,18 @@ def source_noise_estimate(field_value, x, tau, stage, cfg: CDCConfig):
     """E[sigma_k zeta | I_tau = x] from the velocity b = E[I_dot | I_tau = x], in closed form:
     (beta b - beta' x + P(alpha b - alpha' x)) / (alpha' beta - beta' alpha), P = U o D (eq. 9), P = 0 at stage 0.
     It gives the score of eq. 28 for the SDE (eq. 34). Derivation: docs/method.md#source-noise-from-the-velocity"""
-    a, bt, da, db = (c.view(-1, 1, 1, 1) for c in interpolant_coefficients(cfg.interpolant, tau))
-    W = da * bt - db * a
+    a, bt, da, db = (c.view(-1, 1, 1, 1) for c in INTERPOLANTS[cfg.interpolant].coefficients(tau))
     est = bt * field_value - db * x
     if stage > 0:
         L = cfg.levels(stage)
         est = est + up(down(a * field_value - da * x, L), L)
-    return est / W
+    return est / (da * bt - db * a)
 
 
 def steps_per_stage(steps, K: int) -> list:
     """N_k of Alg. 2 for each of the K stages, from one positive int (every stage) or a list of K."""
-    many = steps if isinstance(steps, (list, tuple)) else [steps] * K
-    try:
-        many = [operator.index(n) for n in many]
-    except TypeError:
-        many = []
-    if len(many) != K or min(many) < 1:
+    many = list(steps) if isinstance(steps, (list, tuple)) else [steps] * K
+    if len(many) != K or not all(isinstance(n, int) and n >= 1 for n in many):
         raise ValueError(f"steps per stage must be a positive int or a list of {K} positive ints")
     return many
 
@@ -652,10 +572,7 @@ def integrate_stage(field: Field, x: torch.Tensor, stage: int, steps: int, cfg: 
     sde:   Euler-Maruyama on eq. 34 with s = -E[sigma_k zeta | x] / (alpha sigma_k^2) (eq. 28) and, our choice,
            eps_tau = sde_scale * alpha_tau * sigma_k^2, so eps s is finite; no noise on the last step.
            Derivation: docs/method.md#sde-sampler"""
-    if solver not in SOLVERS:  # checked here, where it is read: an unknown name must not run as 'sde'
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    if not sde_scale >= 0:
-        raise ValueError(f"sde_scale (the diffusion coefficient's scale) must be >= 0, got {sde_scale}")
+    assert solver in SOLVERS and sde_scale >= 0, f"solver {solver!r} not in {SOLVERS}, or sde_scale {sde_scale} < 0"
     path = INTERPOLANTS[cfg.interpolant]
     grid = path.grid(steps)
     ones = torch.ones(x.shape[0], device=x.device, dtype=torch.float32)

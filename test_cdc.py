@@ -1,4 +1,5 @@
-"""Property tests for cdc.py: each test names the paper statement it checks.
+"""Property tests for cdc.py: each test names the paper statement it checks, and each identity is tested
+once, here, where it is strongest.
 
 Exact identities run in float64 with tolerances at rounding level. Distributional checks use a Gaussian
 oracle (the exact velocity field for Gaussian data, theory/prior_equivalence.py) in place of the DiT,
@@ -6,20 +7,32 @@ with tolerances stated as Monte-Carlo standard errors plus the solver's discreti
 """
 
 import math
+import os
+import random
+import subprocess
+import sys
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
+from scipy import stats
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cdc
-from conftest import wake
-from theory.prior_equivalence import GaussianOracle, exact_chain_moments, operator_matrix
+from conftest import HostToDevice, wake
+from theory.prior_equivalence import GaussianOracle, exact_chain_moments, moment_test, operator_matrix, random_gaussian
 
 f64 = torch.float64
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def images(seed, n, c, side):
     return torch.randn(n, c, side, side, dtype=f64, generator=torch.Generator().manual_seed(seed))
+
+
+def coefficients(kind, tau):
+    """(alpha, beta, alpha_dot, beta_dot) of interpolant `kind`, shaped to broadcast over images."""
+    return [c.view(-1, 1, 1, 1) for c in cdc.INTERPOLANTS[kind].coefficients(tau)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -30,41 +43,35 @@ shapes = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.i
 
 
 @given(shapes, st.integers(1, 3))
-def test_transitivity_D_K_to_k_equals_repeated_D(shape, levels):
-    n, c, base, seed = shape
-    x = images(seed, n, c, base * 2 ** levels)
-    y = x
-    for _ in range(levels):
-        y = cdc.down(y)
-    torch.testing.assert_close(cdc.down(x, levels), y, rtol=0, atol=1e-12)
-
-
-@given(shapes, st.integers(1, 3))
-def test_D_after_U_is_identity(shape, levels):
-    n, c, side, seed = shape
-    x = images(seed, n, c, side)
-    torch.testing.assert_close(cdc.down(cdc.up(x, levels), levels), x, rtol=0, atol=1e-12)
-    assert cdc.up(x, levels).shape[-1] == side * 2 ** levels
-
-
-@given(shapes, st.integers(1, 2))
-def test_U_after_D_is_an_orthogonal_projection(shape, levels):
-    """At every factor a stage may use: 2x2 blocks, and 4x4 for Table 6's 4x steps (cfg.levels = 2)."""
+def test_D_is_transitive_D_after_U_is_identity_and_U_after_D_an_orthogonal_projection(shape, levels):
+    """§3.1 at every factor a stage may use (2x2 blocks, and 4x4 and 8x8 for Table 6's 4x steps): one pool
+    of side 2^L equals L nested 2x2 means, D U = id, and P = U D is idempotent and self-adjoint."""
     n, c, side, seed = shape
     x, y = images(seed, n, c, side * 2 ** levels), images(seed + 1, n, c, side * 2 ** levels)
+    nested = x
+    for _ in range(levels):
+        nested = cdc.down(nested)
+    torch.testing.assert_close(cdc.down(x, levels), nested, rtol=0, atol=1e-12)            # transitivity
+    torch.testing.assert_close(cdc.down(cdc.up(nested, levels), levels), nested, rtol=0, atol=1e-12)  # D U = id
     P = lambda v: cdc.up(cdc.down(v, levels), levels)  # noqa: E731
+    assert P(x).shape == x.shape
     torch.testing.assert_close(P(P(x)), P(x), rtol=0, atol=1e-12)                  # idempotent
     torch.testing.assert_close((P(x) * y).sum(), (x * P(y)).sum(), rtol=1e-12, atol=1e-12)  # self-adjoint
     torch.testing.assert_close(((x - P(x)) * P(y)).sum(), torch.zeros((), dtype=f64), rtol=0, atol=1e-10)
 
 
-def test_operator_matrices_are_exact():
-    """D is the 2x2 block mean and U the replication: as matrices, D U = 1 and U = 4 D^T."""
+def test_operator_matrices_are_the_block_mean_and_replication_on_the_last_two_dims():
+    """D is the 2x2 block mean and U the replication: as matrices, D U = 1 and U = 4 D^T. Unbatched
+    (C, H, W) images with H != W give the batched result (a swapped axis would show)."""
     Dm = operator_matrix(cdc.down, (1, 4, 4))
     Um = operator_matrix(cdc.up, (1, 2, 2))
     assert torch.equal(Dm @ Um, torch.eye(4, dtype=f64))
     assert torch.equal(Um, 4 * Dm.T)
     assert set(Dm.unique().tolist()) == {0.0, 0.25}
+    x = torch.randn(3, 4, 8, dtype=f64)
+    torch.testing.assert_close(cdc.down(x), cdc.down(x[None])[0], rtol=0, atol=0)
+    torch.testing.assert_close(cdc.up(x, 2), cdc.up(x[None], 2)[0], rtol=0, atol=0)
+    assert cdc.down(x).shape == (3, 2, 4) and cdc.up(x).shape == (3, 8, 16)
 
 
 @given(shapes, st.integers(2, 4))
@@ -73,10 +80,8 @@ def test_detail_vectors_orthogonal_and_lemma1_energy(shape, K):
     are orthogonal for every image (not only in expectation), so the energy decomposes exactly."""
     n, c, base, seed = shape
     x = images(seed, n, c, base * 2 ** (K - 1))
-    levels = cdc.pyramid(x, K)
-    assert [v.shape[-1] for v in levels] == [base * 2 ** s for s in range(K)]
-    assert torch.equal(levels[-1], x)
-    x_tilde = [torch.zeros_like(x)] + [cdc.up(v, K - 1 - s) for s, v in enumerate(levels)]
+    x_tilde = [torch.zeros_like(x)] + [cdc.up(cdc.down(x, K - 1 - s), K - 1 - s) for s in range(K)]
+    assert torch.equal(x_tilde[-1], x)
     details = [x_tilde[k] - x_tilde[k - 1] for k in range(1, K + 1)]
     torch.testing.assert_close(sum(details), x, rtol=0, atol=1e-12)                # eq. 49
     energy = lambda v: v.pow(2).flatten(1).sum(1)  # noqa: E731
@@ -85,18 +90,6 @@ def test_detail_vectors_orthogonal_and_lemma1_energy(shape, K):
             inner = (details[i] * details[j]).flatten(1).sum(1)
             torch.testing.assert_close(inner, torch.zeros_like(inner), rtol=0, atol=1e-10)  # eq. 48
     torch.testing.assert_close(energy(x), sum(energy(e) for e in details), rtol=1e-12, atol=1e-10)  # eq. 50
-
-
-# App. E.2 (the training source U(D(x1^(k))) + sigma_k zeta is the inference prior U(x1^(k-1)) + sigma_k zeta for
-# the same zeta) is test_scale.py's test_training_source_equals_inference_prior_on_power_of_two_paths: 2x and 4x steps.
-
-
-def test_stage1_source_is_independent_gaussian():
-    config = cdc.CDCConfig(resolutions=(8, 16), sigma=0.7)
-    x1 = torch.full((4000, 1, 8, 8), 5.0)
-    x0 = cdc.coupling_source(x1, 0, config, generator=torch.Generator().manual_seed(0))
-    assert abs(x0.mean().item()) < 5 * 0.7 / math.sqrt(x0.numel())               # eq. 8: mean 0, not x1
-    assert x0.std().item() == pytest.approx(0.7, rel=0.01)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,66 +124,103 @@ def test_stage_boundaries_belong_to_the_next_stage():
 
 
 @pytest.mark.parametrize("kind", cdc.INTERPOLANTS)
-def test_interpolant_boundary_values(kind):
-    config = cdc.CDCConfig(resolutions=(4,), interpolant=kind)
-    x0, x1 = images(0, 3, 2, 4), images(1, 3, 2, 4)
-    I0, _ = config.interpolate(x0, x1, torch.zeros(3, dtype=f64))
-    I1, _ = config.interpolate(x0, x1, torch.ones(3, dtype=f64))
-    torch.testing.assert_close(I0, x0, rtol=0, atol=1e-12)                       # I_0 = x0
-    torch.testing.assert_close(I1, x1, rtol=0, atol=1e-12)                       # I_1 = x1
-
-
-@pytest.mark.parametrize("kind", cdc.INTERPOLANTS)
 @given(tau=st.floats(0.01, 0.99), seed=st.integers(0, 2 ** 16))
-def test_interpolant_derivative_matches_finite_differences(kind, tau, seed):
+def test_interpolant_ends_and_derivative(kind, tau, seed):
+    """I_0 = x0, I_1 = x1 (eq. 1), and I_dot is the derivative of I (central finite differences)."""
     config = cdc.CDCConfig(resolutions=(4,), interpolant=kind)
     x0, x1 = images(seed, 2, 1, 4), images(seed + 1, 2, 1, 4)
-    h = 1e-6
     t = lambda v: torch.full((2,), v, dtype=f64)  # noqa: E731
+    torch.testing.assert_close(config.interpolate(x0, x1, t(0.0))[0], x0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(config.interpolate(x0, x1, t(1.0))[0], x1, rtol=0, atol=1e-12)
+    h = 1e-6
     _, I_dot = config.interpolate(x0, x1, t(tau))
     fd = (config.interpolate(x0, x1, t(tau + h))[0] - config.interpolate(x0, x1, t(tau - h))[0]) / (2 * h)
     torch.testing.assert_close(I_dot, fd, rtol=1e-5, atol=1e-6)
 
 
 def test_score_interpolant_derivative_is_bounded_near_one():
-    a, b, da, db = cdc.interpolant_coefficients("score", torch.tensor([1.0, 1 - 1e-9], dtype=f64))
+    a, b, da, db = cdc.INTERPOLANTS["score"].coefficients(torch.tensor([1.0, 1 - 1e-9], dtype=f64))
     assert torch.all(torch.isfinite(da)) and da.abs().max() <= 71
     assert a[0] == 0 and b[0] == 1
 
 
+def test_config_normalises_its_fields_and_counts_levels():
+    import numpy as np
+    c = cdc.CDCConfig(resolutions=[np.int64(4), 8], windows=[0.25, 0.75])
+    assert c.resolutions == (4, 8) and all(type(r) is int for r in c.resolutions)
+    assert c.windows == (0.25, 0.75) and all(type(w) is float for w in c.windows)
+    assert hash(c) == hash(cdc.CDCConfig(resolutions=(4, 8), windows=(0.25, 0.75)))  # frozen and hashable
+    assert type(cdc.CDCConfig(resolutions=(4,), windows=[1]).windows[0]) is float
+    assert cdc.CDCConfig(resolutions=(1, 2, 4)).K == 3                                # a 1-pixel first stage is allowed
+    c = cdc.CDCConfig(resolutions=(16, 32, 128, 256))
+    assert [c.levels(s) for s in range(4)] == [0, 1, 2, 1]            # stage 0 has no stage before it
+    assert [c.levels_below_top(s) for s in range(4)] == [4, 3, 1, 0]
+
+
 # ------------------------------------------------------------------------------------------------
-#                              Bad arguments: one clear ValueError
+#                         3. Coupling (eq. 8-11) and the inference prior (App. E.2)
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("build, words", [
-    (lambda: cdc.CDCConfig(resolutions=(32, 48, 96)), "power-of-two multiple"),
-    (lambda: cdc.CDCConfig(resolutions=(32, 96)), "power-of-two multiple"),
-    (lambda: cdc.CDCConfig(resolutions=(64, 32)), "power-of-two multiple"),
-    (lambda: cdc.CDCConfig(interpolant="cosine"), "choose one of linear"),
-    (lambda: cdc.CDCConfig(gamma=0.5), "gamma must be >= 1"),
-    (lambda: cdc.CDCConfig(sigma=0.0), "sigma must be > 0"),
-    (lambda: cdc.CDCConfig(resolutions=(8, 16), windows=(0.2, 0.2)), "summing to 1"),
-    (lambda: cdc.create_model("XXL"), "choose one of tiny"),
-    (lambda: cdc.create_model("tiny", resolutions=(6, 12), patch_size=4), "not divisible by patch size"),
-    (lambda: cdc.create_model("tiny", fusion="concat"), "choose one of xattn"),
-    (lambda: cdc.velocity_loss(torch.zeros(1, 1), torch.zeros(1, 1), "median"), "choose one of mean"),
-    (lambda: cdc.sample(lambda x, t, s: x, cdc.CDCConfig(resolutions=(4, 8)), 1, steps=[3]), "list of 2"),
-    (lambda: cdc.sample(lambda x, t, s: x, cdc.CDCConfig(resolutions=(4,)), 1, solver="rk4"), "choose one of euler"),
-    (lambda: cdc.sample(lambda x, t, s: x, cdc.CDCConfig(resolutions=(4,)), 1, steps=2.7), "positive int"),
+@pytest.mark.parametrize("res", [(2, 4, 8), (2, 8), (2, 4, 16), (4, 16, 32)])
+@given(seed=st.integers(0, 2 ** 16), sigma=st.floats(0.1, 2.0), gamma=st.floats(1.0, 4.0))
+def test_training_source_equals_inference_prior(res, seed, sigma, gamma):
+    """App. E.2 on 2x and 4x steps: U_L(D_L(x1^(k))) + sigma_k zeta == U_L(x1^(k-1)) + sigma_k zeta for the
+    same zeta (L = cfg.levels(k): so also D_L x1^(k) = x1^(k-1), the pyramid's transitivity with the path's
+    levels), and sigma_k is eq. 20's gamma^-(k-1) sigma whatever the factor."""
+    config = cdc.CDCConfig(resolutions=res, sigma=sigma, gamma=gamma)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 3, res[-1], res[-1], dtype=f64, generator=g)
+    for s in range(1, config.K):
+        zeta = torch.randn(3, 3, res[s], res[s], dtype=f64, generator=g)
+        x1, x1_prev = (cdc.down(x, config.levels_below_top(k)) for k in (s, s - 1))
+        train_x0 = cdc.coupling_source(x1, s, config, zeta=zeta)
+        infer_x0 = cdc.up(x1_prev, config.levels(s)) + config.sigma_k(s) * zeta
+        torch.testing.assert_close(train_x0, infer_x0, rtol=0, atol=1e-12)
+        assert config.sigma_k(s) == pytest.approx(gamma ** -s * sigma)
+
+
+def test_stage1_source_is_independent_gaussian():
+    config = cdc.CDCConfig(resolutions=(8, 16), sigma=0.7)
+    x1 = torch.full((4000, 1, 8, 8), 5.0)
+    x0 = cdc.coupling_source(x1, 0, config, generator=torch.Generator().manual_seed(0))
+    assert abs(x0.mean().item()) < 5 * 0.7 / math.sqrt(x0.numel())               # eq. 8: mean 0, not x1
+    assert x0.std().item() == pytest.approx(0.7, rel=0.01)
+
+
+# ------------------------------------------------------------------------------------------------
+#                      Bad arguments: one clear error where they enter
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build, error, words", [
+    *[(lambda r=r: cdc.CDCConfig(resolutions=r), ValueError, "power-of-two multiple")
+      for r in [(), (0, 2), (-2, 4), (8, 8), (8, 8, 16), (4, 12), (32, 48, 96), (32, 96), (64, 32)]],
+    *[(lambda w=w: cdc.CDCConfig(resolutions=(4, 8, 16)[:len(w)], windows=w), ValueError, "summing to 1")
+      for w in [(0.2, 0.2), (0.0, 1.0), (-0.5, 1.5), (0.5, 0.5, 0.0)]],
+    (lambda: cdc.CDCConfig(interpolant="cosine"), ValueError, "choose one of linear"),
+    (lambda: cdc.CDCConfig(gamma=0.5), ValueError, "gamma >= 1"),
+    (lambda: cdc.CDCConfig(sigma=0.0), ValueError, "sigma > 0"),
+    (lambda: cdc.create_model("XXL"), ValueError, "choose one of tiny"),
+    (lambda: cdc.create_model("tiny", widht=64), ValueError, "unknown model option"),
+    (lambda: cdc.sample(lambda x, t, s: x, cdc.CDCConfig(resolutions=(4, 8)), 1, steps=[3]), ValueError, "list of 2"),
+    (lambda: cdc.sample(lambda x, t, s: x, cdc.CDCConfig(resolutions=(4,)), 1, steps=2.7), ValueError, "positive int"),
+    (lambda: cdc.sample(lambda x, t, s: x, cdc.CDCConfig(resolutions=(4,)), 1, solver="rk4"), AssertionError, "rk4"),
     (lambda: cdc.sample(lambda x, t, s: x, cdc.CDCConfig(resolutions=(4,)), 1, solver="sde", sde_scale=-1),
-     "sde_scale"),
-    (lambda: cdc.CDCConfig(resolutions=(4, 8)).stage_and_tau(torch.tensor([0.5, 1.5])), r"t must lie in \[0, 1\]"),
-    (lambda: cdc.CDCConfig(resolutions=(4, 8)).stage_and_tau(torch.tensor([float("nan")])), r"t must lie"),
-    (lambda: cdc.create_model("tiny", widht=64), "unknown model option"),
-    (lambda: cdc.create_model("tiny", heads=0), "heads must be a positive int"),
-    (lambda: cdc.down(torch.zeros(1, 1, 4, 4), -1), "non-negative int"),
-    (lambda: cdc.training_losses(Recorder(), torch.zeros(2, 3, 8, 8), None, cdc.CDCConfig(resolutions=(4, 8)),
-                                 class_dropout=1.5), r"probability in \[0, 1\]"),
-    (lambda: cdc.training_losses(Recorder(), torch.zeros(2, 3, 8, 8), None, cdc.CDCConfig(resolutions=(4, 8)),
-                                 reduction="max"), "choose one of mean"),
+     AssertionError, "sde_scale"),
+    *[(lambda s=s: cdc.down(torch.zeros(s), 2 if s[-1] == 6 else 1), ValueError, "cannot downsample")
+      for s in [(1, 1, 4, 5), (1, 1, 5, 4), (1, 5, 4), (1, 4, 6)]],                # 6 halves once, not twice
+    *[(lambda op=op, v=v: op(torch.zeros(1, 1, 4, 4), v), TypeError, None)          # 2^levels is no int kernel
+      for op in (cdc.down, cdc.up) for v in (-1, 1.0, "1")],
+    *[(lambda h=h, w=w: cdc.training_losses(Recorder(), torch.zeros(2, 3, h, w), None, cdc.CDCConfig(resolutions=RES)),
+       AssertionError, "must be 32x32") for h, w in ((16, 16), (16, 32), (32, 16))],  # either side wrong
+    *[(lambda kw=kw: cdc.training_losses(Recorder(), torch.zeros(2, 3, 32, 32), None, cdc.CDCConfig(resolutions=RES),
+                                         **kw), AssertionError, None)
+      for kw in (dict(class_dropout=1.5), dict(reduction="max"), dict(stage_sampling="random"))],
 ])
-def test_bad_arguments_raise_one_clear_value_error(build, words):
-    with pytest.raises(ValueError, match=words):
+def test_bad_arguments_raise_one_clear_error(build, error, words):
+    """A ValueError with words where a user or a command line can get it wrong (the model config's own checks:
+    test_cdc_edges.py), an assert where only calling code can, a TypeError for levels that are no
+    non-negative int: never a silent wrong result."""
+    with pytest.raises(error, match=words):
         build()
 
 
@@ -347,6 +377,8 @@ def test_flops_per_sample_matches_counted_flops(fusion, patch, channels):
         assert isinstance(model.flops_per_sample(r), int)  # exact: sums over billions of samples stay exact
 
 
+
+
 # ------------------------------------------------------------------------------------------------
 #                                      5. Loss (eq. 13, 75)
 # ------------------------------------------------------------------------------------------------
@@ -399,15 +431,26 @@ class Recorder(torch.nn.Module):
         return self.w * I + tau.view(-1, 1, 1, 1) + 0.1 * y.view(-1, 1, 1, 1)
 
 
-def test_training_step_groups_by_stage_one_forward_each():
+@pytest.mark.parametrize("stage_sampling", cdc.STAGE_SAMPLINGS)
+def test_training_step_feeds_each_stage_once_largest_first_and_labels_only_when_given(stage_sampling):
+    """One forward per non-empty stage, the largest first (so that DDP's buckets fill during its backward:
+    test_hotpath.py), together the whole batch, at the stages' sides as the stage counts say (which sample
+    goes where: test_training_step_equals_alg1_rebuilt_by_hand_per_sample); label dropout 1 feeds only the
+    null class, 0 only the labels, and without labels the model sees y = None; the loss reaches the model."""
     config = cdc.CDCConfig(resolutions=RES)
-    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 5, (64,))
-    model = Recorder()
-    out = cdc.training_losses(model, x, y, config, class_dropout=0.0, generator=torch.Generator().manual_seed(3))
-    counts = out["stage_count"]
-    assert sum(counts) == 64 and all(n > 0 for n in counts)
-    # one forward per stage, the largest first (so that DDP's buckets fill during its backward: test_ddp.py)
-    assert [c[0] for c in model.calls] == [(counts[s], 3, RES[s], RES[s]) for s in reversed(range(3))]
+    x, y = torch.randn(64, 3, 32, 32), torch.arange(64) % 5
+    for labels, p, want in ((y, 1.0, lambda seen: torch.all(seen == 5)), (y, 0.0, lambda seen: torch.all(seen < 5)),
+                            (None, 0.5, None)):
+        model = Recorder()
+        out = cdc.training_losses(model, x, labels, config, class_dropout=p, stage_sampling=stage_sampling, step=1,
+                                  generator=torch.Generator().manual_seed(3))
+        counts = out["stage_count"]
+        assert sum(counts) == 64 and all(n > 0 for n in counts)
+        assert [c[0] for c in model.calls] == [(counts[s], 3, RES[s], RES[s]) for s in reversed(range(3))]
+        if labels is None:
+            assert all(seen is None for _, _, seen in model.calls)
+        else:
+            assert want(torch.cat([seen for _, _, seen in model.calls]))
     out["loss"].backward()
     assert model.w.grad is not None and model.w.grad != 0
 
@@ -444,7 +487,7 @@ def test_training_step_equals_alg1_rebuilt_by_hand_per_sample(kind, reduction, s
         if sampling == "iid":
             torch.testing.assert_close(tau, tau_iid[idx])
         assert torch.equal(labels, y[idx]) and bool(((tau >= 0) & (tau < 1)).all())
-        a, b, da, db = (c.view(-1, 1, 1, 1) for c in cdc.interpolant_coefficients(kind, tau))
+        a, b, da, db = coefficients(kind, tau)
         x1 = cdc.down(x[idx], 2 - s)
         x0 = (I - b * x1) / a
         m = torch.zeros_like(x1) if s == 0 else cdc.up(cdc.down(x1))
@@ -458,40 +501,42 @@ def test_training_step_equals_alg1_rebuilt_by_hand_per_sample(kind, reduction, s
         assert abs(z.mean()) < 0.15 and abs(z.var() - 1) < 0.2, (s, z.mean(), z.var())
 
 
-def test_training_step_drops_labels_to_the_null_class():
-    config = cdc.CDCConfig(resolutions=RES)
-    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 5, (32,))
-    for p, expect in ((1.0, lambda seen: torch.all(seen == 5)), (0.0, lambda seen: torch.all(seen < 5))):
-        model = Recorder()
-        cdc.training_losses(model, x, y, config, class_dropout=p)
-        assert expect(torch.cat([c[2] for c in model.calls]))
-    model = Recorder()
-    cdc.training_losses(model, x.repeat(20, 1, 1, 1), y.repeat(20), config, class_dropout=0.1)
-    frac = (torch.cat([c[2] for c in model.calls]) == 5).float().mean().item()
-    assert abs(frac - 0.1) < 5 * math.sqrt(0.09 / 640)
-
-
-def test_training_step_rejects_wrong_image_size():
-    for h, w in ((16, 16), (16, 32), (32, 16)):  # either side wrong
-        with pytest.raises(ValueError, match="must be 32x32"):
-            cdc.training_losses(Recorder(), torch.randn(2, 3, h, w), None, cdc.CDCConfig(resolutions=RES))
-
-
 @pytest.mark.parametrize("stage_sampling", cdc.STAGE_SAMPLINGS)
-def test_training_step_feeds_the_whole_batch_by_stage_and_labels_only_when_given(stage_sampling):
-    """The model sees as many samples as the batch holds, split over the stages' sides as the stage counts
-    say (which sample goes where: test_training_step_equals_alg1_rebuilt_by_hand_per_sample); without
-    labels it sees y = None whatever the label dropout."""
-    config = cdc.CDCConfig(resolutions=RES)
-    for y in (torch.arange(12) % 5, None):
-        model = Recorder()
-        out = cdc.training_losses(model, torch.randn(12, 3, 32, 32), y, config, class_dropout=0.5,
-                                  stage_sampling=stage_sampling, step=1, generator=torch.Generator().manual_seed(0))
-        assert sum(shape[0] for shape, _, _ in model.calls) == 12
-        fed = {shape[-1]: shape[0] for shape, _, _ in model.calls}
-        assert [fed.get(r, 0) for r in RES] == out["stage_count"]
-        if y is None:
-            assert all(labels is None for _, _, labels in model.calls)
+def test_training_step_draws_are_independent_per_sample(stage_sampling):
+    """Alg. 1 and 3 draw t (iid: stage and tau; stratified: tau), zeta and the label-dropout coin for every
+    sample on its own. On one image and one label repeated B times, what the model is fed must still differ
+    from sample to sample, within a stage and across stages, and look like independent draws: the taus
+    are B distinct values spread as U[0, 1], the zetas read back from I are pairwise uncorrelated, the
+    coins drop about half the labels of every stage, and iid's stage counts are Binomial(B, 1/K)-sized.
+    (A tau, zeta, coin or t drawn once and broadcast over the batch or over a stage fails.)"""
+    B, config = 96, cdc.CDCConfig(resolutions=RES)
+    x, y = torch.randn(1, 3, 32, 32).repeat(B, 1, 1, 1), torch.full((B,), 2)
+    model = Recorder()
+    torch.manual_seed(0)
+    out = cdc.training_losses(model, x, y, config, class_dropout=0.5, stage_sampling=stage_sampling, step=1,
+                              generator=torch.Generator().manual_seed(0))
+    taus, zetas = [], []
+    for (shape, tau, labels), I in zip(model.calls, model.inputs):
+        s = RES.index(shape[-1])
+        a, b, _, _ = coefficients("linear", tau.double())
+        x1 = cdc.down(x[:1], 2 - s).double()
+        m = 0 if s == 0 else cdc.up(cdc.down(x1))
+        zetas.append((((I.double() - b * x1) / a - m) / config.sigma_k(s)).flatten(1)[:, :3 * 8 * 8])
+        taus.append(tau)
+        dropped = (labels == model.null_class).float().mean().item()
+        assert 0.1 < dropped < 0.9, (s, dropped)                  # not one coin for a stage or the batch
+    tau = torch.cat(taus)
+    assert len(set(tau.tolist())) == B                            # no tau shared by two samples
+    assert stats.kstest(tau.numpy(), "uniform").pvalue > 1e-3
+    labels = torch.cat([seen for _, _, seen in model.calls])
+    assert abs((labels == model.null_class).float().mean().item() - 0.5) < 4 * math.sqrt(0.25 / B)
+    z = torch.cat(zetas)
+    z = (z - z.mean(1, keepdim=True)) / z.std(1, keepdim=True)
+    corr = z @ z.T / (z.shape[1] - 1)
+    off = corr[~torch.eye(B, dtype=torch.bool)]
+    assert off.abs().max() < 5.5 / math.sqrt(z.shape[1]), off.abs().max()  # no zeta shared by two samples
+    if stage_sampling == "iid":
+        assert all(abs(n - B / 3) < 4 * math.sqrt(B * 2 / 9) for n in out["stage_count"]), out["stage_count"]
 
 
 def test_training_step_trains_the_dit_end_to_end():
@@ -515,6 +560,84 @@ def test_training_step_trains_the_dit_end_to_end():
 
 
 # ------------------------------------------------------------------------------------------------
+#                          Stratified stage quotas (a departure from Alg. 1)
+# ------------------------------------------------------------------------------------------------
+
+WINDOWS = [None, (0.2, 0.3, 0.5), (0.1, 0.6, 0.3), (0.25, 0.75), (math.sqrt(2) - 1, 2 - math.sqrt(2))]
+
+
+def quota_config(windows):
+    return cdc.CDCConfig(resolutions=(4, 8, 16)[:len(windows or (0, 0, 0))], windows=windows)
+
+
+@given(st.sampled_from(WINDOWS), st.integers(1, 64), st.integers(0, 10 ** 9))
+@example(None, 30, 7)
+@example((0.2, 0.3, 0.5), 20, 5)
+@example((0.25, 0.75), 8, 3)
+def test_quotas_are_floor_or_ceil_of_B_w_k_summing_to_B_exact_for_integer_shares(windows, B, step):
+    config = quota_config(windows)
+    counts, share = cdc.stage_quotas(config, B, step), (B * config.widths()).tolist()
+    assert sum(counts) == B and len(counts) == config.K
+    assert all(math.floor(v + 1e-9) <= n <= math.ceil(v - 1e-9) for n, v in zip(counts, share)), (counts, share)
+    if all(abs(v - round(v)) < 1e-9 for v in share):
+        assert counts == [round(v) for v in share]
+
+
+@pytest.mark.parametrize("windows, B", [(None, 8), (None, 7), ((0.2, 0.3, 0.5), 7), ((0.1, 0.6, 0.3), 9),
+                                        ((0.25, 0.75), 3), (WINDOWS[-1], 5)])
+def test_quotas_are_unbiased_and_exact_over_K_steps_for_equal_windows(windows, B):
+    """E[n_k] = B w_k: the mean over N steps is B w_k within 5 standard errors (each n_k is floor or ceil, so
+    its variance is at most 1/4). With equal windows (the default) every K consecutive steps give each stage
+    exactly B / K per step, so every stage also sees both batch sizes."""
+    config, N = quota_config(windows), 4000
+    counts = torch.tensor([cdc.stage_quotas(config, B, s) for s in range(N)], dtype=f64)
+    assert torch.all((counts.mean(0) - B * config.widths()).abs() < 5 * 0.5 / math.sqrt(N)), counts.mean(0)
+    if windows is None:
+        K = config.K
+        for start in range(0, 40):
+            torch.testing.assert_close(counts[start:start + K].mean(0), B * config.widths(), rtol=0, atol=1e-9)
+
+
+def test_quotas_depend_on_the_step_alone():
+    """Every rank gets the same counts at the same step: they depend on (config, B, step) only, not on the
+    global random state (every rank seeds its own), not on the process (string hashes are salted per
+    process), and read no tensor (they run, and agree, under fake tensors: no device value is waited for)."""
+    code = "[cdc.stage_quotas(cdc.CDCConfig(resolutions=(4, 8, 16), windows=(0.2, 0.3, 0.5)), 7, s) for s in range(40)]"
+    want = eval(code)
+    torch.manual_seed(1)
+    random.seed(1)
+    assert eval(code) == want
+    with FakeTensorMode():
+        assert eval(code) == want
+    p = subprocess.run([sys.executable, "-c", f"import cdc; print({code})"], cwd=HERE, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONHASHSEED": "7"}, timeout=300)
+    assert p.stdout.strip() == str(want), p.stderr
+
+
+def test_stratified_estimator_has_alg1_mean_and_no_more_variance():
+    """On a fixed network, the stratified batch loss and Alg. 1's i.i.d. batch loss have the same mean
+    over many draws (within 4 Monte-Carlo standard errors of the difference), and the stratified one's
+    variance is smaller: stage 1 (pure noise source) has a far larger loss than the later stages, and
+    stratification removes that between-stage part of the variance."""
+    torch.manual_seed(0)
+    model = wake(cdc.create_model("tiny", depth=1, width=32, heads=2, num_classes=4, resolutions=(4, 8, 16))).eval()
+    config = cdc.CDCConfig(resolutions=(4, 8, 16))
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,))
+    losses = {s: [] for s in cdc.STAGE_SAMPLINGS}
+    with torch.no_grad():
+        for i in range(300):
+            for s in cdc.STAGE_SAMPLINGS:
+                torch.manual_seed(i)
+                out = cdc.training_losses(model, x, y, config, class_dropout=0.0, stage_sampling=s, step=i,
+                                          generator=torch.Generator().manual_seed(i))
+                losses[s].append(out["loss"].item())
+    a, b = torch.tensor(losses["stratified"], dtype=f64), torch.tensor(losses["iid"], dtype=f64)
+    se = math.sqrt(a.var() / len(a) + b.var() / len(b))
+    assert abs(a.mean() - b.mean()) < 4 * se, (a.mean(), b.mean(), se)
+    assert a.var() < b.var(), (a.var(), b.var())
+
+
+# ------------------------------------------------------------------------------------------------
 #                                6. Samplers and CFG (Alg. 2, 4)
 # ------------------------------------------------------------------------------------------------
 
@@ -530,7 +653,9 @@ def test_cfg_scale_one_is_conditional_zero_is_unconditional_in_one_forward():
         torch.testing.assert_close(cdc.guided_field(model, y, 0.0)(x, tau, 1), b_null, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cdc.guided_field(model, y, 3.0)(x, tau, 1), b_null + 3 * (b_c - b_null),
                                    rtol=1e-4, atol=1e-4)
-    assert calls == [4, 8, 8]  # S = 1: b_c alone, one evaluation of N; else cond + uncond in one forward of 2N
+        torch.testing.assert_close(cdc.guided_field(model, None, 3.0)(x, tau, 1), b_null, rtol=0, atol=0)
+    # S = 1 or no labels: one evaluation of N; else cond + uncond in one forward of 2N
+    assert calls == [4, 8, 8, 4]
     assert not torch.allclose(b_c, b_null)
 
 
@@ -558,83 +683,61 @@ def test_sde_without_noise_is_euler_and_its_last_step_adds_no_noise():
     torch.testing.assert_close(last[0], last[1], rtol=0, atol=0)
 
 
-def gaussian_problem(seed, C=1, R=8, diagonal=True):
-    g = torch.Generator().manual_seed(seed)
-    d = C * R * R
-    if diagonal:
-        Sigma = torch.diag(torch.rand(d, generator=g, dtype=f64) * 1.5 + 0.1)
-    else:
-        L = torch.randn(d, d, generator=g, dtype=f64) * 0.15
-        Sigma = L @ L.T + 0.05 * torch.eye(d, dtype=f64)
-    mu = torch.randn(C, R, R, generator=g, dtype=f64) * 0.5
-    return mu, Sigma
-
-
 @pytest.mark.parametrize("kind", cdc.INTERPOLANTS)
-@pytest.mark.parametrize("solver, steps, tol", [("euler", 400, 0.02), ("heun", 40, 0.02)])
-def test_ode_chain_transports_exactly_to_every_stage_marginal(kind, solver, steps, tol):
-    """eq. 16 end to end, without sampling noise: the multi-stage ODE with the exact field ends at
-    N(D_{K->k} mu, D_{K->k} Sigma D_{K->k}^T) at every stage, up to the solver's discretisation error
-    (2% of the largest variance; the last stage is the stiffest, its source noise sigma_3 = sigma/4 is small).
-    The moments come from theory/prior_equivalence.exact_chain_moments, itself tested against Monte-Carlo
-    runs of cdc.sample in test_theory.py."""
-    mu, Sigma = gaussian_problem(0, diagonal=False)
-    config = cdc.CDCConfig(resolutions=(2, 4, 8), interpolant=kind)
+@pytest.mark.parametrize("res, solver, steps", [((2, 4, 8), "euler", 400), ((2, 4, 8), "heun", 40),
+                                                ((2, 8), "heun", 40)])
+def test_ode_chain_transports_exactly_to_every_stage_marginal(kind, res, solver, steps):
+    """eq. 16 end to end, without sampling noise, on 2x steps and Table 6's 4x step: the multi-stage ODE with
+    the exact field ends at N(D_{K->k} mu, D_{K->k} Sigma D_{K->k}^T) at every stage, up to the solver's
+    discretisation error (2% of the largest variance; the last stage is the stiffest, its source noise
+    sigma_3 = sigma/4 is small). The moments come from theory/prior_equivalence.exact_chain_moments, itself
+    tested against Monte-Carlo runs of cdc.sample in test_theory.py."""
+    mu, Sigma = random_gaussian((1, 8, 8), seed=0)
+    config = cdc.CDCConfig(resolutions=res, interpolant=kind)
     oracle = GaussianOracle(mu, Sigma, config)
     for s, (mean, cov) in enumerate(exact_chain_moments(oracle, steps, solver)):
         m, S = oracle.marginal(s)
         scale = S.diag().max().sqrt()
-        assert (mean - m).abs().max() < tol * scale, (s, (mean - m).abs().max())
-        assert (cov - S).abs().max() < tol * scale ** 2, (s, (cov - S).abs().max())
+        assert (mean - m).abs().max() < 0.02 * scale, (s, (mean - m).abs().max())
+        assert (cov - S).abs().max() < 0.02 * scale ** 2, (s, (cov - S).abs().max())
 
 
-def score_from_velocity(field_value, x, tau, stage, config):
-    """s_tau(x) = grad log rho_tau(x) (eq. 26) from the velocity, as the SDE sampler uses it: I = (function
-    of x1) + alpha sigma_k zeta with zeta independent of x1, so Tweedie gives s = -E[sigma_k zeta | x] /
-    (alpha sigma_k^2) (eq. 28 with gamma_t -> alpha sigma_k). Finite for tau < 1."""
-    alpha = cdc.interpolant_coefficients(config.interpolant, tau)[0].view(-1, 1, 1, 1)
-    return -cdc.source_noise_estimate(field_value, x, tau, stage, config) / (alpha * config.sigma_k(stage) ** 2)
+@pytest.mark.parametrize("kind", cdc.INTERPOLANTS)
+def test_sde_chain_reaches_every_stage_marginal(kind):
+    """App. D's SDE (eq. 34) with the exact field, through cdc.sample: 3000 chains end at every stage's
+    marginal N(D mu, D Sigma D^T) of a full-covariance Gaussian, by theory's moment_test (chi2 of the mean,
+    Bonferroni z of every covariance entry; its calibration and power are test_theory.py's)."""
+    mu, Sigma = random_gaussian((3, 4, 4), seed=3)
+    config = cdc.CDCConfig(resolutions=(1, 2, 4), interpolant=kind)
+    oracle = GaussianOracle(mu, Sigma, config)
+    outs = cdc.sample(oracle, config, 3000, channels=3, steps=200, solver="sde",
+                      generator=torch.Generator().manual_seed(0), return_stages=True)
+    for s, out in enumerate(outs):
+        t = moment_test(out.reshape(3000, -1), *oracle.marginal(s))
+        assert t["mean_p"] > 1e-3 and t["cov_p"] > 1e-3, (s, t)
 
 
 @pytest.mark.parametrize("kind", cdc.INTERPOLANTS)
 @given(stage=st.integers(0, 2), tau=st.floats(0.0, 0.95), seed=st.integers(0, 100))
 def test_sde_score_from_velocity_is_the_exact_score(kind, stage, tau, seed):
-    """App. D, eq. 28/34: the score derived in closed form from the velocity equals grad log rho_tau of the
-    oracle's Gaussian marginal of I_tau, at every stage (stage 1 Gaussian source; k > 1 the coupling)."""
-    mu, Sigma = gaussian_problem(seed % 3, diagonal=False)
+    """App. D, eq. 28/34: the score as the SDE sampler derives it from the velocity, s = -E[sigma_k zeta | x] /
+    (alpha sigma_k^2) (Tweedie: I = (a function of x1) + alpha sigma_k zeta with zeta independent of x1),
+    equals grad log rho_tau (eq. 26) of the oracle's Gaussian marginal of I_tau, at every stage (stage 1
+    Gaussian source; k > 1 the coupling)."""
+    mu, Sigma = random_gaussian((1, 8, 8), seed=seed % 3)
     config = cdc.CDCConfig(resolutions=(2, 4, 8), interpolant=kind, sigma=0.9, gamma=2.5)
     oracle = GaussianOracle(mu, Sigma, config)
     r, d = config.resolutions[stage], config.resolutions[stage] ** 2
     x = images(seed, 4, 1, r)
     t = torch.full((4,), tau, dtype=f64)
-    score = score_from_velocity(oracle(x, t, stage), x, t, stage, config).reshape(4, d)
+    a, b, _, _ = (float(v) for v in cdc.INTERPOLANTS[kind].coefficients(t[:1]))
+    noise = cdc.source_noise_estimate(oracle(x, t, stage), x, t, stage, config)
+    score = (-noise / (a * config.sigma_k(stage) ** 2)).reshape(4, d)
     m, S = oracle.marginal(stage)
-    a, b, _, _ = (float(v) for v in cdc.interpolant_coefficients(kind, t[:1]))
     G = a * oracle.M[stage] + b * torch.eye(d, dtype=f64)
     cov_I = G @ S @ G.T + (a * config.sigma_k(stage)) ** 2 * torch.eye(d, dtype=f64)
     true = -torch.linalg.solve(cov_I, (x.reshape(4, d) - G @ m).T).T
     torch.testing.assert_close(score, true, rtol=1e-7, atol=1e-7 * true.abs().max().item())
-
-
-@pytest.mark.parametrize("solver, steps, kind", [("sde", 100, "trigonometric"), ("sde", 100, "score")])
-def test_samplers_reproduce_gaussian_mean_and_variance(solver, steps, kind):
-    """An acceptance test of the SDE sampler with the other interpolants: diagonal-covariance Gaussian data,
-    the exact field, cdc.sample. Tolerance: 5 Monte-Carlo standard errors per coordinate plus 3% of the
-    variance for discretisation. (Euler, Heun and the SDE with the linear interpolant: test_theory.py's
-    test_oracle_chain_reproduces_every_marginal, a full-covariance chi2 test of every stage; the solvers'
-    orders: its test_exact_discretisation_error_orders.)"""
-    mu, Sigma = gaussian_problem(2, diagonal=True)
-    config = cdc.CDCConfig(resolutions=(2, 4, 8), interpolant=kind)
-    oracle = GaussianOracle(mu, Sigma, config)
-    n = 4000
-    outs = cdc.sample(oracle, config, n, channels=1, steps=steps, solver=solver,
-                      generator=torch.Generator().manual_seed(0), return_stages=True)
-    for s, out in enumerate(outs):
-        m, S = oracle.marginal(s)
-        flat = out.reshape(n, -1).double()
-        var = S.diag()
-        assert torch.all((flat.mean(0) - m).abs() < 5 * (var / n).sqrt() + 0.03 * var.sqrt()), (solver, s)
-        assert torch.all((flat.var(0) - var).abs() < 5 * var * math.sqrt(2 / n) + 0.03 * var), (solver, s)
 
 
 @pytest.mark.parametrize("solver", cdc.SOLVERS)
@@ -652,16 +755,35 @@ def test_same_seed_same_samples_and_stage_outputs(solver):
     assert torch.equal(final, a[-1])
 
 
-def test_next_stage_starts_from_upsampled_output_plus_sigma_k_noise():
-    """Alg. 2 lines 4-7: with a zero field each stage passes its input through, so the final image is
-    U(U(x0^(1))) plus the stage noises sigma_2 zeta_2 (upsampled) and sigma_3 zeta_3."""
-    config = cdc.CDCConfig(resolutions=(2, 4, 8), sigma=1.0, gamma=2.0)
+@pytest.mark.parametrize("res", [(2, 4, 8), (2, 8)])
+def test_next_stage_starts_from_upsampled_output_plus_sigma_k_noise(res):
+    """Alg. 2 lines 4-7 (eq. 17), on 2x steps and Table 6's 4x step: with a zero field each stage passes its
+    input through, so stage k's output minus U(stage k-1's) is sigma_k zeta: std sigma_k, and its mean over
+    each block of 4^L pixels std sigma_k / 2^L; stage 1 outputs its N(0, sigma^2) source."""
+    config = cdc.CDCConfig(resolutions=res, sigma=1.0, gamma=2.0)
     outs = cdc.sample(lambda x, t, s: torch.zeros_like(x), config, 20000, channels=1, steps=1,
                       generator=torch.Generator().manual_seed(0), return_stages=True)
-    residual = outs[2] - cdc.up(outs[1])
-    assert residual.std().item() == pytest.approx(config.sigma_k(2), rel=0.02)
-    assert (cdc.down(residual)).std().item() == pytest.approx(config.sigma_k(2) / 2, rel=0.02)
     assert outs[0].std().item() == pytest.approx(1.0, rel=0.02)
+    for s in range(1, config.K):
+        L = config.levels(s)
+        residual = outs[s] - cdc.up(outs[s - 1], L)
+        assert residual.std().item() == pytest.approx(config.sigma_k(s), rel=0.02)
+        assert cdc.down(residual, L).std().item() == pytest.approx(config.sigma_k(s) / 2 ** L, rel=0.03)
+
+
+def test_sampling_noise_is_drawn_on_the_sampling_device():
+    """No host draw per stage: sampling on the meta device with no generator (the device's own RNG) makes
+    no host-to-device copy at all, while a CPU generator feeding the same device does copy (so the count
+    can see one). A host draw plus a copy per stage fails the first assertion."""
+    config = cdc.CDCConfig(resolutions=(4, 8, 16))
+    zero = lambda x, t, s: torch.zeros_like(x)  # noqa: E731  outputs are then the sampler's own noise
+    for solver in ("euler", "sde"):
+        with HostToDevice() as seen:
+            out = cdc.sample(zero, config, 3, steps=2, solver=solver, device="meta")
+        assert seen.copies == [] and out.device.type == "meta" and out.shape == (3, 3, 16, 16)
+    with HostToDevice() as seen:
+        cdc.sample(zero, config, 3, steps=1, generator=torch.Generator("cpu").manual_seed(5), device="meta")
+    assert seen.copies
 
 
 def test_score_time_grid_is_uniform_in_sqrt_one_minus_tau():

@@ -223,7 +223,7 @@ def test_interpolant_flags_are_what_the_first_step_trained_on(recorded, field):
     """--sigma, --gamma, --interpolant, --windows: the first step's loss (network still exactly zero)
     is the loss under the flags' CDCConfig, and not the one with this field at its default; the config
     handed to every training step and saved in the checkpoint (which sample.py samples with) is the
-    flags' one. Catches build_cdc_config (or train()) dropping any of the four."""
+    flags' one. Catches train.build (or train()) dropping any of the four."""
     s = SETTINGS[recorded["name"]]
     want = s["cdc"]
     assert all(step["cdc"] == want for step in recorded["steps"])
@@ -286,7 +286,7 @@ def test_class_dropout_replaces_labels_by_the_null_class(run_a, run_b):
 
 def test_fusion_add_builds_the_addition_model(run_a, run_b):
     """--fusion add: the network train.py trains and saves fuses c = gamma_t + e_k (Table 4 ablation),
-    with no cross-attention maps W_q, W_k, W_v, W_o; the default is xattn with them. Catches build_model
+    with no cross-attention maps W_q, W_k, W_v, W_o; the default is xattn with them. Catches train.build
     ignoring args.fusion."""
     for c in run_a["ckpts"]:
         assert c["config"]["model"]["fusion"] == "add" and not any(".W_" in k for k in c["model"])

@@ -1,100 +1,26 @@
 """Tests of training at scale and of Table 6's resolution paths.
 
-Stratified stage quotas (the same expectation as Alg. 1, never more variance, the same mix on every
-rank: test_hotpath.py), compiled static shapes, faults (a non-finite gradient, resume on another number of processes,
---resume auto before the first checkpoint), and paths whose sides grow by any power of two (64 -> 256)
-through the coupling (App. E.2), the samplers, train.py and sample.py (the operators at 4x4 blocks, and
-the levels of such a path, are test_cdc.py's and test_cdc_edges.py's).
+Compiled static shapes, faults (a non-finite gradient, resume on another number of processes, --resume
+auto before the first checkpoint, with --keep-last), and train.py and sample.py on a path whose sides grow
+by 4x (the same stage mix on every DDP rank is test_hotpath.py's; the quota rule itself, and the coupling,
+operators and samplers on such paths, are test_cdc.py's).
 """
 
 import glob
-import math
 import os
 from copy import deepcopy
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
 
 import cdc
 import train
-from conftest import HostToDevice, TINY, inproc, ok, run, wake
-from theory.prior_equivalence import GaussianOracle, exact_chain_moments
-
-f64 = torch.float64
+from conftest import TINY, inproc, ok, run, wake
 
 
 def tiny_model(resolutions=(4, 8, 16), seed=0):
     torch.manual_seed(seed)
     return wake(cdc.create_model("tiny", depth=1, width=32, heads=2, num_classes=4, resolutions=resolutions))
-
-
-# ------------------------------------------------------------------------------------------------
-#                                  Stratified stage quotas
-# ------------------------------------------------------------------------------------------------
-
-
-@given(st.integers(1, 64), st.integers(1, 5), st.integers(0, 10_000))
-def test_quotas_sum_to_the_batch_and_stay_within_one_of_the_proportional_share(B, K, step):
-    config = cdc.CDCConfig(resolutions=tuple(2 ** (s + 2) for s in range(K)))
-    counts = cdc.stage_quotas(config, B, step)
-    assert sum(counts) == B and len(counts) == K
-    assert all(math.floor(B / K) <= n <= math.ceil(B / K) for n in counts)
-
-
-@pytest.mark.parametrize("windows, B, period", [(None, 8, 3), (None, 9, 1), ((0.2, 0.3, 0.5), 8, 5),
-                                                 ((0.1, 0.6, 0.3), 7, 10), ((0.25, 0.75), 3, 4)])
-def test_quotas_long_run_mix_is_exact(windows, B, period):
-    """The remainder rotates with the step: over one period every stage got exactly B w_k per step."""
-    config = cdc.CDCConfig(resolutions=(4, 8, 16)[:len(windows)] if windows else (4, 8, 16), windows=windows)
-    w = config.widths()
-    for start in range(40):  # every window of `period` consecutive steps, not only some
-        counts = torch.tensor([cdc.stage_quotas(config, B, s) for s in range(start, start + period)], dtype=f64)
-        torch.testing.assert_close(counts.mean(0), B * w, rtol=0, atol=1e-9)
-    if period > 1:  # and it does rotate: not every step has the same counts
-        assert len({tuple(cdc.stage_quotas(config, B, s)) for s in range(period)}) > 1
-
-
-def test_quotas_for_windows_without_a_small_period_converge_to_the_mix():
-    """Irrational windows have no period: the pointer follows the golden-ratio sequence, whose running
-    mix approaches B w_k like (log N) / N, and every step still sums to B with floor/ceil counts."""
-    w = (math.sqrt(2) - 1, 2 - math.sqrt(2))
-    config = cdc.CDCConfig(resolutions=(4, 8), windows=w)
-    assert cdc._quota_edges(config, 5)[1] is None  # no period below 10^4
-    counts = torch.tensor([cdc.stage_quotas(config, 5, s) for s in range(2000)], dtype=f64)
-    assert set(counts.sum(1).tolist()) == {5.0} and set(counts[:, 0].tolist()) == {2.0, 3.0}
-    assert torch.all((counts.mean(0) - 5 * config.widths()).abs() < 0.005)  # i.i.d. coins: ~0.01
-
-
-def test_quotas_without_a_step_are_unbiased_draws():
-    config = cdc.CDCConfig(resolutions=(4, 8, 16), windows=(0.2, 0.3, 0.5))
-    g = torch.Generator().manual_seed(0)
-    counts = torch.tensor([cdc.stage_quotas(config, 7, None, g) for _ in range(4000)], dtype=f64)
-    assert set(counts.sum(1).tolist()) == {7.0}
-    # each count is floor or ceil of 7 w_k; the mean is 7 w_k within 5 standard errors (<= 0.5/sqrt(n))
-    assert torch.all((counts.mean(0) - 7 * config.widths()).abs() < 5 * 0.5 / math.sqrt(4000))
-
-
-def test_stratified_estimator_has_alg1_mean_and_no_more_variance():
-    """On a fixed network, the stratified batch loss and Alg. 1's i.i.d. batch loss have the same mean
-    over many draws (within 4 Monte-Carlo standard errors of the difference), and the stratified one's
-    variance is smaller: stage 1 (pure noise source) has a far larger loss than the later stages, and
-    stratification removes that between-stage part of the variance."""
-    model = tiny_model().eval()
-    config = cdc.CDCConfig(resolutions=(4, 8, 16))
-    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,))
-    losses = {s: [] for s in cdc.STAGE_SAMPLINGS}
-    with torch.no_grad():
-        for i in range(300):
-            for s in cdc.STAGE_SAMPLINGS:
-                torch.manual_seed(i)
-                out = cdc.training_losses(model, x, y, config, class_dropout=0.0, stage_sampling=s, step=i,
-                                          generator=torch.Generator().manual_seed(i))
-                losses[s].append(out["loss"].item())
-    a, b = torch.tensor(losses["stratified"], dtype=f64), torch.tensor(losses["iid"], dtype=f64)
-    se = math.sqrt(a.var() / len(a) + b.var() / len(b))
-    assert abs(a.mean() - b.mean()) < 4 * se, (a.mean(), b.mean(), se)
-    assert a.var() < b.var(), (a.var(), b.var())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,32 +53,6 @@ def test_compile_builds_each_stage_once_in_training_and_sampling():
         cdc.sample(field, config, 4, steps=2, generator=torch.Generator().manual_seed(0))
         assert counters["stats"]["unique_graphs"] == 9  # no-grad sampling: one graph per stage, once
     assert not counters["graph_break"], dict(counters["graph_break"])
-
-
-def test_one_network_evaluation_per_step_without_guidance():
-    model = tiny_model()
-    calls = []
-    model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    config = cdc.CDCConfig(resolutions=(4, 8, 16))
-    for y, scale, per_call in ((torch.arange(4), 1.0, 4), (None, 3.0, 4), (torch.arange(4), 3.0, 8)):
-        calls.clear()
-        cdc.sample(cdc.guided_field(model, y, scale), config, 4, steps=2, generator=torch.Generator().manual_seed(0))
-        assert calls == [per_call] * 6, (scale, calls)   # 3 stages x 2 steps
-
-
-def test_sampling_noise_is_drawn_on_the_sampling_device():
-    """No host draw per stage: sampling on the meta device with no generator (the device's own RNG) makes
-    no host-to-device copy at all, while a CPU generator feeding the same device does copy (so the count
-    can see one). A host draw plus a copy per stage fails the first assertion."""
-    config = cdc.CDCConfig(resolutions=(4, 8, 16))
-    zero = lambda x, t, s: torch.zeros_like(x)  # noqa: E731  outputs are then the sampler's own noise
-    for solver in ("euler", "sde"):
-        with HostToDevice() as seen:
-            out = cdc.sample(zero, config, 3, steps=2, solver=solver, device="meta")
-        assert seen.copies == [] and out.device.type == "meta" and out.shape == (3, 3, 16, 16)
-    with HostToDevice() as seen:
-        cdc.sample(zero, config, 3, steps=1, generator=torch.Generator("cpu").manual_seed(5), device="meta")
-    assert seen.copies
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,53 +157,6 @@ def test_resume_auto_before_the_first_checkpoint_reuses_the_empty_run(tmp_path):
 # ------------------------------------------------------------------------------------------------
 #                         Table 6: sides that grow by any power of two
 # ------------------------------------------------------------------------------------------------
-
-PATHS = [(2, 8), (2, 4, 16), (4, 16, 32)]
-
-
-@pytest.mark.parametrize("res", PATHS)
-@given(seed=st.integers(0, 2 ** 16), sigma=st.floats(0.1, 2.0), gamma=st.floats(1.0, 4.0))
-def test_training_source_equals_inference_prior_on_power_of_two_paths(res, seed, sigma, gamma):
-    """App. E.2 on 2x and 4x steps: U_L(D_L(x1^(k))) + sigma_k zeta == U_L(x1^(k-1)) + sigma_k zeta for the
-    same zeta (L = cfg.levels(k): so also D_L x1^(k) = x1^(k-1), the pyramid's transitivity with the path's
-    levels), and sigma_k is eq. 20's gamma^-(k-1) sigma whatever the factor."""
-    config = cdc.CDCConfig(resolutions=res, sigma=sigma, gamma=gamma)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(3, 3, res[-1], res[-1], dtype=f64, generator=g)
-    for s in range(1, config.K):
-        zeta = torch.randn(3, 3, res[s], res[s], dtype=f64, generator=g)
-        x1, x1_prev = (cdc.down(x, config.levels_below_top(k)) for k in (s, s - 1))
-        train_x0 = cdc.coupling_source(x1, s, config, zeta=zeta)
-        infer_x0 = cdc.up(x1_prev, config.levels(s)) + config.sigma_k(s) * zeta
-        torch.testing.assert_close(train_x0, infer_x0, rtol=0, atol=1e-12)
-        assert config.sigma_k(s) == pytest.approx(gamma ** -s * sigma)
-
-
-@pytest.mark.parametrize("kind", ["linear", "score"])
-def test_ode_chain_reaches_every_stage_marginal_on_a_4x_path(kind):
-    """eq. 16 end to end on Table 6's kind of path (2 -> 8, a 4x step), no Monte-Carlo noise: the exact
-    field through cdc's Heun sampler ends at N(D mu, D Sigma D^T) at both stages."""
-    g = torch.Generator().manual_seed(0)
-    d = 64
-    L = torch.randn(d, d, generator=g, dtype=f64) * 0.15
-    mu, Sigma = torch.randn(1, 8, 8, generator=g, dtype=f64) * 0.5, L @ L.T + 0.05 * torch.eye(d, dtype=f64)
-    config = cdc.CDCConfig(resolutions=(2, 8), interpolant=kind)
-    oracle = GaussianOracle(mu, Sigma, config)
-    for s, (mean, cov) in enumerate(exact_chain_moments(oracle, 40, "heun")):
-        m, S = oracle.marginal(s)
-        scale = S.diag().max().sqrt()
-        assert (mean - m).abs().max() < 0.02 * scale, (s, (mean - m).abs().max())
-        assert (cov - S).abs().max() < 0.02 * scale ** 2, (s, (cov - S).abs().max())
-
-
-def test_sampler_prior_on_a_4x_path_is_the_upsampled_output_plus_sigma_k_noise():
-    config = cdc.CDCConfig(resolutions=(2, 8), sigma=1.0, gamma=2.0)
-    outs = cdc.sample(lambda x, t, s: torch.zeros_like(x), config, 20000, channels=1, steps=1,
-                      generator=torch.Generator().manual_seed(0), return_stages=True)
-    residual = outs[1] - cdc.up(outs[0], 2)
-    assert residual.std().item() == pytest.approx(config.sigma_k(1), rel=0.02)
-    assert cdc.down(residual, 2).std().item() == pytest.approx(config.sigma_k(1) / 4, rel=0.03)  # mean of 16
-
 
 def test_train_and_sample_scripts_on_a_4x_path(tmp_path):
     args = [*TINY, "--resolutions", "4,16"]

@@ -36,13 +36,20 @@ IDENTITIES = ("transitivity", "DU_identity", "UD_idempotent", "UD_self_adjoint",
               "detail_max_abs_cosine", "detail_gram_offdiag_rel", "lemma1_max_rel_error", "telescoping")
 
 
-def test_operator_checks_report_each_broken_identity(monkeypatch):
-    """The script reports what it measures, not zeros: with D replaced by a 2x2 subsampling (one pixel per
-    block: still D o U = id, so U o D is an idempotent but oblique projection) it reports transitivity,
-    D U = id and idempotence as holding and everything that needs an orthogonal projection (self-adjoint,
-    orthogonal residual, Assumption 1, Lemma 1) as failing; with a one-pass D that is not the nested
-    average it reports transitivity as failing; with U scaled by 1.5, D U = id and idempotence. (That cdc's own operators satisfy every identity for any
-    image is test_cdc.py's: this file checks the script, which uses them.)"""
+def test_operator_checks_report_what_they_measure(monkeypatch, shapes16):
+    """The script reports what it measures, not zeros. With cdc's operators on real images every identity
+    holds to round-off (real images have detail at every level, and the levels are orthogonal). With D
+    replaced by a 2x2 subsampling (one pixel per block: still D o U = id, so U o D is an idempotent but
+    oblique projection) it reports transitivity, D U = id and idempotence as holding and everything that
+    needs an orthogonal projection (self-adjoint, orthogonal residual, Assumption 1, Lemma 1) as failing;
+    with a one-pass D that is not the nested average it reports transitivity as failing; with U scaled by
+    1.5, D U = id and idempotence. (That cdc's operators satisfy every identity for any image is
+    test_cdc.py's: this file checks the script, which uses them.)"""
+    r = operators.operator_checks(shapes16, 4)
+    for key in IDENTITIES:
+        assert r[key] < TOL, (key, r[key])
+    gram = r["detail_gram"]
+    assert torch.all(gram.diagonal() > 0)
     x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 1
     real_down = cdc.down
     monkeypatch.setattr(cdc, "down", lambda v, levels=1: v[..., ::2 ** levels, ::2 ** levels])
@@ -59,23 +66,6 @@ def test_operator_checks_report_each_broken_identity(monkeypatch):
     monkeypatch.setattr(cdc, "up", lambda v, levels=1: 1.5 * real_up(v, levels))  # D U = 1.5: not a projection
     r = operators.operator_checks(x, 3)
     assert r["DU_identity"] > 1e-3 and r["UD_idempotent"] > 1e-3
-
-
-def test_operator_identities_on_builtin_images(shapes16):
-    r = operators.operator_checks(shapes16, 4)
-    for key in IDENTITIES:
-        assert r[key] < TOL, (key, r[key])
-    gram = r["detail_gram"]
-    assert torch.all(gram.diagonal() > 0)  # real images have detail at every level...
-    off = gram - torch.diag(gram.diagonal())
-    assert off.abs().max() < TOL * gram.diagonal().max()  # ...and the levels are orthogonal
-
-
-def test_repeated_down_is_the_composition():
-    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float64).view(2, 3, 8, 8)
-    y = operators.repeated_down(x, 3)
-    assert y.shape == (2, 3, 1, 1)
-    assert torch.allclose(y.flatten(), x.flatten(1).view(2, 3, -1).mean(-1).flatten())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,7 +151,8 @@ def test_theorem2_fails_without_diminishing_noise(shapes16):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_training_source_equals_inference_prior(shapes16):
+def test_source_equivalence_script_finds_equal_sources_and_has_power(shapes16):
+    """The script's App. E.2 check (the identity itself, on 2x and 4x steps: test_cdc.py)."""
     x = torch.cat([shapes16, common.load_images(None, 16, 400, seed=1)])
     rows = pe.source_equivalence(x, cdc.CDCConfig(resolutions=(4, 8, 16), gamma=2.0), n_proj=8, seed=0)
     for row in rows:
@@ -174,15 +165,6 @@ def test_training_source_equals_inference_prior(shapes16):
 def small_oracle():
     mu, Sigma = pe.random_gaussian((3, 4, 4), seed=3)
     return pe.GaussianOracle(mu, Sigma, cdc.CDCConfig(resolutions=(1, 2, 4), sigma=1.0, gamma=2.0))
-
-
-def test_oracle_chain_reproduces_every_marginal(small_oracle):
-    rows = pe.oracle_check(small_oracle, 3000, (("euler", 200), ("heun", 20), ("sde", 200)), seed=0)
-    assert len(rows) == 9
-    for row in rows:
-        assert row["mean_p"] > 1e-3 and row["cov_p"] > 1e-3, row
-        if row["solver"] != "sde":
-            assert row["disc_cov_err_in_se"] < 2, row  # the discretisation bias is within MC noise
 
 
 def test_oracle_test_has_power(small_oracle):
@@ -210,8 +192,8 @@ def test_moment_test_calibrated_on_exact_gaussian_draws(small_oracle):
 
 @pytest.mark.parametrize("interpolant", ["linear", "trigonometric"])
 def test_exact_discretisation_error_orders(small_oracle, interpolant):
-    """Pushed exactly through cdc.integrate_stage: Euler is first order, Heun second order, and both
-    converge to the true marginals (so the chain itself, eq. 16, is exact)."""
+    """Pushed exactly through cdc.integrate_stage: Euler is first order, Heun second order (that the chain
+    converges to the true marginals, eq. 16, is test_cdc.py's)."""
     o = pe.GaussianOracle(small_oracle.mu.view(small_oracle.shape), small_oracle.Sigma,
                           cdc.CDCConfig(resolutions=(1, 2, 4), interpolant=interpolant))
     m, S = o.marginal(2)
@@ -219,8 +201,6 @@ def test_exact_discretisation_error_orders(small_oracle, interpolant):
     e10, e20, h10, h20 = err(10, "euler"), err(20, "euler"), err(10, "heun"), err(20, "heun")
     assert 1.6 < e10 / e20 < 2.5          # first order
     assert 3.0 < h10 / h20 < 5.0          # second order
-    assert err(80, "heun") < 2e-3 * float(S.abs().max())
-    assert torch.allclose(pe.exact_chain_moments(o, 80, "heun")[-1][0], m, atol=1e-3)
     if interpolant == "linear":  # E[I_dot] is constant in tau and b is affine: Euler moves the mean exactly
         assert torch.allclose(pe.exact_chain_moments(o, 3, "euler")[-1][0], m, atol=1e-9)
 
@@ -237,7 +217,7 @@ def test_one_euler_step_affine_map_is_the_oracle_field(small_oracle):
 
 @pytest.mark.parametrize("solver, steps", [("euler", 2), ("heun", 1)])
 def test_exact_chain_moments_are_the_moments_of_cdc_sample(small_oracle, solver, steps):
-    """exact_chain_moments (which test_cdc.py uses for eq. 16 and the solver orders) against the real
+    """exact_chain_moments (which test_cdc.py uses for eq. 16, and this file for the solver orders) against the real
     chain: 4000 runs of cdc.sample with the same solver and so few steps that the discretisation error
     is large. Every stage's sample moments agree with the exact ones (chi2 and Bonferroni p-values),
     and the same test rejects the true marginal (so agreement is not the test being blind)."""

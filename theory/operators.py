@@ -5,7 +5,7 @@ orthogonality of the detail vectors (Assumption 1) and the energy decomposition 
     python theory/operators.py                                  # built-in shapes, 32 px, 4 levels
     python theory/operators.py --data-path mnist32.npz --resolutions 8,16,32 --json
 
-Everything uses cdc.down / cdc.up / cdc.pyramid. With 2x2 block averaging and replication, every
+Everything uses cdc.down and cdc.up. With 2x2 block averaging and replication, every
 statement here is an identity: the errors printed are float64 round-off (~1e-16 relative), whatever the
 data. In particular Assumption 1 is not an assumption for these operators: it holds for every image,
 not only in expectation.
@@ -29,10 +29,15 @@ def repeated_down(x: torch.Tensor, levels: int) -> torch.Tensor:
     return x
 
 
+def pyramid(x: torch.Tensor, K: int) -> list:
+    """[x1^(1), ..., x1^(K)] with x1^(k) = D_{K->k}(x) (§3.1), for sides that double from stage to stage."""
+    return [cdc.down(x, K - 1 - s) for s in range(K)]
+
+
 def details(x: torch.Tensor, K: int) -> list:
     """Definition 4: eps~^(k) = U_{k->K} D_{K->k} x - U_{k-1->K} D_{K->k-1} x (full resolution), k = 1..K,
-    with x~^(0) = 0. Built from cdc.pyramid and cdc.up."""
-    pyr = cdc.pyramid(x, K)
+    with x~^(0) = 0."""
+    pyr = pyramid(x, K)
     lifted = [cdc.up(p, K - 1 - s) for s, p in enumerate(pyr)]  # x~^(k) = U_{k->K}(x1^(k))
     return [lifted[0]] + [lifted[s] - lifted[s - 1] for s in range(1, K)]
 
@@ -52,7 +57,7 @@ def operator_checks(x: torch.Tensor, K: int) -> dict:
     trans = max((_rel(cdc.down(x, L) - repeated_down(x, L), x) for L in range(1, K)), default=0.0)
 
     # D o U = id on every stage image (and on arbitrary images of that size: x1^(k) is arbitrary).
-    pyr = cdc.pyramid(x, K)
+    pyr = pyramid(x, K)
     du = max((_rel(cdc.down(cdc.up(p)) - p, p) for p in pyr), default=0.0)
 
     # P = U o D on each stage k > 1 is idempotent and self-adjoint, and x - Px is orthogonal to Px.

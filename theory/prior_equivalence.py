@@ -79,7 +79,7 @@ class GaussianOracle:
         if key not in self._cache:
             m, S = self.marginal(stage)
             eye = torch.eye(m.numel(), dtype=torch.float64)
-            a, b, da, db = (float(v) for v in cdc.interpolant_coefficients(self.cdc.interpolant, torch.tensor([float(tau)], dtype=torch.float64)))
+            a, b, da, db = (float(v) for v in cdc.INTERPOLANTS[self.cdc.interpolant].coefficients(torch.tensor([float(tau)], dtype=torch.float64)))
             s2 = self.cdc.sigma_k(stage) ** 2
             G, Gd = a * self.M[stage] + b * eye, da * self.M[stage] + db * eye
             cov_I = G @ S @ G.T + a * a * s2 * eye

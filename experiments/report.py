@@ -1,7 +1,7 @@
 """
-Tables and figures from bench/results (called by `python bench/claims.py report`).
+Tables and figures from experiments/results (called by `python experiments/claims.py report`).
 
-Prints markdown tables (mean ± sd over seeds) and writes PNG figures to bench/figures/. Every figure
+Prints markdown tables (mean ± sd over seeds) and writes PNG figures to experiments/figures/. Every figure
 names the machine its runs were measured on and the command that made it.
 """
 
@@ -13,10 +13,11 @@ from collections import defaultdict
 
 import numpy as np
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(BENCH, "results")
-FIGURES = os.path.join(BENCH, "figures")
-CMD = "python bench/claims.py report"
+EXP = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(EXP, "results")
+FIGURES = os.path.join(EXP, "figures")
+CMD = "python experiments/claims.py report"
+MACHINE = "2-core CPU, 1 thread, no GPU"
 
 
 def load(set_name):
@@ -24,7 +25,7 @@ def load(set_name):
     for p in sorted(glob.glob(os.path.join(RESULTS, set_name, "*.json"))):
         with open(p) as f:
             r = json.load(f)
-        r["_file"] = os.path.relpath(p, BENCH)
+        r["_file"] = os.path.relpath(p, EXP)
         out.append(r)
     return out
 
@@ -45,13 +46,17 @@ def fmt(vals, digits=1):
 
 def method(spec):
     res = spec["resolutions"]
-    return f"K = {len(res)} ({', '.join(str(r) for r in res)})"
+    red = "" if spec.get("reduction", "mean") == "mean" else f", {spec['reduction']}"
+    return f"K = {len(res)} ({', '.join(str(r) for r in res)}){red}"
 
 
-def floor():
-    with open(os.path.join(RESULTS, "floor.json")) as f:
-        fl = json.load(f)
-    return fl
+def floor(set_name=None):
+    """The floor (held-out real digits) a set is scored against: results/floor.json for claims 1-9,
+    results/curves_floor.json for the curves (and lrlong, claim3long), results/<set>/floor.json for the later
+    sets (each measured with the classifier that set is scored with)."""
+    path = {None: "floor.json", "curves": "curves_floor.json"}.get(set_name, os.path.join(str(set_name), "floor.json"))
+    with open(os.path.join(RESULTS, path)) as f:
+        return json.load(f)
 
 
 def verdict(a, b, lower_better=True):
@@ -100,13 +105,19 @@ def table_claim1():
     return "\n".join(rows), g
 
 
-def save_figure(fig, plt, name):
-    """Lay out, write bench/figures/<name> and free the figure; returns the path."""
-    fig.tight_layout()
+def save_figure(fig, plt, name, rect=None, **kw):
+    """Lay out, write experiments/figures/<name> and free the figure; returns the path."""
+    fig.tight_layout(rect=rect)
     path = os.path.join(FIGURES, name)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, **kw)
     plt.close(fig)
     return path
+
+
+def bars(ax, x, vals, **kw):
+    """Mean ± sd (n - 1; 0 for one value) of each list in vals at x; returns the errorbar container."""
+    return ax.errorbar(x, [np.mean(v) for v in vals], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
+                       marker="o", capsize=3, **kw)
 
 
 def fig_claim1(g, plt):
@@ -116,9 +127,7 @@ def fig_claim1(g, plt):
         n_ev = min(len(r["evals"]) for r in runs)
         x = [np.mean([r["evals"][i]["pflop"] for r in runs]) for i in range(n_ev)]
         for ax, key in zip(axes, ("cfd", "acc")):
-            vals = np.array([[r["evals"][i][key] for i in range(n_ev)] for r in runs])
-            mean, sd = vals.mean(0), vals.std(0, ddof=1) if len(runs) > 1 else np.zeros(n_ev)
-            ax.errorbar(x, mean, yerr=sd, marker="o", capsize=3, label=f"{m}, {len(runs)} seeds")
+            bars(ax, x, [[r["evals"][i][key] for r in runs] for i in range(n_ev)], label=f"{m}, {len(runs)} seeds")
     f32 = [v["cfd"] for v in fl["per_side"]["32"]]
     a32 = [v["acc"] for v in fl["per_side"]["32"]]
     axes[0].axhline(np.mean(f32), color="grey", ls="--", label=f"held-out real digits (n = {fl['n']})")
@@ -132,7 +141,7 @@ def fig_claim1(g, plt):
         ax.grid(alpha=0.3)
     fig.suptitle("Claim 1: MNIST 32 px, DiT width 192 depth 4 patch 4, batch 32, equal training FLOPs, "
                  "mean ± sd over seeds; EMA, S_cfg 3, Euler 8 steps/stage, 200 samples\n"
-                 f"2-core CPU, 1 thread, no GPU; {CMD}", fontsize=9)
+                 f"{MACHINE}; {CMD}", fontsize=9)
     return save_figure(fig, plt, "claim1_compute.png")
 
 
@@ -167,11 +176,8 @@ def fig_claim9(g, plt):
         t = [np.mean([r["sample_seconds"] for r in runs]) for _, runs in pts]
         for ax, key in zip(axes, ("cfd", "acc")):
             vals = [[r["final"][key] for r in runs] for _, runs in pts]
-            mean = [np.mean(v) for v in vals]
-            sd = [np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals]
-            ax.errorbar(t, mean, yerr=sd, marker="o", capsize=3,
-                        label=f"{m}, {min(len(r) for _, r in pts)} seed(s)")
-            for (steps, _), tt, mm in zip(pts, t, mean):
+            bars(ax, t, vals, label=f"{m}, {min(len(r) for _, r in pts)} seed(s)")
+            for (steps, _), tt, mm in zip(pts, t, [np.mean(v) for v in vals]):
                 ax.annotate(str(steps), (tt, mm), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes[0].set_yscale("log")
     axes[0].set_ylabel("classifier Fréchet distance")
@@ -185,7 +191,7 @@ def fig_claim9(g, plt):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("Claims 1 and 9: quality against sampling time (labels: Euler steps per stage), claim-1 EMA models\n"
-                 f"2-core CPU, 1 thread, no GPU; {CMD}", fontsize=9)
+                 f"{MACHINE}; {CMD}", fontsize=9)
     return save_figure(fig, plt, "claim9_sampling.png")
 
 
@@ -220,10 +226,8 @@ def fig_claim8(g, plt):
     scales = [dict(kw)["cfg_scale"] for (m, kw), _ in items]
     for i, side in enumerate(sides):
         for ax, key in zip(axes, ("cfd", "acc")):
-            vals = [[r["per_stage"][i][key] for r in runs] for _, runs in items]
-            line = ax.errorbar(scales, [np.mean(v) for v in vals],
-                               yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
-                               marker="o", capsize=3, label=f"stage {i + 1}: {side} px")
+            line = bars(ax, scales, [[r["per_stage"][i][key] for r in runs] for _, runs in items],
+                        label=f"stage {i + 1}: {side} px")
             ax.axhline(np.mean([v[key] for v in fl["per_side"][str(side)]]), ls="--", lw=0.8,
                        color=line[0].get_color())
     axes[0].set_yscale("log")
@@ -234,7 +238,7 @@ def fig_claim8(g, plt):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("Claim 8: per-stage quality against S_cfg, K = 3 claim-1 models (dashed: held-out real digits)\n"
-                 f"2-core CPU, 1 thread, no GPU; {CMD}", fontsize=9)
+                 f"{MACHINE}; {CMD}", fontsize=9)
     return save_figure(fig, plt, "claim8_cfg.png")
 
 
@@ -334,8 +338,7 @@ def fig_claim3(g, base, plt):
             ax = axes[row, col]
             xs = [p[0] for p in pts]
             vals = [[r["final"][m] for r in rs] for _, rs in pts]
-            ax.errorbar(xs, [np.mean(v) for v in vals], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
-                        marker="o", capsize=3)
+            bars(ax, xs, vals)
             for x, v in zip(xs, vals):
                 ax.annotate(f"{len(v)} seed{'s' * (len(v) > 1)}", (x, np.mean(v)), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
@@ -344,7 +347,7 @@ def fig_claim3(g, base, plt):
             ax.grid(alpha=0.3)
     fig.suptitle("Claim 3: diminish factor γ and coupling noise σ (K = 3, 8/16/32 px, 0.008 PFLOP each; "
                  "the point with 3 seeds is claim 1's baseline)\n"
-                 f"2-core CPU, 1 thread, no GPU; {CMD}", fontsize=9)
+                 f"{MACHINE}; {CMD}", fontsize=9)
     return save_figure(fig, plt, "claim3_gamma_sigma.png")
 
 
@@ -356,7 +359,7 @@ K1_NAME, K3_NAME = "K = 1 (32)", "K = 3 (8, 16, 32)"
 
 
 def curve_runs(set_name="curves"):
-    """{method: [runs]} of bench/results/<set_name> (partial runs included), seeds in order."""
+    """{method: [runs]} of experiments/results/<set_name> (partial runs included), seeds in order."""
     g = defaultdict(list)
     for r in load(set_name):
         if r.get("kind") == "train":
@@ -370,9 +373,7 @@ def floor32(set_name="curves"):
     """(cfd, acc, n) of n held-out real digits at 32 px (mean of 3 draws) under the classifier a curve set is
     scored with: results/curves_floor.json for the curves (results/floor.json belongs to the classifier of
     claims 1-9), results/<set>/floor.json for the later sets (curves_rerun, curveslr)."""
-    path = "curves_floor.json" if set_name == "curves" else os.path.join(set_name, "floor.json")
-    with open(os.path.join(RESULTS, path)) as f:
-        fl = json.load(f)
+    fl = floor(set_name)
     return (float(np.mean([v["cfd"] for v in fl["per_side"]["32"]])),
             float(np.mean([v["acc"] for v in fl["per_side"]["32"]])), fl["n"])
 
@@ -532,12 +533,8 @@ def fig_curves(g, plt, set_name="curves", name="curves_compute.png", title=None,
     fig.suptitle((title or "Curves") + ": MNIST 32 px, DiT width 192, depth 4, patch 4, batch 32, equal training "
                  "FLOPs; EMA, S_cfg 3, Euler 8 steps/stage, 200 samples per point\n"
                  f"lines: mean over seeds ({nseeds}), bands ± sd where every seed has the point\n"
-                 f"2-core CPU, 1 thread, no GPU; {cmd}", fontsize=8)
-    fig.tight_layout(rect=(0, 0.17, 1, 0.97))
-    path = os.path.join(FIGURES, name)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+                 f"{MACHINE}; {cmd}", fontsize=8)
+    return save_figure(fig, plt, name, rect=(0, 0.17, 1, 0.97))
 
 
 def report_curves(plt):
@@ -561,8 +558,10 @@ def at_mark(r, mark):
     return next((e for e in r["evals"] if abs(e.get("mark_pflop", e["pflop"]) - mark) < 1e-9 * max(mark, 1)), None)
 
 
-def table_lrlong():
-    runs = [r for r in load("lrlong") if r.get("complete")]
+def table_ladder(set_name):
+    """An lr ladder at the long budget (lrlong; lrweight and lrsum, the paper's loss weightings): every lr's
+    cfd / acc at each mark, and each method's lowest cfd at the last."""
+    runs = [r for r in load(set_name) if r.get("complete")]
     if not runs:
         return ""
     marks = runs[0]["spec"]["eval_pflop"]
@@ -640,7 +639,8 @@ def table_final():
         if fl["classifier_sha1"] not in [x["classifier_sha1"] for x in floors]:
             floors.append(fl)
     n, ref_n = runs[0]["n"], runs[0]["inception_ref_n"]
-    model = lambda r: {"curves_rerun": "re-run", "curveslr": "curveslr run"}.get(r.get("set"), "recorded run")  # noqa: E731
+    model = lambda r: {"curves_rerun": "re-run", "curveslr": "curveslr run", "weighting": "weighting run"}.get(  # noqa: E731
+        r.get("set"), "recorded run")
     rows = [f"| method | seed | EMA of | classifier | cfd (n = {n}) | acc | Inception FID (n = {n} vs {ref_n} "
             "held-out) |", "|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -716,7 +716,7 @@ def table_rerun():
 
 def fig_grids(plt, k1_seed=2, k3_seed=1):
     """Sample grids of both methods at matched compute (0.016 and 0.128 PFLOP) and at matched quality (the
-    first mark with acc >= 0.95), from every mark's grid kept in bench/cache/grids (not committed)."""
+    first mark with acc >= 0.95), from every mark's grid kept in experiments/cache/grids (not committed)."""
     runs = {m: next((r for r in curve_runs().get(m, []) if r["spec"]["seed"] == sd and r.get("complete")), None)
             for m, sd in ((K1_NAME, k1_seed), (K3_NAME, k3_seed))}
     if None in runs.values():
@@ -724,11 +724,11 @@ def fig_grids(plt, k1_seed=2, k3_seed=1):
     first95 = {m: next(e["mark_pflop"] for e in r["evals"] if e["acc"] >= 0.95) for m, r in runs.items()}
     cols = [("matched compute", {m: 0.016 for m in runs}), ("matched compute", {m: 0.128 for m in runs}),
             ("matched quality: first acc ≥ 0.95", first95)]
-    png = lambda r, mark: os.path.join(BENCH, "cache", "grids", "curves__" + os.path.splitext(  # noqa: E731
+    png = lambda r, mark: os.path.join(EXP, "cache", "grids", "curves__" + os.path.splitext(  # noqa: E731
         os.path.basename(r["_file"]))[0] + f"__{mark:g}.png")
     missing = [png(r, marks[m]) for _, marks in cols for m, r in runs.items() if not os.path.exists(png(r, marks[m]))]
     if missing:  # the grids live only in a cache: never overwrite the committed figure with empty panels
-        return f"kept (bench/cache/grids lacks {len(missing)} of the {len(cols) * len(runs)} grids)"
+        return f"kept (experiments/cache/grids lacks {len(missing)} of the {len(cols) * len(runs)} grids)"
     fig, axes = plt.subplots(2, 3, figsize=(12, 8.6))
     for j, (what, marks) in enumerate(cols):
         for i, (m, r) in enumerate(runs.items()):
@@ -738,20 +738,18 @@ def fig_grids(plt, k1_seed=2, k3_seed=1):
             ax.imshow(plt.imread(png(r, marks[m])))
             ax.set_title(f"{what}\n{m}, seed {r['spec']['seed']}: {marks[m]:g} PFLOP\ncfd {e['cfd']:.1f}, acc {e['acc']:.3f}"
                          f" (n = 200)", fontsize=8)
-    fig.suptitle("EMA samples (one row per digit), S_cfg 3, Euler 8 steps/stage; 2-core CPU, 1 thread, no GPU; "
-                 f"{CMD} curves", fontsize=8)
-    path = os.path.join(FIGURES, "curves_grids.png")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return os.path.relpath(path, BENCH)
+    fig.suptitle(f"EMA samples (one row per digit), S_cfg 3, Euler 8 steps/stage; {MACHINE}; {CMD} curves", fontsize=8)
+    return os.path.relpath(save_figure(fig, plt, "curves_grids.png", bbox_inches="tight"), EXP)
 
 
 def report_rechecks(plt=None):
-    for title, t in (("lr at 0.032 PFLOP (seed 100)", table_lrlong()), ("claim 3 at 0.032 PFLOP", table_claim3long()),
+    for title, t in (("lr at 0.032 PFLOP (seed 100)", table_ladder("lrlong")), ("claim 3 at 0.032 PFLOP", table_claim3long()),
                      ("claim 4: the score interpolant at its own lr", table_claim4lr()),
                      ("the curves' final models", table_final()),
                      ("the curves re-run on a second CPU", table_rerun()),
-                     ("K = 3 at its long-budget lr", table_curveslr(plt))):
+                     ("K = 3 at its long-budget lr", table_curveslr(plt)),
+                     ("lr of the paper's weighting, scaled-sum (lrweight)", table_ladder("lrweight")),
+                     ("lr of the paper's weighting, sum (lrsum)", table_ladder("lrsum"))):
         print(f"\n## {title}\n\n{t or '(no results yet)'}")
 
 

@@ -3,8 +3,8 @@ Mutation testing of the method (cdc.py) and of the training code the rest relies
 EMA and seeding of train.py, the data order and augmentation RNG of data.py, the checkpoint code of
 runs.py. A small self-contained runner (mutmut's idea, our selection of tests):
 
-    python bench/mutation.py --jobs 1 --out mutation.json          # all targets (hours on 2 cores)
-    python bench/mutation.py --files cdc.py --max-minutes 60        # a part, with a time cap
+    python experiments/mutation.py --jobs 1 --out mutation.json          # all targets (hours on 2 cores)
+    python experiments/mutation.py --files cdc.py --max-minutes 60        # a part, with a time cap
 
 1. Mutants. Every function of the targets (TARGETS) is parsed and mutated one change at a time: an
    arithmetic or bitwise operator swapped (+ -, * /, // /, ** *, ...), a comparison flipped (< <=,
@@ -18,7 +18,7 @@ runs.py. A small self-contained runner (mutmut's idea, our selection of tests):
 3. Running. The tree is copied to a scratch directory; each mutant is written there and pytest runs in
    a forked child of a process that has already imported torch (no interpreter start per mutant), with
    one torch thread and a time limit (a mutant that hangs counts as killed, reported as timeout).
-4. Score. killed / (mutants - equivalent) per file; bench/mutation_equivalent.txt lists the surviving
+4. Score. killed / (mutants - equivalent) per file; experiments/mutation_equivalent.txt lists the surviving
    mutants judged equivalent (same behaviour for every input the code can receive), one line of why each.
 
 The test files are taken from the working tree, or from a git revision with --tests-rev (the score
@@ -41,11 +41,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # file -> qualified names of the functions to mutate (None: every function in the file)
 TARGETS = {
     "cdc.py": None,
-    "train.py": ["Objective.forward", "make_optimizer", "update_ema", "ema_decay_at", "train_step", "step_seed"],
+    "train.py": ["Objective.forward", "make_optimizer", "update_ema", "ema_decay_at", "train_step", "step_seed",
+                 "choose_run", "check_compatible"],
     "data.py": ["_ImageDataset.set_epoch", "_ImageDataset.transform", "random_crop_arr", "DataOrder.__init__",
                 "DataOrder.set_position", "DataOrder._rest", "DataOrder.__iter__", "DataOrder.__len__"],
-    "runs.py": ["save_checkpoint", "list_checkpoints", "load_checkpoint", "find_runs", "find_resume",
-                "check_compatible"],
+    "runs.py": ["save_checkpoint", "list_checkpoints", "load_checkpoint", "prune_checkpoints"],
 }
 TEST_FILES = sorted(f for f in os.listdir(ROOT) if f.startswith("test_") and f.endswith(".py"))
 # Tests that reach the targets through `python train.py` / torchrun subprocesses (invisible to the trace),
@@ -57,9 +57,9 @@ SUBPROCESS_TESTS = {
     "data.py:DataOrder": ["test_train.py::test_torchrun_two_processes_gloo_ranks_agree_and_split_the_data",
                           "test_train.py::test_train_runs_and_resume_is_bit_exact"],
     "runs.py": ["test_train.py::test_train_runs_and_resume_is_bit_exact",
-                "test_train.py::test_checkpoint_config_mismatch_is_a_clear_error"],
+                "test_train.py::test_resume_refuses_what_it_cannot_load_or_that_does_not_match"],
 }
-EQUIVALENT = os.path.join(ROOT, "bench", "mutation_equivalent.txt")
+EQUIVALENT = os.path.join(ROOT, "experiments", "mutation_equivalent.txt")
 
 # ------------------------------------------------------------------------------------------------
 #                                          Mutants
@@ -341,8 +341,10 @@ def main(argv=None):
         s = os.path.join(ROOT, name)
         if name.endswith((".py", ".ini", ".txt", ".cfg")) and os.path.isfile(s):
             shutil.copy(s, work)
-    for d in ("theory", "bench"):
-        shutil.copytree(os.path.join(ROOT, d), os.path.join(work, d), ignore=shutil.ignore_patterns("results*", "__pycache__"))
+    for d in ("theory", "bench", "experiments"):  # what the tests import (results, figures and caches left out)
+        if os.path.isdir(os.path.join(ROOT, d)):
+            shutil.copytree(os.path.join(ROOT, d), os.path.join(work, d),
+                            ignore=shutil.ignore_patterns("results*", "figures", "cache", "__pycache__"))
     test_files = TEST_FILES
     if a.tests_rev:
         test_files = subprocess.run(["git", "ls-tree", "--name-only", a.tests_rev], cwd=ROOT, capture_output=True,
