@@ -199,7 +199,7 @@ class DiTConfig:
     num_classes: int = 1000    # label `num_classes` is the null class used for CFG
     mlp_ratio: float = 4.0
     fusion: str = "xattn"      # 'xattn' (eqs. 41-44) or 'add' (Table 4 ablation)
-    resolutions: tuple = (32, 64, 128, 256)  # stage image sides the model accepts
+    resolutions: tuple = CDCConfig.resolutions  # stage sides it accepts: pass the CDCConfig's (create_model)
     freq_dim: int = 256        # sinusoidal frequency features before the embedding MLPs
 
     def __post_init__(self):
@@ -419,7 +419,8 @@ class DiT(nn.Module):
 
 
 def create_model(name: str = "XL", **overrides) -> DiT:
-    """cdc.create_model('XL', patch_size=4, num_classes=1000) -> the paper's 677M-parameter DiT."""
+    """cdc.create_model('XL', patch_size=4, num_classes=1000, resolutions=cdc_cfg.resolutions) -> the paper's
+    677M-parameter DiT, accepting the stage sides of the interpolant it is trained with."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     known = {f.name for f in fields(DiTConfig)}

@@ -18,7 +18,6 @@ import train
 
 # The tests multiply many small tensors: one intra-op thread avoids OpenMP overhead and, on a busy 2-core
 # runner, thread contention (measured here: 14 s instead of 71 s for the sampler and training checks).
-# Scripts the tests launch as subprocesses keep torch's default.
 torch.set_num_threads(1)
 
 settings.register_profile("cdc", deadline=None, max_examples=25, derandomize=True)
@@ -30,15 +29,21 @@ settings.load_profile("cdc")
 # ------------------------------------------------------------------------------------------------
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# A network of a few thousand parameters on 16 px images with 3 stages: seconds per run.
-TINY = ["--image-size", "16", "--resolutions", "4,8,16", "--patch-size", "2", "--width", "32", "--depth", "1", "--heads", "2",
-        "--global-batch-size", "8", "--dataset-size", "48", "--sample-steps", "2", "--num-workers", "0",
-        "--log-every", "2", "--threads", "1"]  # fixed threads: bit-exact comparisons across processes
+# The tests' network and data: a DiT of a few thousand parameters (the size "test", added to cdc.PRESETS
+# here) on 48 built-in images of 16 px in 3 stages, 6 steps of 8 images per epoch, sample grids of 2 steps
+# per stage: a second per run.
+cdc.PRESETS["test"] = dict(depth=1, width=32, heads=2, patch_size=2)
+train.SHAPES_IMAGES, train.SAMPLE_STEPS = 48, 2
+TINY = ["--model", "test", "--resolutions", "4,8,16", "--global-batch-size", "8", "--log-every", "2"]
 
 
-def run(script, *args, cwd, env=None):
-    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=env, timeout=600)
+def run(script, *args, cwd, torchrun=False):
+    """`python script args` in a new process (or 2 under torchrun), by way of this file's __main__ below, so
+    that the script knows the test size. One thread (OMP_NUM_THREADS=1): bit-exact comparisons across
+    processes, and train.py measures no thread count."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
+    return subprocess.run([*launcher, os.path.join(HERE, "conftest.py"), script, *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
 
 
 def inproc(script, *args, cwd):
@@ -90,13 +95,13 @@ def initial_weights(argv):
     args = train.get_parser().parse_args(argv)
     train.resolve_args(args, demo=args.data_path is None)
     torch.manual_seed(args.global_seed)
-    return train.build_model(args, args.num_classes or 4).state_dict()
+    return train.build(args, train.SHAPES_CLASSES)[1].state_dict()
 
 
 def make_checkpoint(path, config=cdc.CDCConfig(resolutions=(4, 8, 16))):
     """A checkpoint as train.py writes it, of a small network with random (non-zero) output layers."""
     torch.manual_seed(0)
-    model = wake(cdc.create_model("tiny", depth=1, width=32, heads=2, num_classes=4, resolutions=config.resolutions))
+    model = wake(cdc.create_model("test", num_classes=4, resolutions=config.resolutions))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     runs.save_checkpoint({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": {}, "step": 0,
                           "config": {"model": dataclasses.asdict(model.config), "cdc": config.to_dict()}}, path)
@@ -116,3 +121,8 @@ class HostToDevice(TorchDispatchMode):
         if any(t.device.type == "cpu" and t.dim() > 0 for t in tensors) and any(t.device.type != "cpu" for t in tensors + outs):
             self.copies.append(str(func))
         return out
+
+
+if __name__ == "__main__":  # python conftest.py train.py|sample.py ARGS: the script's main() with the test size
+    import sample
+    {"train.py": train.main, "sample.py": sample.main}[sys.argv[1]](sys.argv[2:])

@@ -93,8 +93,8 @@ class _ImageDataset(torch.utils.data.Dataset):
     makes a resumed run bit-identical to an uninterrupted one. Call set_epoch() like the sampler's.
     """
 
-    def __init__(self, image_size, train, center_crop, seed, hflip=True):
-        self.image_size, self.train, self.center_crop, self.seed, self.hflip = image_size, train, center_crop, seed, hflip
+    def __init__(self, image_size, train, seed, hflip=True):
+        self.image_size, self.train, self.seed, self.hflip = image_size, train, seed, hflip
         self.epoch = 0
         # Shared memory, so that DataLoader workers' increments are visible to the main process.
         self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -112,7 +112,7 @@ class _ImageDataset(torch.utils.data.Dataset):
         if not self.train:
             return to_tensor(resize_center(img, self.image_size))
         rng = np.random.default_rng((self.seed, self.epoch, index))
-        img = center_crop_arr(img, self.image_size) if self.center_crop else random_crop_arr(img, self.image_size, rng)
+        img = random_crop_arr(img, self.image_size, rng)
         if rng.random() < 0.5 and self.hflip:  # Table 7: RandomHorizontalFlip (the coin is drawn either way)
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return to_tensor(img)
@@ -122,8 +122,8 @@ class ImageFolderDataset(_ImageDataset):
     """ImageFolder layout: root/<class>/**/<image>; labels are the sorted class-directory names.
     A folder of images with no class sub-directories is one unlabelled class."""
 
-    def __init__(self, root, image_size, train=True, center_crop=False, seed=0, hflip=True):
-        super().__init__(image_size, train, center_crop, seed, hflip)
+    def __init__(self, root, image_size, train=True, seed=0, hflip=True):
+        super().__init__(image_size, train, seed, hflip)
         self.root = root
         classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         self.samples = []
@@ -160,8 +160,8 @@ class ImageFolderDataset(_ImageDataset):
 class NpzDataset(_ImageDataset):
     """arr_0: uint8 (N, H, W, C) with C in {1, 3, 4} (the ADM / DiT sample format); optional labels."""
 
-    def __init__(self, path, image_size, train=True, center_crop=False, seed=0, hflip=True):
-        super().__init__(image_size, train, center_crop, seed, hflip)
+    def __init__(self, path, image_size, train=True, seed=0, hflip=True):
+        super().__init__(image_size, train, seed, hflip)
         if not zipfile.is_zipfile(path):
             raise DataError(f"{path} is not an .npz archive (expected np.savez output with arr_0)")
         try:
@@ -280,7 +280,7 @@ class ProceduralShapes(torch.utils.data.Dataset):
         return to_tensor(render_shape(SHAPES[label], self.image_size, rng)), label
 
 
-def build_dataset(data_path, image_size, *, train=True, center_crop=False, seed=0, **kw):
+def build_dataset(data_path, image_size, *, train=True, seed=0, **kw):
     """data_path None -> ProceduralShapes (kw: size, num_classes); a directory -> ImageFolder-style;
     a .npz -> arr_0 uint8 NHWC (+ optional labels) (kw: hflip=False turns off Table 7's flip). Items are (uint8 (3, H, W), int label);
     every dataset has .num_classes and .num_skipped. Raises DataError with a readable message."""
@@ -289,9 +289,9 @@ def build_dataset(data_path, image_size, *, train=True, center_crop=False, seed=
     if not os.path.exists(data_path):
         raise DataError(f"--data-path {data_path} does not exist")
     if os.path.isdir(data_path):
-        return ImageFolderDataset(data_path, image_size, train=train, center_crop=center_crop, seed=seed, **kw)
+        return ImageFolderDataset(data_path, image_size, train=train, seed=seed, **kw)
     if data_path.endswith(".npz"):
-        return NpzDataset(data_path, image_size, train=train, center_crop=center_crop, seed=seed, **kw)
+        return NpzDataset(data_path, image_size, train=train, seed=seed, **kw)
     raise DataError(f"--data-path {data_path} is neither a directory of images nor an .npz file")
 
 

@@ -1,15 +1,13 @@
 """
-What every script of a run shares (train.py, sample.py, bench/): processes (torchrun or one), one-line
-user errors, the log, and checkpoints: atomic saves, the newest loadable checkpoint of a run, and the
-check that a checkpoint matches the flags. A checkpoint is {model, ema, opt, args, config, step, data,
-rng} and loads with weights_only=True.
+Processes and checkpoint files, shared by train.py, sample.py and fid.py: torchrun or one process, one-line
+user errors, and checkpoints written atomically, listed newest first, loaded safely and pruned (--keep-last).
+A checkpoint is results/NNN-MODEL-SIZE/checkpoints/NNNNNNN.pt = {model, ema, opt, args, config, step, data,
+world_size}, loaded with weights_only=True.
 """
 
-import glob
 import os
 import re
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -59,74 +57,6 @@ def die(msg, code=1):
     sys.exit(code)
 
 
-class Logger:
-    def __init__(self, path, active):
-        self.path, self.active = path, active
-
-    def __call__(self, msg):
-        if self.active:
-            line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
-            print(line, flush=True)
-            if self.path:
-                with open(self.path, "a") as f:
-                    f.write(line + "\n")
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource  # CPU: peak resident set of this process (KiB on Linux)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-# ------------------------------------------------------------------------------------------------
-#                                   Attention kernels (SDPA)
-# ------------------------------------------------------------------------------------------------
-
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-_SDPA_OPS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_flash_attention_for_cpu": "flash (cpu)",
-             "_scaled_dot_product_efficient_attention": "efficient", "_scaled_dot_product_cudnn_attention": "cudnn"}
-
-
-def set_attention_backend(name):
-    """Allow exactly one SDPA kernel for the whole process ('auto': all, PyTorch picks). XL's head dim
-    is 72: FlashAttention-2 has kernels for 32, 64, 96, 128 ..., so it pads to 96 and a quarter of its
-    attention work is padding; cuDNN and the memory-efficient kernel may not. bench/gpu_check.sh
-    measures them. The flags are global (they also govern the CPU's kernels)."""
-    if name not in ATTENTION_BACKENDS:
-        raise ConfigError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
-    on = {b: name in ("auto", b) for b in ATTENTION_BACKENDS[1:]}
-    torch.backends.cuda.enable_flash_sdp(on["flash"])
-    torch.backends.cuda.enable_cudnn_sdp(on["cudnn"])
-    torch.backends.cuda.enable_mem_efficient_sdp(on["efficient"])
-    torch.backends.cuda.enable_math_sdp(on["math"])
-
-
-def attention_kernel(model, device, precision):
-    """Which SDPA kernel runs for this model's heads on this device and precision: one small attention
-    call, its fused kernel op seen by a dispatch mode ('math' when none ran: the math path decomposes
-    into matmuls). A backend that cannot run here is a ConfigError."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Seen(TorchDispatchMode):
-        ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
-
-    cfg = model.config
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    q = torch.zeros(1, cfg.heads, (min(cfg.resolutions) // cfg.patch_size) ** 2, cfg.width // cfg.heads, device=device, dtype=dtype)
-    try:
-        with Seen() as seen:
-            torch.nn.functional.scaled_dot_product_attention(q, q, q)
-    except RuntimeError as e:
-        raise ConfigError(f"the chosen --attention-backend cannot run here (head dim {q.shape[-1]}, {dtype}, "
-                          f"{device.type}): {str(e).splitlines()[0]}") from None
-    return next((_SDPA_OPS[op] for op in seen.ops if op in _SDPA_OPS), "math")
-
-
 # ------------------------------------------------------------------------------------------------
 #                                          Checkpoints
 # ------------------------------------------------------------------------------------------------
@@ -168,47 +98,15 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def find_runs(results_dir, run_suffix):
-    return sorted(glob.glob(os.path.join(results_dir, f"[0-9][0-9][0-9]-{glob.escape(run_suffix)}")))
-
-
-def find_resume(resume, results_dir, run_suffix):
-    """--resume PATH (a checkpoint file or a run directory) or 'auto': the newest loadable checkpoint
-    of the newest run named *-<run_suffix> under results_dir. Returns (checkpoint dict, path) or None.
-    A damaged newest file (e.g. a disk that filled up) falls back to the one before, with a note."""
-    if resume == "auto":
-        candidates = [p for run in reversed(find_runs(results_dir, run_suffix)) for p in list_checkpoints(run)]
-        if not candidates:
-            return None
-    elif os.path.isdir(resume):
-        candidates = list_checkpoints(resume)
-        if not candidates:
-            raise ConfigError(f"--resume {resume}: no checkpoints/NNNNNNN.pt in that run directory")
-    elif os.path.isfile(resume):
-        candidates = [resume]
-    else:
-        raise ConfigError(f"--resume {resume}: no such file or directory")
-    for path in candidates:
-        try:
-            return load_checkpoint(path), path
-        except Exception as e:
-            if len(candidates) == 1 or resume != "auto":
-                raise ConfigError(f"cannot load checkpoint {path} ({type(e).__name__}: {e})") from None
-            print(f"warning: skipping unreadable checkpoint {path} ({type(e).__name__})", file=sys.stderr)
-    raise ConfigError(f"--resume auto: no loadable checkpoint among {len(candidates)} found")
-
-
-def check_compatible(ckpt, config, path):
-    """The checkpoint must describe the same network and interpolant as the flags."""
-    diffs = []
-    for section in ("model", "cdc"):
-        old, new = ckpt["config"][section], config[section]
-        for k in sorted(set(old) | set(new)):
-            a, b = old.get(k), new.get(k)
-            if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-                a, b = list(a), list(b)
-            if a != b:
-                diffs.append(f"{k}={a} (checkpoint) vs {b} (flags)")
-    if diffs:
-        raise ConfigError(f"checkpoint {path} does not match the flags: {'; '.join(diffs)}. "
-                          f"Pass the flags it was trained with, or start a new run without --resume")
+def prune_checkpoints(run_dir, keep, saved):
+    """--keep-last N, right after `saved` was written: of the checkpoints up to `saved`'s step, keep the
+    newest N (`saved` first) and delete the others, except those the user marked with a file NNNNNNN.keep
+    beside them. A checkpoint with a higher step than `saved` (another timeline of the run) is never
+    touched, so the newest loadable checkpoint, the one --resume auto takes, is never deleted. keep=0: all."""
+    if not keep:
+        return
+    step = int(CKPT_RE.match(os.path.basename(saved)).group(1))
+    older = [p for p in list_checkpoints(run_dir) if int(os.path.basename(p)[:-3]) <= step]
+    for p in older[keep:]:
+        if not os.path.exists(p[:-3] + ".keep"):
+            os.remove(p)

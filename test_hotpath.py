@@ -18,7 +18,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 import cdc
 import runs
 import train
-from conftest import HostToDevice, inproc, one_line_error
+from conftest import TINY, HostToDevice
 from runs import ConfigError
 
 CONFIG = cdc.CDCConfig(resolutions=(4, 8, 16))
@@ -30,8 +30,12 @@ def small(seed=0, **kw):
                                               resolutions=CONFIG.resolutions), **kw})
 
 
-def flags(*extra):
-    return train.get_parser().parse_args(["--lr", "1e-3", "--precision", "fp32", *map(str, extra)])
+def flags(*extra, **constants):
+    """train.py's args for these flags, with Table 7's constants unless given (e.g. grad_clip=1e9)."""
+    args = train.get_parser().parse_args(["--lr", "1e-3", "--precision", "fp32", *map(str, extra)])
+    train.resolve_args(args, demo=True)
+    vars(args).update(constants)
+    return args
 
 
 def gloo(rank, world, store):
@@ -46,7 +50,8 @@ def gloo(rank, world, store):
 
 def _ddp_worker(rank, world, store, out):
     """Rank r of 2 gloo processes: (a) the order of backward and bucket events of one DDP step;
-    (b) with --grad-accum 2: how many buckets each step launches, and the averaged gradient."""
+    (b) with --grad-accum 2: how many buckets each step launches, and the averaged gradient; (c) every
+    step's stage counts (6 images, then micro-batches of 4: K = 3 does not divide 4)."""
     gloo(rank, world, store)
     model = small()
     ddp = torch.nn.parallel.DistributedDataParallel(
@@ -62,14 +67,15 @@ def _ddp_worker(rank, world, store, out):
         return hook
     model.final_layer.register_forward_hook(tag("head"))
     model.x_embedder.register_forward_hook(tag("embed"))
-    args = flags("--grad-clip", 1e9)
+    args = flags(grad_clip=1e9)
     ema, opt = deepcopy(model).requires_grad_(False), train.make_optimizer(model, args)
-    order = []
+    order, stage_counts = [], []
     for step in range(3):  # DDP rebuilds its buckets in gradient-ready order after the first step
         events.clear()
         torch.manual_seed(train.step_seed(0, rank, step))
-        train.train_step(ddp, model, ema, opt, torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,)), None, step, args)
+        res, _, _ = train.train_step(ddp, model, ema, opt, torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,)), None, step, args)
         order.append(list(events))
+        stage_counts.append(res["stage_count"])
 
     args.grad_accum = 2
     counts, ref_model = [], small()
@@ -79,8 +85,9 @@ def _ddp_worker(rank, world, store, out):
         x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
         ref_model.load_state_dict(model.state_dict())  # the weights this step's gradient is taken at
         torch.manual_seed(seed)
-        train.train_step(ddp, model, ema, opt, x, y, None, step, args)
+        res, _, _ = train.train_step(ddp, model, ema, opt, x, y, None, step, args)
         counts.append(sum(e[0] == "bucket" for e in events))
+        stage_counts.append(res["stage_count"])
     grads = [p.grad.clone() for p in model.parameters()]
     # the reference: this rank's micro-batch losses, same draws, one backward of their mean; DDP averages ranks
     torch.manual_seed(seed)
@@ -93,6 +100,7 @@ def _ddp_worker(rank, world, store, out):
         g /= world
     gathered = [None] * world
     dist.all_gather_object(gathered, {"order": order, "accum_buckets": counts, "n_buckets": sum(e[0] == "bucket" for e in order[-1]),
+                                      "stage_counts": stage_counts,
                                       "grad_err": max(float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(grads, ref))})
     if rank == 0:
         torch.save(gathered, out)
@@ -131,13 +139,19 @@ def test_grad_accumulation_all_reduces_once_and_averages_the_global_batch(ddp_ru
         assert rank["grad_err"] < 1e-5
 
 
+def test_every_rank_carries_the_same_stage_mix_under_ddp(ddp_run):
+    """Stratified quotas depend on (batch, step) only: both ranks train the same stage counts at every step,
+    so no rank waits for another's larger stage; also when K = 3 does not divide the micro-batch of 4."""
+    r0, r1 = (r["stage_counts"] for r in ddp_run)
+    assert r0 == r1 and r0[:3] == [[2, 2, 2]] * 3 and [sum(c) for c in r0[3:]] == [8, 8]
+
+
 # ------------------------------------------------------------------------------------------------
 #                             2. No host synchronisation inside a step
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize("precision, accum", [("fp32", 2), ("bf16", 1)])
 def test_a_training_step_reads_no_tensor_value_on_the_host(precision, accum):
     """A whole train_step (forward per stage, backward, clip, fused AdamW with found_inf, EMA) and the
     log's Meter.add, under fake tensors: any .item(), bool(tensor), .tolist() or a Scalar overload fed a
@@ -150,7 +164,7 @@ def test_a_training_step_reads_no_tensor_value_on_the_host(precision, accum):
         ema.load_state_dict(model.state_dict())
         opt = train.make_optimizer(model, args)
         objective = train.Objective(model, CONFIG, 0.1, "mean", "stratified")
-        meter = train.Meter(model, CONFIG, torch.device("cpu"), False)
+        meter = train.Meter(model, CONFIG, torch.device("cpu"))
         x, y = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8), torch.randint(0, 4, (10,))
         for step in range(3):
             out, gnorm, ok = train.train_step(objective, model, ema, opt, train.normalize(x), y, None, step, args)
@@ -163,7 +177,7 @@ def test_the_default_step_copies_nothing_from_the_host():
     bookkeeping make no host-to-device copy (tau and the label coins are drawn on the device, the stage
     counts are Python ints). A pageable copy waits for the GPU; a per-step pinned one is still a copy."""
     model = small(depth=1, width=32).to("meta")
-    meter = train.Meter(model, CONFIG, torch.device("meta"), False)
+    meter = train.Meter(model, CONFIG, torch.device("meta"))
     x, y = torch.empty(10, 3, 16, 16, device="meta"), torch.zeros(10, dtype=torch.long, device="meta")
     with HostToDevice() as seen:
         for step in range(3):
@@ -180,15 +194,11 @@ def test_the_default_step_copies_nothing_from_the_host():
 #                                 3. One resume decision for all ranks
 # ------------------------------------------------------------------------------------------------
 
-TINY = ["--image-size", "16", "--resolutions", "4,8,16", "--patch-size", "2", "--width", "32", "--depth", "1",
-        "--heads", "2", "--global-batch-size", "8", "--num-classes", "4"]
-
-
 def _run_parts(results_dir):
     args = train.get_parser().parse_args([*TINY, "--resume", "auto", "--results-dir", results_dir])
     train.resolve_args(args, demo=True)
     torch.manual_seed(0)
-    cfg, model = train.build_cdc_config(args), train.build_model(args, 4)
+    cfg, model = train.build(args, 4)
     config = {"model": dataclasses.asdict(model.config), "cdc": cfg.to_dict()}
     return args, config, model, deepcopy(model).requires_grad_(False), train.make_optimizer(model, args)
 
@@ -198,32 +208,36 @@ def _save_run(results_dir, step, bump):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(bump)
-    path = os.path.join(results_dir, "000-tiny-16", "checkpoints", f"{step:07d}.pt")
+    path = os.path.join(results_dir, "000-test-16", "checkpoints", f"{step:07d}.pt")
     os.makedirs(os.path.dirname(path))
-    train.save_checkpoint(train.checkpoint_state(model, ema, opt, args, config, step, 0, 8 * step, 2), path)
+    runs.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": {},
+                          "config": config, "step": step, "data": {"epoch": 0, "pos": 8 * step}, "world_size": 2}, path)
 
 
-def _resume_worker(rank, world, store, dirs, out, unreadable_on):
+def _resume_worker(rank, world, store, dirs, out):
+    """Both decisions in one pair of processes: as the ranks see their files, then with rank 1 unable to
+    read any checkpoint."""
     gloo(rank, world, store)
-    args, config, model, ema, opt = _run_parts(dirs[rank])  # each rank sees its own results directory
-    if rank == unreadable_on:
-        def broken(path):
-            raise OSError("Input/output error")
-        train.load_checkpoint = broken
-    try:
-        run_dir, step, *_ = train.open_run(args, config, model, ema, opt, rank, world, True)
-        result = {"run_dir": os.path.abspath(run_dir), "step": step, "w": float(next(model.parameters()).sum())}
-    except ConfigError as e:
-        result = {"error": str(e)}
+    results = []
+    for unreadable in (False, rank == 1):
+        if unreadable:
+            def broken(path):
+                raise OSError("Input/output error")
+            train.load_checkpoint = broken
+        args, config, model, ema, opt = _run_parts(dirs[rank])  # each rank sees its own results directory
+        try:
+            run_dir, step, *_ = train.open_run(args, config, model, ema, opt, rank, world)
+            results.append({"run_dir": os.path.abspath(run_dir), "step": step, "w": float(next(model.parameters()).sum())})
+        except ConfigError as e:
+            results.append({"error": str(e)})
     gathered = [None] * world
-    dist.all_gather_object(gathered, result)
+    dist.all_gather_object(gathered, results)
     if rank == 0:
         torch.save(gathered, out)
     runs.end_distributed()  # not a plain destroy: see its docstring
 
 
-@pytest.mark.parametrize("unreadable_on", [None, 1])
-def test_rank_0_decides_the_resume_and_every_rank_follows(tmp_path, unreadable_on):
+def test_rank_0_decides_the_resume_and_every_rank_follows(tmp_path):
     """Rank 0 sees a run at step 4, rank 1 (a results directory that is not shared) one at step 2:
     both ranks resume rank 0's checkpoint (same directory, step, weights). Where rank 1 cannot read that
     file, every rank stops with the same one-line error naming rank 1, instead of a silent divergence."""
@@ -231,12 +245,10 @@ def test_rank_0_decides_the_resume_and_every_rank_follows(tmp_path, unreadable_o
     _save_run(a, 4, 0.5)
     _save_run(b, 2, -0.5)
     out = str(tmp_path / "out.pt")
-    mp.spawn(_resume_worker, args=(2, str(tmp_path / "store"), [a, b], out, unreadable_on), nprocs=2, join=True)
-    r0, r1 = torch.load(out)
-    if unreadable_on is None:
-        assert r0 == r1 and r0["step"] == 4 and r0["run_dir"] == os.path.join(a, "000-tiny-16")
-    else:
-        assert r0 == r1 and "rank 1 cannot read the checkpoint" in r0["error"] and "\n" not in r0["error"]
+    mp.spawn(_resume_worker, args=(2, str(tmp_path / "store"), [a, b], out), nprocs=2, join=True)
+    (r0, e0), (r1, e1) = torch.load(out)
+    assert r0 == r1 and r0["step"] == 4 and r0["run_dir"] == os.path.join(a, "000-test-16")
+    assert e0 == e1 and "rank 1 cannot read the checkpoint" in e0["error"] and "\n" not in e0["error"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,7 +261,7 @@ def test_two_micro_batches_of_b_give_the_gradient_of_one_batch_of_2b():
     losses with the same images, stage mix and noise (each micro-batch's stratified quotas, quota steps
     2s and 2s + 1), to float tolerance; the logged loss and per-stage losses are those of the 2B batch."""
     B, step = 5, 3
-    model, args = small(), flags("--grad-accum", 2, "--grad-clip", 1e9)
+    model, args = small(), flags("--grad-accum", 2, grad_clip=1e9)
     ema, opt = deepcopy(model).requires_grad_(False), train.make_optimizer(model, args)
     x, y = torch.randn(2 * B, 3, 16, 16), torch.randint(0, 4, (2 * B,))
     ref_model = deepcopy(model)
@@ -265,8 +277,3 @@ def test_two_micro_batches_of_b_give_the_gradient_of_one_batch_of_2b():
     torch.testing.assert_close(out["stage_loss"], torch.stack(per_stage).detach())
     for p, r in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-7)
-
-
-def test_grad_accum_must_split_the_per_process_batch_evenly(tmp_path):
-    one_line_error(inproc("train.py", "--max-steps", 1, "--global-batch-size", 6, "--grad-accum", 4, cwd=tmp_path),
-                   "--grad-accum 4")

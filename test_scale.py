@@ -1,76 +1,26 @@
 """Tests of training at scale and of Table 6's resolution paths.
 
-The same stage mix on every DDP rank, compiled static shapes, faults (a non-finite gradient, resume on
-another number of processes, --resume auto before the first checkpoint), and train.py and sample.py on a
-path whose sides grow by 4x (the quota rule itself, and the coupling, operators and samplers on such
-paths, are test_cdc.py's).
+Compiled static shapes, faults (a non-finite gradient, resume on another number of processes, --resume
+auto before the first checkpoint, with --keep-last), and train.py and sample.py on a path whose sides grow
+by 4x (the same stage mix on every DDP rank is test_hotpath.py's; the quota rule itself, and the coupling,
+operators and samplers on such paths, are test_cdc.py's).
 """
 
 import glob
 import os
-import subprocess
-import sys
 from copy import deepcopy
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import cdc
-import runs
 import train
-from data import DataOrder
 from conftest import TINY, inproc, ok, run, wake
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def tiny_model(resolutions=(4, 8, 16), seed=0):
     torch.manual_seed(seed)
     return wake(cdc.create_model("tiny", depth=1, width=32, heads=2, num_classes=4, resolutions=resolutions))
-
-
-# ------------------------------------------------------------------------------------------------
-#                                  Stratified stage quotas
-# ------------------------------------------------------------------------------------------------
-
-
-def _ddp_stage_counts(rank, world, store_path, out_path):
-    """One rank of a 2-process gloo run: per stage sampling, 6 DDP training steps of 5 images (not
-    divisible by K = 3); rank 0 writes every rank's per-step stage counts."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    config = cdc.CDCConfig(resolutions=(4, 8, 16))
-    args = train.get_parser().parse_args(["--lr", "1e-3", "--precision", "fp32"])
-    seen = {}
-    for sampling in cdc.STAGE_SAMPLINGS:
-        model = tiny_model()
-        objective = torch.nn.parallel.DistributedDataParallel(
-            train.Objective(model, config, 0.1, "mean", sampling), broadcast_buffers=False)
-        ema, opt = deepcopy(model).requires_grad_(False), train.make_optimizer(model, args)
-        seen[sampling] = []
-        for step in range(6):
-            seed = train.step_seed(0, rank, step)
-            torch.manual_seed(seed)
-            x, y = torch.randn(5, 3, 16, 16), torch.randint(0, 4, (5,))
-            out, _, _ = train.train_step(objective, model, ema, opt, x, y, torch.Generator().manual_seed(seed), step, args)
-            seen[sampling].append(out["stage_count"])
-    gathered = [None] * world
-    dist.all_gather_object(gathered, seen)
-    if rank == 0:
-        torch.save(gathered, out_path)
-    runs.end_distributed()  # not a plain destroy: see its docstring
-
-
-def test_every_rank_carries_the_same_stage_mix_under_ddp(tmp_path):
-    out = str(tmp_path / "counts.pt")
-    mp.spawn(_ddp_stage_counts, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
-    r0, r1 = torch.load(out)
-    assert all(sum(c) == 5 for s in cdc.STAGE_SAMPLINGS for c in r0[s] + r1[s])
-    assert r0["stratified"] == r1["stratified"]                # the same counts on both ranks at every step
-    assert len({tuple(c) for c in r0["stratified"]}) == 3      # the remainder rotates: (2,2,1), (2,1,2), (1,2,2)
-    assert r0["iid"] != r1["iid"]                              # Alg. 1: each rank draws its own mix
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,6 +75,7 @@ class _InfGrad(torch.autograd.Function):
 def test_a_non_finite_gradient_moves_neither_weights_nor_optimiser_nor_ema(monkeypatch):
     model = tiny_model()
     args = train.get_parser().parse_args(["--lr", "1e-2", "--precision", "fp32"])
+    train.resolve_args(args, demo=True)
     config = cdc.CDCConfig(resolutions=(4, 8, 16))
     objective = train.Objective(model, config, 0.1, "mean", "stratified")
     ema, opt = deepcopy(model).requires_grad_(False), train.make_optimizer(model, args)
@@ -168,8 +119,8 @@ def test_a_run_with_an_inf_gradient_stops_before_saving(tmp_path, monkeypatch, c
 def test_time_limit_stops_between_log_steps_and_saves(tmp_path):
     """The demo's guarantee (under 10 minutes on any machine): the limit is checked every step in one
     process, not only at log steps, and the stop writes a checkpoint and the sample grid."""
-    p = ok(run("train.py", *TINY[:-2], "--log-every", 1000, "--ckpt-every", 1000, "--max-steps", 300,
-               "--time-limit", 0.002, "--results-dir", "r", cwd=tmp_path))
+    p = ok(inproc("train.py", *TINY, "--log-every", 1000, "--ckpt-every", 1000, "--max-steps", 300,
+                  "--time-limit", 0.002, "--results-dir", "r", cwd=tmp_path))
     assert "stopping at step " in p.stdout, p.stdout
     stopped = int(p.stdout.split("stopping at step ")[1].split()[0])
     assert 0 < stopped < 300
@@ -177,55 +128,30 @@ def test_time_limit_stops_between_log_steps_and_saves(tmp_path):
     assert glob.glob(str(tmp_path / "r" / "*" / "samples" / f"{stopped:07d}_stages.png"))
 
 
-def test_data_order_continues_at_the_same_global_position_on_another_world_size():
-    n, G = 50, 8
-    one = DataOrder(n, 1, 0, G, seed=3)
-    one.set_position(2, 0)
-    straight = list(one)                                      # epoch 2, from the start, one process
-    two = [DataOrder(n, 2, r, G, seed=3) for r in range(2)]
-    for o in two:
-        o.set_position(2, 3 * G)                              # 3 global batches already consumed
-    parts = [list(o) for o in two]
-    assert len(parts[0]) == len(parts[1]) == 3 * G // 2       # whole global batches only: 6 in all
-    for i in range(3):                                        # global batch 3 + i, split between ranks
-        got = parts[0][i * 4:(i + 1) * 4] + parts[1][i * 4:(i + 1) * 4]
-        assert sorted(got) == sorted(straight[(3 + i) * G:(4 + i) * G])
-    same = DataOrder(n, 1, 0, G, seed=3)
-    same.set_position(2, 3 * G)
-    assert list(same) == straight[3 * G:]                     # same world size: exactly the same indices
-
-
 def test_resume_on_another_number_of_processes(tmp_path):
     ok(inproc("train.py", *TINY, "--max-steps", 4, "--ckpt-every", 4, "--results-dir", "r", cwd=tmp_path))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(HERE, "train.py"), *TINY, "--max-steps", "8", "--ckpt-every", "4", "--results-dir", "r",
-           "--resume", "auto"]
-    p = ok(subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    p = ok(run("train.py", *TINY, "--max-steps", 8, "--ckpt-every", 4, "--results-dir", "r", "--resume", "auto",
+               cwd=tmp_path, torchrun=True))
     assert "(epoch 0, image 32 of the epoch)" in p.stdout
     assert "bit-exact resume needs the same world size" in p.stdout
     last = torch.load(sorted(glob.glob(str(tmp_path / "r" / "*" / "checkpoints" / "*.pt")))[-1], weights_only=True)
-    assert last["step"] == 8 and last["data"] == {"epoch": 1, "pos": 16} and last["rng"]["world_size"] == 2
+    assert last["step"] == 8 and last["data"] == {"epoch": 1, "pos": 16} and last["world_size"] == 2
 
 
 def test_resume_auto_before_the_first_checkpoint_reuses_the_empty_run(tmp_path):
-    # a run killed before its first save leaves a directory without checkpoints
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *TINY, "--max-steps", "100000",
-                          "--ckpt-every", "100000", "--results-dir", "r", "--resume", "auto"],
-                         cwd=tmp_path, stdout=subprocess.PIPE, text=True)
-    for line in p.stdout:
-        if "step 0000002" in line:
-            break
-    p.kill()
-    p.wait()
-    assert len(glob.glob(str(tmp_path / "r" / "*"))) == 1
-    out = ok(inproc("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", "--resume", "auto",
-                 cwd=tmp_path)).stdout
+    """A run killed before its first save leaves a run directory without checkpoints: --resume auto reuses
+    it rather than leaving it empty beside a new one. Here the user also marked step 1 to keep
+    (0000001.keep): with --keep-last 2 the run ends with that one and the newest two."""
+    (tmp_path / "r" / "000-test-16" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "r" / "000-test-16" / "checkpoints" / "0000001.keep").touch()
+    out = ok(inproc("train.py", *TINY, "--max-steps", 5, "--ckpt-every", 1, "--keep-last", 2, "--results-dir", "r",
+                    "--resume", "auto", cwd=tmp_path)).stdout
     assert "reusing the empty run" in out
-    assert [os.path.basename(r) for r in glob.glob(str(tmp_path / "r" / "*"))] == ["000-tiny-16"]
-    assert glob.glob(str(tmp_path / "r" / "000-tiny-16" / "checkpoints" / "0000002.pt"))
+    assert os.listdir(tmp_path / "r") == ["000-test-16"]
+    assert sorted(os.listdir(tmp_path / "r" / "000-test-16" / "checkpoints")) == [
+        "0000001.keep", "0000001.pt", "0000004.pt", "0000005.pt"]
     ok(inproc("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
-    assert sorted(os.path.basename(r) for r in glob.glob(str(tmp_path / "r" / "*"))) == ["000-tiny-16", "001-tiny-16"]
+    assert sorted(os.listdir(tmp_path / "r")) == ["000-test-16", "001-test-16"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,10 +159,10 @@ def test_resume_auto_before_the_first_checkpoint_reuses_the_empty_run(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_train_and_sample_scripts_on_a_4x_path(tmp_path):
-    args = ["--image-size", "16", "--resolutions", "4,16", *TINY[4:]]
+    args = [*TINY, "--resolutions", "4,16"]
     ok(inproc("train.py", *args, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
     ckpt = glob.glob(str(tmp_path / "r" / "*" / "checkpoints" / "0000002.pt"))[0]
     assert list(torch.load(ckpt, weights_only=True)["config"]["cdc"]["resolutions"]) == [4, 16]
-    ok(run("sample.py", "--ckpt", ckpt, "--num-fid-samples", 4, "--per-proc-batch-size", 4, "--steps-per-stage", 2,
-           "--save-stages", "--sample-dir", "s", cwd=tmp_path))
+    ok(inproc("sample.py", "--ckpt", ckpt, "--num-fid-samples", 4, "--per-proc-batch-size", 4, "--steps-per-stage", 2,
+              "--save-stages", "--sample-dir", "s", cwd=tmp_path))
     assert glob.glob(str(tmp_path / "s" / "*_stages.png")) and glob.glob(str(tmp_path / "s" / "*.npz"))

@@ -1,9 +1,8 @@
-"""Tests of train.py and sample.py on the CPU: tiny networks, 16 px images, a few steps each.
+"""Tests of train.py, runs.py, data.py and sample.py on the CPU: tiny networks, 16 px images, a few steps each.
 
-The scripts run as the user runs them (subprocess, sys.executable), so the tests also check exit
-codes, error lines and files on disk. Where a run only sets up a test, or a test checks what `main()`
-does rather than the process around it, `inproc` calls the script's `main()` in this process instead:
-the same code and the same exit codes and output, without the seconds of a Python + torch start-up."""
+A script's main() runs in this process (`inproc`: the same exit codes and output, without the seconds of a
+Python + torch start-up); real processes (`run`) where the process itself is checked: an error line and
+exit code, and two processes under torchrun."""
 
 import glob
 import math
@@ -135,69 +134,68 @@ def crop_positions(out, full, size):
     return hits[0]
 
 
-def test_table7_crop_is_uniform_over_all_positions_of_the_1125x_resize():
-    """Table 7: shorter side -> round(1.125 size) (LANCZOS), then a uniformly random size x size crop:
-    every crop equals a window of the resized image, and every window position occurs."""
-    pic = Image.fromarray(np.random.default_rng(1).integers(0, 256, (36, 44, 3), dtype=np.uint8))
-    resized = np.asarray(pic.resize((22, 18), Image.LANCZOS))        # 36 -> round(1.125 * 16) = 18
-    seen = set()
-    for seed in range(300):
-        out = np.asarray(data.random_crop_arr(pic, 16, np.random.default_rng(seed)))
-        x, y, flip = crop_positions(out, resized, 16)
-        assert not flip
-        seen.add((x, y))
-    assert seen == {(x, y) for x in range(7) for y in range(3)}
-
-
-def test_train_transform_crops_uniformly_and_flips_half_the_time(tmp_path):
-    """Through the data set's transform: an image already at 1.125 x size is not resized, each item is
-    one window of it, mirrored with probability 1/2 (Table 7's RandomHorizontalFlip)."""
-    pic = np.random.default_rng(2).integers(0, 256, (18, 22, 3), dtype=np.uint8)
+def test_table7_crop_and_flip_through_the_training_data(tmp_path):
+    """Table 7's transform as train.py builds the data set: shorter side -> round(1.125 size) (LANCZOS), a
+    uniformly random size x size crop (every window position occurs), mirrored with probability 1/2, and
+    never with --no-hflip; the evaluation view is the resized centre."""
+    pic = np.random.default_rng(1).integers(0, 256, (36, 44, 3), dtype=np.uint8)
+    resized = np.asarray(Image.fromarray(pic).resize((22, 18), Image.LANCZOS))     # 36 -> round(1.125 * 16) = 18
     np.savez(tmp_path / "d.npz", arr_0=np.stack([pic] * 300))
-    ds = data.build_dataset(str(tmp_path / "d.npz"), 16, seed=1)
-    hits = [crop_positions(ds[i][0].permute(1, 2, 0).numpy(), pic, 16)
-            for i in range(300)]
-    assert {(x, y) for x, y, _ in hits} == {(x, y) for x in range(7) for y in range(3)}
-    flips = sum(f for _, _, f in hits)
-    assert abs(flips - 150) < 4 * math.sqrt(300 / 4), flips          # Binomial(300, 1/2), 4 sd
-    ev = data.build_dataset(str(tmp_path / "d.npz"), 16, train=False)  # evaluation: the resized centre
+    hits = {}
+    for flag in ([], ["--no-hflip"]):
+        args = train.get_parser().parse_args(["--data-path", str(tmp_path / "d.npz"), "--resolutions", "8,16",
+                                              "--global-batch-size", "4", *flag])
+        train.resolve_args(args, demo=False)
+        ds = train.build_data(args, 1, 0)[0]
+        hits[bool(flag)] = [crop_positions(ds[i][0].permute(1, 2, 0).numpy(), resized, 16) for i in range(300)]
+    assert {(x, y) for x, y, _ in hits[False]} == {(x, y) for x in range(7) for y in range(3)}
+    flips = sum(f for _, _, f in hits[False])
+    assert abs(flips - 150) < 4 * math.sqrt(300 / 4), flips                        # Binomial(300, 1/2), 4 sd
+    assert not any(f for _, _, f in hits[True])
+    ev = data.build_dataset(str(tmp_path / "d.npz"), 16, train=False)              # evaluation: the resized centre
     assert crop_positions(ev[0][0].permute(1, 2, 0).numpy(),
                           np.asarray(Image.fromarray(pic).resize((20, 16), Image.LANCZOS)), 16) == (2, 0, False)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_data_order_ranks_split_every_global_batch(world):
+def test_data_order_splits_every_global_batch_and_continues_on_any_world_size(world):
     """Rank r's step-i batch (the DataLoader cuts rank r's stream into G / world blocks) holds a share of
-    global batch i, the ranks' shares are disjoint and together are the whole global batch; a resumed
-    order (set_position) continues exactly where an uninterrupted one is."""
+    global batch i of the one-process order: disjoint shares, together the whole global batch. An order
+    resumed after 3 global batches (set_position), on this number of processes, continues with global
+    batches 3, 4, ... of the one-process order; a new epoch is a new permutation."""
     size, G, seed = 50, 8, 3
-    ref = list(data.DataOrder(size, 1, 0, G, seed=seed))
-    assert len(ref) == 48 and len(set(ref)) == 48 and set(ref) <= set(range(size))  # 6 whole global batches
-    orders = [data.DataOrder(size, world, r, G, seed=seed) for r in range(world)]
-    streams = [list(o) for o in orders]
+    ref = {e: list(data.DataOrder(size, 1, 0, G, seed=seed)) for e in (0, 2)}
+    one = data.DataOrder(size, 1, 0, G, seed=seed)
+    one.set_position(2, 0)
+    ref[2] = list(one)
+    assert len(ref[0]) == 48 and len(set(ref[0])) == 48 and set(ref[0]) <= set(range(size))  # 6 whole global batches
+    assert ref[2] != ref[0] and list(data.DataOrder(size, 1, 0, G, seed=seed + 1)) != ref[0]
     b = G // world
-    assert all(len(s) == len(o) == 48 // world for s, o in zip(streams, orders))
-    for i in range(6):
-        shares = [s[i * b:(i + 1) * b] for s in streams]
-        assert sorted(sum(shares, [])) == sorted(ref[i * G:(i + 1) * G]), i
-    assert len(set(sum(streams, []))) == 48                      # no index on two ranks
-    for r, o in enumerate(orders):
-        o.set_position(0, 3 * G)                                 # resumed after 3 steps
-        assert list(o) == streams[r][3 * b:]
-        o.set_position(1, 0)
-        assert list(o) != streams[r]                             # a new epoch: a new permutation
-    assert list(data.DataOrder(size, 1, 0, G, seed=seed)) == ref
-    assert list(data.DataOrder(size, 1, 0, G, seed=seed + 1)) != ref
-    start = data.DataOrder(size, 1, 0, G, seed=seed)
-    start.set_position(0, 0)
-    assert list(start) == ref                                    # a fresh order starts at epoch 0, image 0
+    for epoch, pos in ((0, 0), (2, 3 * G)):
+        orders = [data.DataOrder(size, world, r, G, seed=seed) for r in range(world)]
+        for o in orders:
+            o.set_position(epoch, pos)
+        streams = [list(o) for o in orders]
+        assert all(len(s) == len(o) == (48 - pos) // world for s, o in zip(streams, orders))
+        for i in range(6 - pos // G):
+            shares = [s[i * b:(i + 1) * b] for s in streams]
+            assert sorted(sum(shares, [])) == sorted(ref[epoch][pos + i * G:pos + (i + 1) * G]), (epoch, i)
+        assert len(set(sum(streams, []))) == 48 - pos                                # no index on two ranks
 
 
-def test_step_seed_differs_per_rank_step_and_seed():
+def test_step_seeds_differ_per_rank_step_and_stream():
+    """step_seed is a pure function of (seed, rank, step, stream) (resume relies on it), different for each.
+    train.py seeds the global RNG (label coins, zeta) with stream 0 and the iid timesteps' CPU generator
+    with stream 1: with one seed for both, t would be the coins' own uniforms on the CPU."""
     seeds = {(g, r, s): train.step_seed(g, r, s) for g in (0, 1) for r in range(4) for s in range(50)}
-    assert len(set(seeds.values())) == len(seeds)
-    assert all(0 <= v < 2 ** 63 for v in seeds.values())
-    assert train.step_seed(0, 1, 7) == seeds[0, 1, 7]             # a pure function: resume relies on it
+    assert len(set(seeds.values())) == len(seeds) and all(0 <= v < 2 ** 63 for v in seeds.values())
+    assert train.step_seed(0, 1, 7) == seeds[0, 1, 7] == train.step_seed(0, 1, 7, stream=0)
+    seed, gseed = train.step_seed(0, 0, 5), train.step_seed(0, 0, 5, stream=1)
+    assert gseed != seed
+    torch.manual_seed(seed)
+    coins = torch.rand(64)
+    t = torch.rand(64, generator=torch.Generator().manual_seed(gseed))
+    assert abs(float(torch.corrcoef(torch.stack([coins, t]))[0, 1])) < 0.4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,30 +269,31 @@ def test_bf16_autocast_training_step_and_sampler_match_fp32():
     assert 0 < err < 0.05 * s32.std().item(), err
 
 
+
+
 # ------------------------------------------------------------------------------------------------
-# training runs
+# training runs, checkpoints, resume
 
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_train_runs_and_resume_is_bit_exact(tmp_path, accum):
     """2N steps straight == N steps, resume, N steps: every model and EMA tensor bit-identical
     (the run crosses an epoch boundary: 48 images / 8 = 6 steps per epoch), also with 2 micro-batches."""
-    go = run if accum == 1 else inproc  # one real process per behaviour is enough
     flags = [*TINY, "--grad-accum", accum, "--ckpt-every", 4]
-    ok(go("train.py", *flags, "--max-steps", 8, "--results-dir", "a", cwd=tmp_path))
-    ok(go("train.py", *flags, "--max-steps", 4, "--results-dir", "b", cwd=tmp_path))
-    p = ok(go("train.py", *flags, "--max-steps", 8, "--results-dir", "b", "--resume", "auto", cwd=tmp_path))
+    ok(inproc("train.py", *flags, "--max-steps", 8, "--results-dir", "a", cwd=tmp_path))
+    ok(inproc("train.py", *flags, "--max-steps", 4, "--results-dir", "b", cwd=tmp_path))
+    p = ok(inproc("train.py", *flags, "--max-steps", 8, "--results-dir", "b", "--resume", "auto", cwd=tmp_path))
     assert "resumed from" in p.stdout and f"{accum} micro-batch(es) of {8 // accum} per process" in p.stdout
     a, b = load(ckpts(tmp_path / "a")[-1]), load(ckpts(tmp_path / "b")[-1])
-    assert a["step"] == b["step"] == 8
+    assert a["step"] == b["step"] == 8 and a["data"] == b["data"] == {"epoch": 1, "pos": 16}
     for part in ("model", "ema"):
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert a["opt"]["state"][0]["step"] == 8
-    # the EMA moved away from the weights and from the initialisation, and the run left a sample grid
+    # the EMA moved away from the weights, and every checkpoint has its sample grid and stage sheet
     assert any(not torch.equal(a["model"][k], a["ema"][k]) for k in a["model"])
-    assert glob.glob(str(tmp_path / "a" / "*" / "samples" / "0000008.png"))
+    assert len(glob.glob(str(tmp_path / "a" / "*" / "samples" / "000000[48]*.png"))) == 4
     log = open(glob.glob(str(tmp_path / "a" / "*" / "log.txt"))[0]).read()
     assert "step 0000008 loss" in log and "img/s" in log and "4px" in log
 
@@ -319,14 +318,14 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch, capsy
     (tmp_path / "run" / "checkpoints" / "0000012.pt.tmp999").write_bytes(b"partial")
     # A damaged newest checkpoint (e.g. full disk) is skipped by --resume auto, with a warning.
     (tmp_path / "run" / "checkpoints" / "0000016.pt").write_bytes(b"PK\x03\x04 partial")
-    os.rename(tmp_path / "run", tmp_path / "000-tiny-16")
-    run_dir = str(tmp_path / "000-tiny-16")
+    os.rename(tmp_path / "run", tmp_path / "000-test-16")
+    run_dir = str(tmp_path / "000-test-16")
     assert [os.path.basename(p) for p in runs.list_checkpoints(run_dir)] == ["0000016.pt", "0000004.pt"]  # newest first
-    ckpt, path = runs.find_resume("auto", str(tmp_path), "tiny-16")
-    assert path.endswith("0000004.pt") and ckpt["step"] == 4
+    assert choose(tmp_path, "auto") == (run_dir, os.path.join(run_dir, "checkpoints", "0000004.pt"), None)
     assert "warning: skipping unreadable checkpoint" in capsys.readouterr().err
-    with pytest.raises(runs.ConfigError, match="cannot load"):  # a run named explicitly: no silent fallback
-        runs.find_resume(run_dir, str(tmp_path), "tiny-16")
+    (tmp_path / "000-test-16" / "checkpoints" / "0000004.pt").write_bytes(b"PK\x03\x04 partial")
+    with pytest.raises(runs.ConfigError, match="no loadable checkpoint among 2"):   # never a silent fresh start
+        choose(tmp_path, "auto")
 
 
 def test_save_checkpoint_is_durable_before_and_after_the_rename(tmp_path, monkeypatch):
@@ -354,47 +353,74 @@ def test_save_checkpoint_is_durable_before_and_after_the_rename(tmp_path, monkey
     assert load(path)["step"] == 1 and os.listdir(tmp_path) == ["0000001.pt"]
 
 
+def choose(results, resume):
+    args = train.get_parser().parse_args([*TINY, "--results-dir", str(results), *(["--resume", resume] if resume else [])])
+    train.resolve_args(args, demo=True)
+    return train.choose_run(args)
+
+
+def test_choose_run_and_check_compatible(tmp_path):
+    """A new run takes the next free number; --resume auto the newest checkpoint of the newest run of this
+    model and size; --resume RUN_DIR its newest; --resume FILE that file; anything else is one clear error."""
+    assert choose(tmp_path, None) == (str(tmp_path / "000-test-16"), None, None)
+    (tmp_path / "003-XL-256").mkdir()
+    for run_dir, step in (("001-test-16", 3), ("001-test-16", 7), ("002-test-16", 2), ("004-test-8", 9)):
+        (tmp_path / run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        runs.save_checkpoint({"step": step}, str(tmp_path / run_dir / "checkpoints" / f"{step:07d}.pt"))
+    assert choose(tmp_path, None)[0] == str(tmp_path / "005-test-16")
+    newest = str(tmp_path / "002-test-16" / "checkpoints" / "0000002.pt")
+    assert choose(tmp_path, "auto") == (str(tmp_path / "002-test-16"), newest, None)
+    assert choose(tmp_path, str(tmp_path / "001-test-16"))[1].endswith("0000007.pt")
+    assert choose(tmp_path, newest)[:2] == (str(tmp_path / "002-test-16"), newest)
+    for bad in (tmp_path / "003-XL-256", tmp_path / "nope"):
+        with pytest.raises(runs.ConfigError, match="no such checkpoint file"):
+            choose(tmp_path, str(bad))
+
+    config = {"model": {"width": 32, "resolutions": (4, 8)}, "cdc": {"sigma": 1.0, "windows": None}}
+    train.check_compatible({"config": config}, config, "c.pt")
+    for old, words in (({"model": {"width": 64, "resolutions": (4, 8)}, "cdc": {"sigma": 1.0, "windows": None}}, "width=64"),
+                       ({"model": {"width": 32, "resolutions": (4, 8)}, "cdc": {"sigma": 1.0, "windows": (0.5, 0.5)}},
+                        "windows=(0.5, 0.5) (checkpoint) vs None (flags)"),
+                       ({"model": {"resolutions": (4, 8)}, "cdc": {"sigma": 1.0, "windows": None}}, "width=None (checkpoint) vs 32")):
+        with pytest.raises(runs.ConfigError, match=re.escape(words)):
+            train.check_compatible({"config": old}, config, "c.pt")
+
+
 class NotATensor:
     """Anything a plain pickle would run code for: weights_only loading must refuse it."""
 
 
-def test_find_resume_and_check_compatible(tmp_path):
-    runs.save_checkpoint({"step": 2}, str(tmp_path / "0000002.pt"))
-    (tmp_path / "001-S-32" / "checkpoints").mkdir(parents=True)
-    runs.save_checkpoint({"step": 3}, str(tmp_path / "001-S-32" / "checkpoints" / "0000003.pt"))
-    runs.save_checkpoint({"step": 7}, str(tmp_path / "001-S-32" / "checkpoints" / "0000007.pt"))
-    assert runs.find_resume("auto", str(tmp_path), "tiny-16") is None             # nothing of this model yet
-    assert runs.find_resume("auto", str(tmp_path), "S-32")[0]["step"] == 7
-    assert runs.find_resume(str(tmp_path / "001-S-32"), str(tmp_path), "x")[0]["step"] == 7
-    assert runs.find_resume(str(tmp_path / "0000002.pt"), str(tmp_path), "x")[0]["step"] == 2
-    (tmp_path / "002-S-32").mkdir()
-    with pytest.raises(runs.ConfigError, match="no checkpoints"):
-        runs.find_resume(str(tmp_path / "002-S-32"), str(tmp_path), "S-32")
-    with pytest.raises(runs.ConfigError, match="no such file"):
-        runs.find_resume(str(tmp_path / "nope"), str(tmp_path), "S-32")
+def test_resume_refuses_what_it_cannot_load_or_that_does_not_match(tmp_path):
+    """Resuming a checkpoint of another network, or a file weights_only loading refuses, stops with one
+    line and touches nothing saved."""
+    ok(inproc("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
+    before = {p: os.path.getmtime(p) for p in ckpts(tmp_path / "r")}
+    p = inproc("train.py", *TINY, "--patch-size", "4", "--max-steps", 4, "--results-dir", "r", "--resume", "auto", cwd=tmp_path)
+    one_line_error(p, "does not match", "patch_size=2 (checkpoint) vs 4 (flags)")
     runs.save_checkpoint({"step": 9, "x": NotATensor()}, str(tmp_path / "0000009.pt"))
-    with pytest.raises(runs.ConfigError, match="cannot load"):                      # weights_only=True
-        runs.find_resume(str(tmp_path / "0000009.pt"), str(tmp_path), "x")
-
-    config = {"model": {"width": 32, "resolutions": (4, 8)}, "cdc": {"sigma": 1.0, "windows": None}}
-    same = {"model": {"width": 32, "resolutions": [4, 8]}, "cdc": {"sigma": 1.0, "windows": None}}
-    runs.check_compatible({"config": same}, config, "c.pt")                        # lists and tuples compare equal
-    for old, words in (({"model": {"width": 64, "resolutions": [4, 8]}, "cdc": {"sigma": 1.0, "windows": None}}, "width=64"),
-                       ({"model": {"width": 32, "resolutions": [4, 8]}, "cdc": {"sigma": 1.0, "windows": [0.5, 0.5]}},
-                        "windows=[0.5, 0.5] (checkpoint) vs None (flags)"),
-                       ({"model": {"resolutions": [4, 8]}, "cdc": {"sigma": 1.0, "windows": None}}, "width=None (checkpoint) vs 32")):
-        with pytest.raises(runs.ConfigError, match=re.escape(words)):
-            runs.check_compatible({"config": old}, config, "c.pt")
+    one_line_error(inproc("train.py", *TINY, "--resume", tmp_path / "0000009.pt", cwd=tmp_path), "cannot load checkpoint")
+    assert {p: os.path.getmtime(p) for p in ckpts(tmp_path / "r")} == before
 
 
-def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path):
-    p = run("train.py", *TINY, "--max-steps", 20, "--ckpt-every", 1, "--results-dir", "r", "--lr", "1e30", cwd=tmp_path)
-    one_line_error(p, "not finite", "last good checkpoint")
-    saved = ckpts(tmp_path / "r")
-    assert saved and not glob.glob(str(tmp_path / "r" / "*" / "checkpoints" / "*.tmp*"))
-    for path in saved:
-        c = load(path)
-        assert all(torch.isfinite(v).all() for v in c["model"].values())
+def test_keep_last_keeps_the_newest_the_marked_and_never_a_newer_one(tmp_path):
+    """--keep-last N after saving step s: of the checkpoints up to s, the newest N and those marked with
+    NNNNNNN.keep stay; a checkpoint newer than s (another timeline of the run, perhaps the one --resume
+    auto would take) is never deleted; N = 0 keeps all."""
+    d = tmp_path / "run" / "checkpoints"
+    d.mkdir(parents=True)
+    names = lambda: sorted(os.listdir(d))  # noqa: E731
+
+    def save(step, keep):
+        runs.save_checkpoint({"step": step}, str(d / f"{step:07d}.pt"))
+        runs.prune_checkpoints(str(tmp_path / "run"), keep, str(d / f"{step:07d}.pt"))
+    for step in (2, 4, 6, 20):
+        save(step, 0)
+    assert names() == ["0000002.pt", "0000004.pt", "0000006.pt", "0000020.pt"]           # 0: all kept
+    (d / "0000002.keep").touch()
+    save(8, 2)
+    assert names() == ["0000002.keep", "0000002.pt", "0000006.pt", "0000008.pt", "0000020.pt"]
+    save(10, 1)
+    assert names() == ["0000002.keep", "0000002.pt", "0000010.pt", "0000020.pt"]
 
 
 def test_bad_inputs_give_one_error_line(tmp_path):
@@ -402,26 +428,27 @@ def test_bad_inputs_give_one_error_line(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"garbage")
     # the process's exit code and stderr are checked above and below; the other cases in this process
     one_line_error(inproc("train.py", *TINY, "--data-path", tmp_path / "bad.npz", cwd=tmp_path), "npz")
-    one_line_error(inproc("train.py", *TINY, "--image-size", "24", cwd=tmp_path), "--image-size")
     one_line_error(inproc("train.py", *TINY, "--resolutions", "4,9,16", cwd=tmp_path), "power-of-two")
-    one_line_error(inproc("train.py", *TINY[:4], "--patch-size", "3", *TINY[6:], cwd=tmp_path), "patch size")
-    one_line_error(run("sample.py", "--ckpt", tmp_path / "none.pt", cwd=tmp_path), "does not exist")
+    one_line_error(inproc("train.py", *TINY, "--patch-size", "3", cwd=tmp_path), "patch size")
+    one_line_error(inproc("train.py", *TINY, "--keep-last", "-1", cwd=tmp_path), "--keep-last")
+    one_line_error(inproc("train.py", "--max-steps", 1, "--global-batch-size", 6, "--grad-accum", 4, cwd=tmp_path),
+                   "--grad-accum 4")
+    one_line_error(inproc("sample.py", "--ckpt", tmp_path / "none.pt", cwd=tmp_path), "does not exist")
 
 
-def test_checkpoint_config_mismatch_is_a_clear_error(tmp_path):
-    ok(inproc("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
-    before = {p: os.path.getmtime(p) for p in ckpts(tmp_path / "r")}
-    args = [a if a != "32" else "64" for a in TINY]  # --width 64
-    p = inproc("train.py", *args, "--max-steps", 4, "--results-dir", "r", "--resume", "auto", cwd=tmp_path)
-    one_line_error(p, "does not match", "width=32")
-    assert {p: os.path.getmtime(p) for p in ckpts(tmp_path / "r")} == before  # nothing touched
-
-
-def test_image_folder_with_corrupt_files_trains(tmp_path):
+def test_image_folder_with_corrupt_files_trains_and_unconditional_ignores_labels(tmp_path):
+    """A folder of 2 classes with unreadable files trains a 2-class model and logs the skipped files;
+    --unconditional on labelled data trains a model without classes (only the null class)."""
     make_folder(tmp_path / "data")
-    p = ok(inproc("train.py", *TINY, "--data-path", tmp_path / "data", "--model", "tiny", "--max-steps", 2,
-               "--ckpt-every", 2, "--results-dir", "r", "--epochs", 1, cwd=tmp_path))
+    p = ok(inproc("train.py", *TINY, "--data-path", tmp_path / "data", "--max-steps", 2, "--ckpt-every", 2,
+                  "--results-dir", "c", cwd=tmp_path))
     assert "2 classes" in p.stdout and "skipped_images" in p.stdout
+    assert load(ckpts(tmp_path / "c")[-1])["config"]["model"]["num_classes"] == 2
+    imgs = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", arr_0=imgs, labels=np.arange(16) % 3)
+    ok(inproc("train.py", *TINY, "--data-path", tmp_path / "d.npz", "--max-steps", 2, "--ckpt-every", 2,
+              "--unconditional", "--results-dir", "u", cwd=tmp_path))
+    assert load(ckpts(tmp_path / "u")[-1])["config"]["model"]["num_classes"] == 0
 
 
 # What each rank of a torchrun run did, recorded around train.main by wrapping (in the launched
@@ -430,7 +457,7 @@ DDP_DRIVER = """
 import os, sys
 import torch
 sys.path.insert(0, {here!r})
-import cdc, data, train
+import conftest, cdc, data, train  # conftest: the test size
 rec = {{"indices": [], "noise": [], "weights": [], "seeds": []}}
 noise = None
 get, randn, step = data.ProceduralShapes.__getitem__, cdc.randn, train.train_step
@@ -461,20 +488,15 @@ train.main(sys.argv[1:])
 """
 
 
-def torchrun(script, *args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *map(str, args)]
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return p
-
-
 def test_torchrun_two_processes_gloo_ranks_agree_and_split_the_data(tmp_path):
     """2 processes (gloo), 4 steps: after every step both ranks hold bit-identical weights (DDP averages
     the gradients), rank r read exactly its share of each global batch (disjoint, together the batch of
     a 1-process order), the ranks drew different coupling noise, and rank 0 alone logs and saves."""
     (tmp_path / "driver.py").write_text(DDP_DRIVER.format(here=HERE))
-    p = torchrun(tmp_path / "driver.py", *TINY, "--max-steps", 4, "--ckpt-every", 4, "--results-dir", "r", cwd=tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           tmp_path / "driver.py", *map(str, TINY), "--max-steps", "4", "--ckpt-every", "4", "--results-dir", "r"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600))
     assert "2 process(es)" in p.stdout and p.stdout.count("step 0000004 loss") == 1  # only rank 0 logs
     saved = ckpts(tmp_path / "r")
     assert len(saved) == 1 and load(saved[0])["step"] == 4
@@ -505,8 +527,8 @@ def test_sample_npz_is_the_same_for_one_and_two_processes(tmp_path):
     make_checkpoint(str(tmp_path / "000-tiny-16" / "checkpoints" / "0000000.pt"))
     flags = ["--ckpt", tmp_path / "000-tiny-16", "--num-fid-samples", 10, "--per-proc-batch-size", 4,
              "--steps-per-stage", 2, "--solver", "sde", "--seed", 3]
-    ok(run("sample.py", *flags, "--sample-dir", "one", cwd=tmp_path))
-    torchrun(os.path.join(HERE, "sample.py"), *flags, "--sample-dir", "two", cwd=tmp_path)
+    ok(inproc("sample.py", *flags, "--sample-dir", "one", cwd=tmp_path))
+    ok(run("sample.py", *flags, "--sample-dir", "two", cwd=tmp_path, torchrun=True))
     (one,), (two,) = glob.glob(str(tmp_path / "one" / "*.npz")), glob.glob(str(tmp_path / "two" / "*.npz"))
     with np.load(one) as a, np.load(two) as b:
         assert a["arr_0"].shape == (10, 16, 16, 3) and np.array_equal(a["arr_0"], b["arr_0"])
@@ -515,7 +537,7 @@ def test_sample_npz_is_the_same_for_one_and_two_processes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# the knobs: presets, flips, unconditional training, threads
+# presets and automatic settings
 
 
 def test_presets_fill_the_flags_not_given_and_help_shows_their_values():
@@ -533,60 +555,32 @@ def test_with_data_every_default_is_table7():
     """train.py --data-path DIR and nothing else trains the paper's recipe (Table 7, the README's promise):
     built by the functions train() itself calls, the network is XL at patch 4 (676,846,128 parameters with
     1000 classes: Table 1's 677M), the interpolant has stages 32-256 with sigma = 1, gamma = 2, linear, equal
-    windows; AdamW has lr 1e-4, betas (0.9, 0.95), eps 1e-6, no weight decay; 256 images per step, clip 1,
-    EMA 0.9999 once the warm-up has passed, class dropout 0.1, xattn fusion, 200 epochs; bf16 and compile
-    where train() finds CUDA. The sample grids use S_cfg = 3 and 24 steps per stage."""
+    windows, and the network accepts exactly those sides; AdamW has lr 1e-4, betas (0.9, 0.95), eps 1e-6, no
+    weight decay; 256 images per step, clip 1, EMA 0.9999 once the warm-up has passed, class dropout 0.1,
+    xattn fusion, 200 epochs; bf16 and compile where train() finds CUDA. The sample grids use S_cfg = 3."""
     args = train.get_parser().parse_args(["--data-path", "x"])
     train.resolve_args(args, demo=False)
     with torch.device("meta"):
-        model = train.build_model(args, 1000)
+        cfg, model = train.build(args, 1000)
     assert (model.config.depth, model.config.width, model.config.patch_size) == (28, 1152, 4)
     assert sum(p.numel() for p in model.parameters()) == 676_846_128
-    assert train.build_cdc_config(args) == cdc.CDCConfig(resolutions=(32, 64, 128, 256), sigma=1.0, gamma=2.0,
-                                                         windows=None, interpolant="linear")
+    assert cfg == cdc.CDCConfig(resolutions=(32, 64, 128, 256), sigma=1.0, gamma=2.0, windows=None, interpolant="linear")
+    assert model.config.resolutions == cfg.resolutions
     (group,) = train.make_optimizer(torch.nn.Linear(2, 2), args).param_groups
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-4, (0.9, 0.95), 1e-6, 0.0)
     assert train.ema_decay_at(10 ** 6, args.ema_decay, args.ema_warmup) == 0.9999
     assert (args.global_batch_size, args.grad_clip, args.class_dropout, args.fusion, args.epochs) == (256, 1.0, 0.1, "xattn", 200)
     assert args.precision is None and args.compile is None           # per device in train(): bf16, compiled on CUDA
-    assert (args.cfg_scale, args.sample_steps) == (3.0, 24)
+    assert args.cfg_scale == 3.0
 
 
 @pytest.mark.parametrize("cores, local_world, workers", [(64, 1, 8), (16, 8, 1), (4, 1, 3), (2, 2, 0)])
 def test_default_loader_workers_share_the_cores(monkeypatch, cores, local_world, workers):
-    """The presets' num_workers=auto: one loader worker per core of this process's share of the machine
-    (torchrun's LOCAL_WORLD_SIZE processes share it), one core left for the training process, at most 8."""
+    """Loader workers with --data-path: one per core of this process's share of the machine (torchrun's
+    LOCAL_WORLD_SIZE processes share it), one core left for the training process, at most 8."""
     monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
-    args = train.get_parser().parse_args(["--data-path", "x"])
-    train.resolve_args(args, demo=False)
-    assert args.num_workers == workers
-
-
-def test_no_hflip_reaches_the_data_set(tmp_path):
-    """--no-hflip: through train.build_data, no training item is ever mirrored (Table 7 flips half)."""
-    pic = np.random.default_rng(2).integers(0, 256, (18, 22, 3), dtype=np.uint8)
-    np.savez(tmp_path / "d.npz", arr_0=np.stack([pic] * 100))
-    flips = {}
-    for flag in ([], ["--no-hflip"]):
-        args = train.get_parser().parse_args(["--data-path", str(tmp_path / "d.npz"), "--image-size", "16",
-                                              "--resolutions", "8,16", "--global-batch-size", "4", *flag])
-        train.resolve_args(args, demo=False)
-        ds = train.build_data(args, 1, 0)[0]
-        flips[bool(flag)] = sum(crop_positions(ds[i][0].permute(1, 2, 0).numpy(), pic, 16)[2] for i in range(100))
-    assert flips[True] == 0 and 30 < flips[False] < 70
-
-
-def test_unconditional_trains_a_model_without_classes(tmp_path):
-    """--unconditional on labelled data: the model has no classes (only the null class) and trains."""
-    imgs = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
-    np.savez(tmp_path / "d.npz", arr_0=imgs, labels=np.arange(16) % 3)
-    flags = [*TINY, "--data-path", tmp_path / "d.npz", "--max-steps", 2, "--ckpt-every", 2, "--num-workers", 0,
-             "--model", "tiny", "--lr", "1e-3", "--sample-every", 0]
-    ok(inproc("train.py", *flags, "--unconditional", "--results-dir", "u", cwd=tmp_path))
-    ok(inproc("train.py", *flags, "--results-dir", "c", cwd=tmp_path))
-    assert load(ckpts(tmp_path / "u")[-1])["config"]["model"]["num_classes"] == 0
-    assert load(ckpts(tmp_path / "c")[-1])["config"]["model"]["num_classes"] == 3
+    assert train.default_workers() == workers
 
 
 @pytest.mark.parametrize("faster", [1, 2])
@@ -602,22 +596,12 @@ def test_cpu_threads_are_the_faster_measured(monkeypatch, faster):
     torch.set_num_threads(2)
     try:
         args = train.get_parser().parse_args(["--lr", "1e-3", "--precision", "fp32"])
+        train.resolve_args(args, demo=True)
         torch.manual_seed(0)
-        model = cdc.create_model("tiny", depth=1, width=32, heads=2, num_classes=4, resolutions=(4, 8))
+        model = cdc.create_model("test", num_classes=4, resolutions=(4, 8))
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        n, measured = train.pick_threads(model, cdc.CDCConfig(resolutions=(4, 8)), args, torch.device("cpu"), 4)
+        n, measured = train.pick_threads(model, cdc.CDCConfig(resolutions=(4, 8)), args, 4)
         assert n == faster == torch.get_num_threads() and "1 thread(s)" in measured and "2 thread(s)" in measured
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     finally:
         torch.set_num_threads(1)
-
-
-def test_the_timestep_generator_does_not_replay_the_global_rng():
-    """train.py seeds the global RNG (label coins, zeta) and the iid timesteps' CPU generator every step;
-    with one seed for both, t would be the coins' own uniforms (on the CPU): the streams must differ."""
-    seed, gseed = train.step_seed(0, 0, 5), train.step_seed(0, 0, 5, stream=1)
-    assert gseed != seed and train.step_seed(0, 0, 5, stream=0) == seed
-    torch.manual_seed(seed)
-    coins = torch.rand(64)
-    t = torch.rand(64, generator=torch.Generator().manual_seed(gseed))
-    assert abs(float(torch.corrcoef(torch.stack([coins, t]))[0, 1])) < 0.4

@@ -41,11 +41,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # file -> qualified names of the functions to mutate (None: every function in the file)
 TARGETS = {
     "cdc.py": None,
-    "train.py": ["Objective.forward", "make_optimizer", "update_ema", "ema_decay_at", "train_step", "step_seed"],
+    "train.py": ["Objective.forward", "make_optimizer", "update_ema", "ema_decay_at", "train_step", "step_seed",
+                 "choose_run", "check_compatible"],
     "data.py": ["_ImageDataset.set_epoch", "_ImageDataset.transform", "random_crop_arr", "DataOrder.__init__",
                 "DataOrder.set_position", "DataOrder._rest", "DataOrder.__iter__", "DataOrder.__len__"],
-    "runs.py": ["save_checkpoint", "list_checkpoints", "load_checkpoint", "find_runs", "find_resume",
-                "check_compatible"],
+    "runs.py": ["save_checkpoint", "list_checkpoints", "load_checkpoint", "prune_checkpoints"],
 }
 TEST_FILES = sorted(f for f in os.listdir(ROOT) if f.startswith("test_") and f.endswith(".py"))
 # Tests that reach the targets through `python train.py` / torchrun subprocesses (invisible to the trace),
@@ -57,7 +57,7 @@ SUBPROCESS_TESTS = {
     "data.py:DataOrder": ["test_train.py::test_torchrun_two_processes_gloo_ranks_agree_and_split_the_data",
                           "test_train.py::test_train_runs_and_resume_is_bit_exact"],
     "runs.py": ["test_train.py::test_train_runs_and_resume_is_bit_exact",
-                "test_train.py::test_checkpoint_config_mismatch_is_a_clear_error"],
+                "test_train.py::test_resume_refuses_what_it_cannot_load_or_that_does_not_match"],
 }
 EQUIVALENT = os.path.join(ROOT, "experiments", "mutation_equivalent.txt")
 

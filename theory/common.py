@@ -46,7 +46,7 @@ def load_images(data_path, image_size: int, n: int, seed: int = 0) -> torch.Tens
         ds = data.build_dataset(None, image_size, train=False, seed=seed, size=n)
         idx = range(n)
     else:
-        ds = data.build_dataset(data_path, image_size, train=False, center_crop=True, seed=seed)
+        ds = data.build_dataset(data_path, image_size, train=False, seed=seed)
         total = len(ds)
         idx = np.sort(np.random.default_rng(seed).choice(total, n, replace=False)) if n < total else range(total)
     return data.normalize(torch.stack([ds[int(i)][0] for i in idx])).double()
