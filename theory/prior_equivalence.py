@@ -59,7 +59,7 @@ class GaussianOracle:
     def __init__(self, mu: torch.Tensor, Sigma: torch.Tensor, config: "cdc.CDCConfig"):
         self.cdc, self.shape = config, tuple(mu.shape)          # mu: (C, R, R) at the last resolution
         self.mu, self.Sigma = mu.reshape(-1).double(), Sigma.double()
-        C, K = self.shape[0], config.K
+        C = self.shape[0]
         self.A, self.M = [], []
         for s, r in enumerate(config.resolutions):
             self.A.append(operator_matrix(lambda v, s=s: cdc.down(v, config.levels_below_top(s)), self.shape))
