@@ -196,8 +196,8 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     rank, world, device, distributed = setup_distributed()
     try:
-        if args.fid_batch_size < 1 or args.progress_every <= 0:
-            raise ConfigError("--fid-batch-size must be >= 1 and --progress-every > 0")
+        if args.fid_batch_size < 1 or args.progress_every <= 0 or args.sde_scale < 0:
+            raise ConfigError("--fid-batch-size must be >= 1, --progress-every > 0 and --sde-scale >= 0")
         if not args.ckpt:
             raise ConfigError("nothing to do: pass --ckpt (to evaluate or make references: python fid.py calc / ref)")
         if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:

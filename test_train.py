@@ -431,6 +431,8 @@ def test_bad_inputs_give_one_error_line(tmp_path):
     one_line_error(inproc("train.py", *TINY, "--resolutions", "4,9,16", cwd=tmp_path), "power-of-two")
     one_line_error(inproc("train.py", *TINY, "--patch-size", "3", cwd=tmp_path), "patch size")
     one_line_error(inproc("train.py", *TINY, "--keep-last", "-1", cwd=tmp_path), "--keep-last")
+    one_line_error(inproc("train.py", *TINY, "--class-dropout", "1.5", cwd=tmp_path), "--class-dropout")
+    one_line_error(inproc("sample.py", "--ckpt", tmp_path / "none.pt", "--sde-scale", "-1", cwd=tmp_path), "--sde-scale")
     one_line_error(inproc("train.py", "--max-steps", 1, "--global-batch-size", 6, "--grad-accum", 4, cwd=tmp_path),
                    "--grad-accum 4")
     one_line_error(inproc("sample.py", "--ckpt", tmp_path / "none.pt", cwd=tmp_path), "does not exist")

@@ -35,6 +35,7 @@ TABLE7 = dict(beta1=0.9, beta2=0.95, eps=1e-6, weight_decay=0.0, grad_clip=1.0, 
 SAMPLE_STEPS = 24     # steps per stage of the EMA sample grids (as sample.py's default)
 SHAPES_IMAGES = 20_000  # the built-in shapes (no --data-path): images per epoch, 4 classes
 SHAPES_CLASSES = 4
+PEAK_FLOPS = 989e12   # the MFU denominator: H100/H200 SXM dense bf16 (other GPUs: read TFLOP/s against theirs)
 
 # ------------------------------------------------------------------------------------------------
 #                                  Training step, EMA, seeding
@@ -199,7 +200,9 @@ class Meter:
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # CPU: peak resident set (KiB)
         return (f"loss {s['loss'] / s['steps']:.4f} ({per_stage}) grad_norm {s['gnorm'] / s['steps']:.3f} "
                 f"{steps / dt:.2f} steps/s {steps * global_batch / dt:.1f} img/s "
-                f"{s['flops'] / dt / world / 1e12:.3g} TFLOP/s per process mem {mem:.2f}GB"
+                f"{s['flops'] / dt / world / 1e12:.3g} TFLOP/s per process"
+                + (f" MFU {s['flops'] / dt / world / PEAK_FLOPS:.1%}" if self.device.type == "cuda" else "")
+                + f" mem {mem:.2f}GB"
                 + (f" skipped_images {s['skipped']}" if s["skipped"] else ""))
 
 
@@ -274,6 +277,8 @@ def get_parser():
     a("--ckpt-every", type=int, help="steps between checkpoints (each with an EMA sample grid)")
     a("--keep-last", type=int, default=0, help="keep the newest N checkpoints and those marked NNNNNNN.keep (0: all)")
     a("--cfg-scale", type=float, default=3.0, help="CFG scale of the sample grids")
+    a("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+      help="EMA decay min(0.9999, (1+t)/(10+t)), a departure; --no-ema-warmup is Table 7's constant 0.9999")
     return p
 
 
@@ -300,6 +305,8 @@ def resolve_args(args, demo):
     for name in ("global_batch_size", "log_every", "ckpt_every", "epochs", "grad_accum", "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.class_dropout <= 1:
+        raise ConfigError(f"--class-dropout is a probability in [0, 1], got {args.class_dropout}")
     if args.keep_last < 0:
         raise ConfigError("--keep-last must be >= 0 (0 keeps every checkpoint)")
     return f"--preset {args.preset}: " + ", ".join(filled)
