@@ -897,9 +897,7 @@ def inception_stats(det, x):
     import fid
     from data import to_uint8
     u8 = to_uint8(x.float().repeat(1, 3, 1, 1)).numpy()  # to_uint8 clamps to [-1, 1]
-    if hasattr(fid, "pool_stats"):
-        return fid.pool_stats(det, u8, "cpu", 50)
-    return fid.extract(det, fid.npz_batches(u8, 50), "cpu", every=1e9)["pool"].result()  # fid.py before pool_stats
+    return fid.pool_stats(det, u8, "cpu", 50)
 
 
 def fid_of(det, x, ref):
