@@ -107,6 +107,12 @@ def make_checkpoint(path, config=cdc.CDCConfig(resolutions=(4, 8, 16))):
                           "config": {"model": dataclasses.asdict(model.config), "cdc": config.to_dict()}}, path)
 
 
+def inf_backward(v):
+    """v itself, whose gradient becomes inf: a finite loss with a non-finite gradient."""
+    v.register_hook(lambda g: g * float("inf"))
+    return v
+
+
 class HostToDevice(TorchDispatchMode):
     """Counts ops that take a CPU tensor into a computation on another device (a host-to-device copy)."""
 
