@@ -27,9 +27,7 @@ RES = (4, 8, 16)   # TINY's stages
 NULL = 4           # TINY's built-in shapes: 4 classes, label 4 is the null class
 
 
-# ------------------------------------------------------------------------------------------------
-#                           Two recorded train.py runs (main() in this process)
-# ------------------------------------------------------------------------------------------------
+# --- Two recorded train.py runs (main() in this process) ------------------------------------------
 
 # Run A: stratified stage sampling (the default) with everything else away from its default.
 FLAGS_A = ["--lr", "3e-3", "--fusion", "add", "--windows", "0.25,0.25,0.5", "--sigma", "0.7", "--gamma", "3",
@@ -242,10 +240,10 @@ def test_class_dropout_fusion_and_precision_flags(run_a, run_b):
 # --- train.py's sample grids ---------------------------------------------------------------------
 
 
-def woken_model(seed, num_classes=4):
+def woken_model(seed):
     """A tiny network whose samples depend on its weights, labels and guidance."""
     torch.manual_seed(seed)
-    return wake(cdc.create_model("test", num_classes=num_classes, resolutions=RES)).eval()
+    return wake(cdc.create_model("test", num_classes=4, resolutions=RES)).eval()
 
 
 @pytest.mark.parametrize("flags, scale", [(["--cfg-scale", "1"], 1.0), (["--cfg-scale", "2"], 2.0)])
@@ -273,9 +271,7 @@ def test_train_sample_grid_uses_cfg_scale(monkeypatch, flags, scale):
     assert (got - default_scale).abs().max() > 1e-2 and (got - draw(field, 2)).abs().max() > 1e-2
 
 
-# ------------------------------------------------------------------------------------------------
-#                                   sample.py on a known checkpoint
-# ------------------------------------------------------------------------------------------------
+# --- sample.py on a known checkpoint --------------------------------------------------------------
 
 # Non-default sigma, gamma and interpolant: sample.py must sample with the checkpoint's CDCConfig.
 CKPT_CDC = cdc.CDCConfig(resolutions=RES, sigma=0.8, gamma=3.0, interpolant="trigonometric")
@@ -300,10 +296,7 @@ def by_hand(ckpt, entry="ema", scale=3.0, steps=2, solver="euler", sde_scale=1.0
     model.eval().to(DEVICE)
     gen = sample.batch_generator(seed, 0, DEVICE)
     y = sample.batch_labels(0, 4, 4, labels, gen).to(DEVICE)
-    if scale == 1:
-        field = lambda x, t, s: model(x, t, y).float()  # noqa: E731
-    else:
-        field = cdc.guided_field(model, y, scale)
+    field = (lambda x, t, s: model(x, t, y).float()) if scale == 1 else cdc.guided_field(model, y, scale)
     with torch.no_grad(), torch.autocast(DEVICE.type, torch.bfloat16, enabled=precision == "bf16"):
         out = cdc.sample(field, CKPT_CDC, 4, steps=steps, solver=solver, sde_scale=sde_scale, generator=gen, device=DEVICE)
     return data.to_uint8(out).numpy()

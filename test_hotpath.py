@@ -40,9 +40,7 @@ def gloo(rank, world, store):
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
 
 
-# ------------------------------------------------------------------------------------------------
-#                     1. The all-reduce runs during the largest stage's backward
-# ------------------------------------------------------------------------------------------------
+# --- 1. The all-reduce runs during the largest stage's backward -----------------------------------
 
 
 def _ddp_worker(rank, world, store, out):
@@ -109,9 +107,7 @@ def test_every_rank_carries_the_same_stage_mix_under_ddp(ddp_run):
     assert r0 == r1 and r0[:3] == [[2, 2, 2]] * 3 and [sum(c) for c in r0[3:]] == [8, 8]
 
 
-# ------------------------------------------------------------------------------------------------
-#                             2. No host synchronisation inside a step
-# ------------------------------------------------------------------------------------------------
+# --- 2. No host synchronisation inside a step -----------------------------------------------------
 
 
 @pytest.mark.parametrize("precision, accum", [("fp32", 2), ("bf16", 1)])
@@ -150,9 +146,7 @@ def test_the_default_step_copies_nothing_from_the_host():
     assert seen.copies
 
 
-# ------------------------------------------------------------------------------------------------
-#                                 3. One resume decision for all ranks
-# ------------------------------------------------------------------------------------------------
+# --- 3. One resume decision for all ranks ---------------------------------------------------------
 
 def _run_parts(results_dir):
     args = train.get_parser().parse_args([*TINY, "--resume", "auto", "--results-dir", results_dir])
@@ -210,9 +204,7 @@ def test_rank_0_decides_the_resume_and_every_rank_follows(tmp_path):
     assert e0 == e1 and "rank 1 cannot read the checkpoint" in e0["error"] and "\n" not in e0["error"]
 
 
-# ------------------------------------------------------------------------------------------------
-#                             4. Gradient accumulation, non-finite steps
-# ------------------------------------------------------------------------------------------------
+# --- 4. Gradient accumulation, non-finite steps ---------------------------------------------------
 
 
 def test_two_micro_batches_of_b_give_the_gradient_of_one_batch_of_2b():

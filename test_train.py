@@ -26,8 +26,7 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-# ------------------------------------------------------------------------------------------------
-# data
+# --- data -----------------------------------------------------------------------------------------
 
 
 def test_procedural_shapes_deterministic_and_in_range():
@@ -74,41 +73,6 @@ def test_npz_dataset_and_errors(tmp_path):
             data.build_dataset(str(tmp_path / bad), 16)
 
 
-def load_by_index(ds, order, workers):
-    """{index: image} for the indices in `order`, loaded by a DataLoader with `workers` processes."""
-    loader = torch.utils.data.DataLoader(ds, batch_size=1, sampler=order, num_workers=workers)
-    return {i: x[0] for i, (x, _) in zip(order, loader)}
-
-
-def test_augmentation_is_a_function_of_seed_epoch_and_index_in_any_worker(tmp_path):
-    """Item i's crop and flip depend on (seed, epoch, i) only, not on the worker nor the order (bit-exact
-    resume with workers). Every stored image is the same picture: differences are the augmentation's."""
-    pic = np.random.default_rng(0).integers(0, 256, (24, 30, 3), dtype=np.uint8)
-    np.savez(tmp_path / "d.npz", arr_0=np.stack([pic] * 12))
-    ds = data.build_dataset(str(tmp_path / "d.npz"), 16, seed=5)
-    order = list(range(12))
-    base = load_by_index(ds, order, 0)
-    for workers, perm in ((2, order[::-1]), (2, [5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6])):
-        other = load_by_index(ds, perm, workers)
-        assert all(torch.equal(base[i], other[i]) for i in order), workers
-    distinct = {x.numpy().tobytes() for x in base.values()}
-    assert len(distinct) >= 6                                   # crops and flips vary with the index
-    flipped = [i for i in order if torch.equal(base[i], base[i].flip(-1))]
-    assert not flipped                                          # (the picture itself is not symmetric)
-    ds.set_epoch(1)                                             # a new epoch: new crops and flips
-    epoch1 = load_by_index(ds, order, 2)
-    assert sum(not torch.equal(base[i], epoch1[i]) for i in order) >= 9
-    ds.set_epoch(0)
-    assert all(torch.equal(base[i], x) for i, x in load_by_index(ds, order, 2).items())
-    reseeded = data.build_dataset(str(tmp_path / "d.npz"), 16, seed=6)
-    assert sum(not torch.equal(base[i], reseeded[i][0]) for i in order) >= 9
-    # the evaluation view takes no random draw: identical across epochs
-    ev = data.build_dataset(str(tmp_path / "d.npz"), 16, train=False)
-    first = ev[3][0]
-    ev.set_epoch(7)
-    assert torch.equal(first, ev[3][0]) and torch.equal(first, ev[4][0])
-
-
 def crop_positions(out, full, size):
     """The (x, y) at which `out` (size x size, HWC uint8) sits in `full`, and whether it is mirrored."""
     h, w = full.shape[:2]
@@ -118,26 +82,39 @@ def crop_positions(out, full, size):
     return hits[0]
 
 
-def test_table7_crop_and_flip_through_the_training_data(tmp_path):
+def test_table7_crop_and_flip_are_a_function_of_seed_epoch_and_index(tmp_path):
     """Table 7's transform as train.py builds it: shorter side -> round(1.125 size), a uniform random crop
-    (every position occurs), mirrored with probability 1/2, never with --no-hflip; evaluation: the centre."""
+    (every position occurs), mirrored with probability 1/2 (never with --no-hflip), drawn from (seed, epoch,
+    index) alone, in any loader worker and order (bit-exact resume); evaluation: the centre, no draw."""
     pic = np.random.default_rng(1).integers(0, 256, (36, 44, 3), dtype=np.uint8)
     resized = np.asarray(Image.fromarray(pic).resize((22, 18), Image.LANCZOS))     # 36 -> round(1.125 * 16) = 18
+    where = lambda x: crop_positions(x.permute(1, 2, 0).numpy(), resized, 16)  # noqa: E731
     np.savez(tmp_path / "d.npz", arr_0=np.stack([pic] * 300))
     hits = {}
-    for flag in ([], ["--no-hflip"]):
+    for flag in (["--no-hflip"], []):
         args = train.get_parser().parse_args(["--data-path", str(tmp_path / "d.npz"), "--resolutions", "8,16",
                                               "--global-batch-size", "4", *flag])
         train.resolve_args(args, demo=False)
         ds = train.build_data(args, 1, 0)[0]
-        hits[bool(flag)] = [crop_positions(ds[i][0].permute(1, 2, 0).numpy(), resized, 16) for i in range(300)]
+        hits[bool(flag)] = [where(ds[i][0]) for i in range(300)]
     assert {(x, y) for x, y, _ in hits[False]} == {(x, y) for x in range(7) for y in range(3)}
-    flips = sum(f for _, _, f in hits[False])
-    assert abs(flips - 150) < 4 * math.sqrt(300 / 4), flips                        # Binomial(300, 1/2), 4 sd
+    assert abs(sum(f for _, _, f in hits[False]) - 150) < 4 * math.sqrt(300 / 4)  # Binomial(300, 1/2), 4 sd
     assert not any(f for _, _, f in hits[True])
+    order = [5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6, 23, 12, 22, 13, 21, 14, 20, 15, 19, 16, 18, 17]
+
+    def loaded():  # by 2 worker processes, in another order
+        loader = torch.utils.data.DataLoader(ds, batch_size=1, sampler=order, num_workers=2)
+        return {i: where(x[0]) for i, (x, _) in zip(order, loader)}
+    ds.set_epoch(1)                                                                # a new epoch: new crops and flips
+    assert sum(p != hits[False][i] for i, p in loaded().items()) >= 18
+    ds.set_epoch(0)
+    assert loaded() == {i: hits[False][i] for i in order}
+    reseeded = data.build_dataset(str(tmp_path / "d.npz"), 16, seed=1)             # train.py's --global-seed is 0
+    assert sum(where(reseeded[i][0]) != hits[False][i] for i in order) >= 18
     ev = data.build_dataset(str(tmp_path / "d.npz"), 16, train=False)              # evaluation: the resized centre
-    assert crop_positions(ev[0][0].permute(1, 2, 0).numpy(),
-                          np.asarray(Image.fromarray(pic).resize((20, 16), Image.LANCZOS)), 16) == (2, 0, False)
+    centre = np.asarray(Image.fromarray(pic).resize((20, 16), Image.LANCZOS))
+    ev.set_epoch(7)
+    assert crop_positions(ev[0][0].permute(1, 2, 0).numpy(), centre, 16) == (2, 0, False) and torch.equal(ev[0][0], ev[4][0])
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -164,22 +141,7 @@ def test_data_order_splits_every_global_batch_and_continues_on_any_world_size(wo
         assert len(set(sum(streams, []))) == 48 - pos                                # no index on two ranks
 
 
-def test_step_seeds_differ_per_rank_step_and_stream():
-    """step_seed: a pure function of (seed, rank, step, stream), different for each; streams 0 (global RNG)
-    and 1 (the iid timesteps' CPU generator) must differ, else t would replay the label coins."""
-    seeds = {(g, r, s): train.step_seed(g, r, s) for g in (0, 1) for r in range(4) for s in range(50)}
-    assert len(set(seeds.values())) == len(seeds) and all(0 <= v < 2 ** 63 for v in seeds.values())
-    assert train.step_seed(0, 1, 7) == seeds[0, 1, 7] == train.step_seed(0, 1, 7, stream=0)
-    seed, gseed = train.step_seed(0, 0, 5), train.step_seed(0, 0, 5, stream=1)
-    assert gseed != seed
-    torch.manual_seed(seed)
-    coins = torch.rand(64)
-    t = torch.rand(64, generator=torch.Generator().manual_seed(gseed))
-    assert abs(float(torch.corrcoef(torch.stack([coins, t]))[0, 1])) < 0.4
-
-
-# ------------------------------------------------------------------------------------------------
-# training step, EMA, precision
+# --- training step, EMA, precision ----------------------------------------------------------------
 
 
 def test_ema_decay_warmup_schedule():
@@ -200,17 +162,12 @@ def test_bf16_autocast_training_step_and_sampler_match_fp32():
     x, y = torch.randn(12, 3, 16, 16).clamp(-1, 1), torch.randint(0, 4, (12,))
     res = {}
     for precision in ("fp32", "bf16"):
-        args = Namespace(precision=precision, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True, lr=1e-3, beta1=0.9,
-                         beta2=0.95, eps=1e-6, weight_decay=0.0)
-        m = deepcopy(model)
-        ema, opt = deepcopy(m).requires_grad_(False), train.make_optimizer(m, args)
+        args, m = Namespace(precision=precision, lr=1e-3, **train.TABLE7), deepcopy(model)
         torch.manual_seed(1)
-        out, gnorm, ok = train.train_step(train.Objective(m, config, 0.1, "mean", "stratified"), m, ema, opt, x, y,
-                                          torch.Generator().manual_seed(1), 0, args)
-        assert bool(ok) and out["loss"].dtype == torch.float32 and out["stage_loss"].shape == (3,)
-        assert torch.isfinite(out["stage_loss"]).all() and out["stage_count"] == [4, 4, 4]
+        out, gnorm, ok = train.train_step(train.Objective(m, config, 0.1, "mean", "stratified"), m, deepcopy(m).requires_grad_(False),
+                                          train.make_optimizer(m, args), x, y, torch.Generator().manual_seed(1), 0, args)
         grad = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
-        assert all(torch.isfinite(p).all() for p in m.parameters()) and torch.isfinite(grad).all()
+        assert bool(ok) and out["loss"].dtype == torch.float32 and torch.isfinite(out["stage_loss"]).all() and torch.isfinite(grad).all()
         res[precision] = out["loss"].item(), gnorm.item(), grad, torch.cat([p.detach().flatten() for p in m.parameters()])
     (l32, g32, d32, w32), (l16, g16, d16, w16) = res["fp32"], res["bf16"]
     torch.manual_seed(1)
@@ -231,8 +188,7 @@ def test_bf16_autocast_training_step_and_sampler_match_fp32():
     assert 0 < err < 0.05 * s32.std().item(), err
 
 
-# ------------------------------------------------------------------------------------------------
-# training runs, checkpoints, resume
+# --- training runs, checkpoints, resume -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("accum, res", [(1, "4,8,16"), (2, "4,16")])
@@ -458,26 +414,18 @@ import torch
 sys.path.insert(0, {here!r})
 import conftest, cdc, data, train  # conftest: the test size
 rec = {{"indices": [], "noise": [], "weights": [], "seeds": []}}
-noise = None
-get, randn, step = data.ProceduralShapes.__getitem__, cdc.randn, train.train_step
+get, randn, step, end = data.ProceduralShapes.__getitem__, cdc.randn, train.train_step, train.end_distributed
 def getitem(self, i):
     rec["indices"].append(int(i))
     return get(self, i)
 def recording_randn(*a, **k):
-    z = randn(*a, **k)
-    if noise is not None:
-        noise.append(z.clone())
-    return z
+    rec["noise"].append(randn(*a, **k))
+    return rec["noise"][-1].clone()
 def recording_step(objective, model, ema, opt, x, y, gen, s, args):
-    global noise
-    noise = []
     rec["seeds"].append((torch.initial_seed(), gen.initial_seed()))
     out = step(objective, model, ema, opt, x, y, gen, s, args)
-    rec["noise"].append(noise)
-    noise = None
     rec["weights"].append({{k: v.detach().clone() for k, v in model.state_dict().items()}})
     return out
-end = train.end_distributed
 def save_then_end():  # train() ends a distributed run with os._exit: save what was recorded first
     torch.save(rec, "rank%s.pt" % os.environ["RANK"])
     end()
@@ -515,8 +463,7 @@ def test_torchrun_two_processes_gloo_ranks_agree_and_split_the_data(tmp_path):
     for s in range(4):
         a, b = r0["indices"][4 * s:4 * s + 4], r1["indices"][4 * s:4 * s + 4]
         assert not set(a) & set(b) and sorted(a + b) == sorted(ref[8 * s:8 * s + 8]), s
-    for s, (n0, n1) in enumerate(zip(r0["noise"], r1["noise"])):
-        assert len(n0) == len(n1) > 0 and all(u.shape == v.shape and not torch.equal(u, v) for u, v in zip(n0, n1)), s
+    assert len(r1["noise"]) > 0 and all(not torch.equal(u, v) for u, v in zip(r0["noise"], r1["noise"]))  # rank 0 also samples
     assert len({seed for r in (r0, r1) for pair in r["seeds"] for seed in pair}) == 16  # (rank, step, stream)
 
 
@@ -536,8 +483,7 @@ def test_sample_npz_is_the_same_for_one_and_two_processes(tmp_path):
         assert len({x.tobytes() for x in a["arr_0"]}) == 10  # ten different images, not one repeated
 
 
-# ------------------------------------------------------------------------------------------------
-# presets and automatic settings
+# --- presets and automatic settings ---------------------------------------------------------------
 
 
 def test_presets_fill_the_flags_not_given_and_help_shows_their_values():
