@@ -393,7 +393,7 @@ def test_image_folder_with_corrupt_files_trains_and_unconditional_ignores_labels
     make_folder(tmp_path / "data")
     ds = data.build_dataset(str(tmp_path / "data"), 16)
     items = [ds[i] for i in range(len(ds))]
-    assert len(ds) == 16 and ds.num_classes == 2 and [y for _, y in items] == [0] * 8 + [1] * 8
+    assert len(ds) == 16 and ds.classes == ["cats", "dogs"] and [y for _, y in items] == [0] * 8 + [1] * 8
     assert all(x.shape == (3, 16, 16) and x.dtype == torch.uint8 for x, _ in items) and ds.num_skipped == 2
     p = ok(inproc("train.py", *TINY, "--data-path", tmp_path / "data", "--max-steps", 2, "--ckpt-every", 2,
                   "--results-dir", "c", cwd=tmp_path))
