@@ -24,32 +24,27 @@ settings.register_profile("cdc", deadline=None, max_examples=25, derandomize=Tru
 settings.load_profile("cdc")
 
 
-# ------------------------------------------------------------------------------------------------
-#        Helpers shared by the test files (they import them from here, never from each other)
-# ------------------------------------------------------------------------------------------------
+# --- Helpers shared by the test files (they import them from here, never from each other) ---------
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The tests' network and data: a DiT of a few thousand parameters (the size "test", added to cdc.PRESETS
-# here) on 48 built-in images of 16 px in 3 stages, 6 steps of 8 images per epoch, sample grids of 2 steps
-# per stage: a second per run.
+# The tests' network and data: a DiT of a few thousand parameters (size "test") on 48 built-in images of
+# 16 px in 3 stages, 6 steps of 8 images per epoch, sample grids of 2 steps per stage: a second per run.
 cdc.PRESETS["test"] = dict(depth=1, width=32, heads=2, patch_size=2)
 train.SHAPES_IMAGES, train.SAMPLE_STEPS = 48, 2
 TINY = ["--model", "test", "--resolutions", "4,8,16", "--global-batch-size", "8", "--log-every", "2"]
 
 
 def run(script, *args, cwd, torchrun=False):
-    """`python script args` in a new process (or 2 under torchrun), by way of this file's __main__ below, so
-    that the script knows the test size. One thread (OMP_NUM_THREADS=1): bit-exact comparisons across
-    processes, and train.py measures no thread count."""
+    """`python script args` in a new process (or 2 under torchrun) by way of this file's __main__ (the test
+    size), with one thread: bit-exact across processes, and train.py measures no thread count."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
     return subprocess.run([*launcher, os.path.join(HERE, "conftest.py"), script, *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
 
 
 def inproc(script, *args, cwd):
-    """`run` without the interpreter start-up: the script's main() in this process, in `cwd`, with its
-    stdout and stderr captured and SystemExit turned into a return code (an uncaught exception propagates
-    and fails the test, as a traceback would)."""
+    """`run` without the interpreter start-up: the script's main() in this process and in `cwd`, output
+    captured, SystemExit turned into a return code (an uncaught exception fails the test)."""
     import sample
     main = {"train.py": train.main, "sample.py": sample.main}[script]
     out, err, code = io.StringIO(), io.StringIO(), 0
@@ -105,6 +100,12 @@ def make_checkpoint(path, config=cdc.CDCConfig(resolutions=(4, 8, 16))):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     runs.save_checkpoint({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": {}, "step": 0,
                           "config": {"model": dataclasses.asdict(model.config), "cdc": config.to_dict()}}, path)
+
+
+def inf_backward(v):
+    """v itself, whose gradient becomes inf: a finite loss with a non-finite gradient."""
+    v.register_hook(lambda g: g * float("inf"))
+    return v
 
 
 class HostToDevice(TorchDispatchMode):

@@ -1,20 +1,6 @@
-"""Flags of train.py and sample.py that change what is computed: each test fails when the code ignores
-its flag (silently uses the default) or inverts it. Flags go in as the user gives them, parsed by the
-script's own parser, then through the functions the script itself calls, or through main() in this
-process, so that a flag the parser accepts but the code never reads is caught.
-
-Two recorded training runs (`run_a`, `run_b`: 2 steps each of a tiny network, each flag of interest
-away from its default in at least one of them) serve most train.py tests; sample.py runs on a
-checkpoint whose weights, EMA and interpolant are all non-default, and its images are compared with
-samples drawn here by hand.
-
-Covered elsewhere, not repeated here: --no-hflip is test_train.py's
-test_table7_crop_and_flip_through_the_training_data, --unconditional its
-test_image_folder_with_corrupt_files_trains_and_unconditional_ignores_labels, --keep-last its
-test_keep_last_keeps_the_newest_the_marked_and_never_a_newer_one and test_scale.py's
-test_resume_auto_before_the_first_checkpoint_reuses_the_empty_run; train_step's own reading of
-args.precision is test_train.py's test_bf16_autocast_training_step_and_sampler_match_fp32.
-"""
+"""Flags of train.py and sample.py that change what is computed: each test fails when the code ignores its
+flag or inverts it. Flags go through the script's own parser and main() (two recorded 2-step training runs,
+run_a and run_b) or the functions the script calls; sample.py's images are compared with images drawn by hand."""
 
 import contextlib
 import dataclasses
@@ -41,9 +27,7 @@ RES = (4, 8, 16)   # TINY's stages
 NULL = 4           # TINY's built-in shapes: 4 classes, label 4 is the null class
 
 
-# ------------------------------------------------------------------------------------------------
-#                           Two recorded train.py runs (main() in this process)
-# ------------------------------------------------------------------------------------------------
+# --- Two recorded train.py runs (main() in this process) ------------------------------------------
 
 # Run A: stratified stage sampling (the default) with everything else away from its default.
 FLAGS_A = ["--lr", "3e-3", "--fusion", "add", "--windows", "0.25,0.25,0.5", "--sigma", "0.7", "--gamma", "3",
@@ -59,9 +43,8 @@ SETTINGS = {"a": dict(flags=FLAGS_A, cdc=CDC_A, class_dropout=1.0, reduction="su
 
 
 def recorded_run(root, name):
-    """train.main on TINY for 2 steps (a checkpoint after each) with run `name`'s flags, recording what it
-    computed: per training_losses call its inputs, seeds and outputs and the labels the network saw; per
-    velocity_loss call its inputs and value."""
+    """train.main on TINY for 2 steps (a checkpoint after each) with run `name`'s flags, recording each
+    training_losses call (inputs, seeds, output, labels the network saw) and each velocity_loss call."""
     rec = {"steps": [], "losses": []}
     real_losses, real_velocity = cdc.training_losses, cdc.velocity_loss
 
@@ -110,9 +93,8 @@ def recorded(request):
 
 
 class ZeroField(torch.nn.Module):
-    """The DiT at initialisation outputs exactly 0 (adaLN-Zero and a zero output layer), so the first
-    step's loss is a function of the data, the random draws and the interpolant alone: this field
-    recomputes it under any configuration."""
+    """The DiT at initialisation outputs exactly 0 (adaLN-Zero): the first step's loss depends on the data,
+    the draws and the interpolant alone, and this field recomputes it under any configuration."""
 
     null_class = NULL
 
@@ -133,10 +115,8 @@ def recompute(step, cdc_cfg, class_dropout, reduction, stage_sampling):
 
 @pytest.mark.parametrize("recorded, lr", [("a", 3e-3), ("b", train.TRAIN_PRESETS["demo"]["lr"])], indirect=["recorded"])
 def test_lr_flag_and_table7_constants_are_the_adamw_the_run_saved(recorded, lr):
-    """--lr (run B: the demo preset's), with Table 7's betas, eps and weight decay: the optimiser state
-    train.py checkpoints (the AdamW it stepped) carries exactly these. And make_optimizer reads all four
-    from `args` (another namespace's values are what it builds). Catches --lr ignored and a constant
-    hard-coded in make_optimizer, e.g. betas=(args.beta1, 0.95)."""
+    """The AdamW the run saved has --lr and Table 7's betas, eps and weight decay, all read from `args` by
+    make_optimizer. Catches --lr ignored and a constant hard-coded, e.g. betas=(args.beta1, 0.95)."""
     want = dict(lr=lr, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0)
     for c in recorded["ckpts"]:
         (group,) = c["opt"]["param_groups"]
@@ -148,55 +128,31 @@ def test_lr_flag_and_table7_constants_are_the_adamw_the_run_saved(recorded, lr):
 
 
 def test_train_step_clips_to_args_grad_clip_and_averages_with_args_ema_decay():
-    """train_step reads args.grad_clip, args.ema_decay and args.ema_warmup: with grad_clip 1e-7 AdamW steps
-    on the gradient rescaled to norm 1e-7 (the weights equal a reference AdamW step on that gradient), not on
-    the raw gradient nor on one clipped to Table 7's 1.0; with ema_decay 0.3 and no warm-up the EMA is
-    0.3 ema + 0.7 weights (the warm-up would give 0.1, Table 7's decay 0.9999). (At norm 1e-7 every entry is
-    below eps = 1e-6, so the step itself shows the clip: Adam's first step is lr * g / (|g| + eps), about
-    lr * sign(g) for a gradient of norm near 1.)"""
+    """grad_clip 1e-7: AdamW steps on the gradient rescaled to norm 1e-7 (not the raw one, nor clipped at 1.0);
+    ema_decay 0.3 without warm-up: EMA = 0.3 ema + 0.7 weights (catches a swapped lerp weight)."""
     args = train.get_parser().parse_args(["--precision", "fp32"])
     train.resolve_args(args, demo=True)
     args.grad_clip, args.ema_decay, args.ema_warmup = 1e-7, 0.3, False
-    torch.manual_seed(0)
-    model = wake(cdc.create_model("test", num_classes=4, resolutions=RES))
-    config = cdc.CDCConfig(resolutions=RES)
+    model, config = woken_model(0).train(), cdc.CDCConfig(resolutions=RES)
     x, y = torch.randn(6, 3, 16, 16).clamp(-1, 1), torch.randint(0, 4, (6,))
-
-    def fresh():
-        m = deepcopy(model)
-        return m, train.Objective(m, config, args.class_dropout, args.loss_reduction, args.stage_sampling)
-
-    ref_model, ref_objective = fresh()             # the raw gradient of the same draws
-    torch.manual_seed(1)
-    ref_objective(x, y, torch.Generator().manual_seed(1), 0)["loss"].backward()
-    raw = [p.grad.clone() for p in ref_model.parameters()]
-    raw_norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in raw]))
-
-    m, objective = fresh()
+    flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    ref, m = deepcopy(model), deepcopy(model)
+    torch.manual_seed(1)                                               # the raw gradient of the same draws
+    train.Objective(ref, config, 0.1, "mean", "stratified")(x, y, torch.Generator().manual_seed(1), 0)["loss"].backward()
+    raw = torch.cat([p.grad.flatten() for p in ref.parameters()])
     ema, opt = woken_model(5).requires_grad_(False), train.make_optimizer(m, args)  # an EMA away from the weights
     ema0 = {k: v.clone() for k, v in ema.state_dict().items()}
     torch.manual_seed(1)
-    _, gnorm, ok_ = train.train_step(objective, m, ema, opt, x, y, torch.Generator().manual_seed(1), 0, args)
-    assert bool(ok_) and raw_norm > 1e-3
-    torch.testing.assert_close(gnorm, raw_norm, rtol=1e-5, atol=0)        # the norm before clipping is logged
-    got = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in m.parameters()]))
-    assert got == pytest.approx(1e-7, rel=1e-4), got                       # what the optimiser stepped on
-
-    def adamw_step(grads):
-        w = deepcopy(model)
-        o = torch.optim.AdamW(w.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
-                              weight_decay=args.weight_decay, foreach=False)
-        for p, g in zip(w.parameters(), grads):
-            p.grad = g.clone()
-        o.step()
-        return torch.cat([p.detach().flatten() for p in w.parameters()])
-
-    stepped = torch.cat([p.detach().flatten() for p in m.parameters()])
-    clipped = adamw_step([g * (1e-7 / raw_norm) for g in raw])
-    torch.testing.assert_close(stepped, clipped, rtol=1e-5, atol=1e-9)
-    for other in (adamw_step(raw), adamw_step([g * min(1.0, 1.0 / raw_norm) for g in raw])):  # unclipped; clip 1.0
-        assert (stepped - other).abs().max() > 0.5 * args.lr
-    weights = {k: v for k, v in m.state_dict().items()}
+    _, gnorm, ok_ = train.train_step(train.Objective(m, config, 0.1, "mean", "stratified"), m, ema, opt, x, y,
+                                     torch.Generator().manual_seed(1), 0, args)
+    assert bool(ok_) and raw.norm() > 1e-3
+    torch.testing.assert_close(gnorm, raw.norm(), rtol=1e-5, atol=0)  # the norm before clipping is logged
+    adam = lambda g: -args.lr * g / (g.abs() + args.eps)  # noqa: E731  (AdamW's first step, no weight decay)
+    delta = flat(m) - flat(model)
+    torch.testing.assert_close(delta, adam(raw * (1e-7 / raw.norm())), rtol=1e-4, atol=1e-7)
+    for other in (raw, raw * min(1.0, 1.0 / raw.norm())):             # unclipped; clipped at 1.0
+        assert (delta - adam(other)).abs().max() > 0.5 * args.lr
+    weights = m.state_dict()
     for k, v in ema.state_dict().items():
         torch.testing.assert_close(v, 0.3 * ema0[k] + 0.7 * weights[k], rtol=1e-5, atol=1e-7, msg=k)
     assert any((ema0[k] - weights[k]).abs().max() > 1e-2 for k in ema0)  # so another decay gives another EMA
@@ -204,10 +160,8 @@ def test_train_step_clips_to_args_grad_clip_and_averages_with_args_ema_decay():
 
 @pytest.mark.parametrize("recorded", ["a", "b"], indirect=True)
 def test_the_saved_ema_is_the_warmed_up_average(recorded):
-    """What train.py saves: ema_{s+1} = d_s ema_s + (1 - d_s) theta_{s+1} from the checkpointed weights, with
-    the warm-up d_s = min(0.9999, (1 + s) / (10 + s)) = 0.1, 2/11 on by default (run B), Table 7's constant
-    0.9999 under --no-ema-warmup (run A). Catches the warm-up off by default, the flag ignored, and a decay of
-    step s + 1."""
+    """Saved EMA = d_s ema + (1 - d_s) weights with d_s = 0.1, 2/11 (warm-up, on by default: run B) or 0.9999
+    (--no-ema-warmup: run A). Catches the warm-up off by default, the flag ignored, a decay of step s + 1."""
     ema = initial_weights(recorded["argv"])
     for d, c in zip((0.9999, 0.9999) if recorded["name"] == "a" else (0.1, 2 / 11), recorded["ckpts"]):
         ema = {k: d * ema[k] + (1 - d) * c["model"][k] for k in ema}
@@ -222,10 +176,8 @@ def test_the_saved_ema_is_the_warmed_up_average(recorded):
                                              ("b", "sigma"), ("b", "gamma"), ("b", "interpolant")],
                          indirect=["recorded"])
 def test_interpolant_flags_are_what_the_first_step_trained_on(recorded, field):
-    """--sigma, --gamma, --interpolant, --windows: the first step's loss (network still exactly zero)
-    is the loss under the flags' CDCConfig, and not the one with this field at its default; the config
-    handed to every training step and saved in the checkpoint (which sample.py samples with) is the
-    flags' one. Catches train.build (or train()) dropping any of the four."""
+    """--sigma, --gamma, --interpolant, --windows: the first step's loss is the one under the flags' CDCConfig,
+    not with this field at its default; every step and checkpoint gets that config."""
     s = SETTINGS[recorded["name"]]
     want = s["cdc"]
     assert all(step["cdc"] == want for step in recorded["steps"])
@@ -238,28 +190,19 @@ def test_interpolant_flags_are_what_the_first_step_trained_on(recorded, field):
     assert abs(recompute(first, default, **kw)["loss"].item() / first["loss"] - 1) > 1e-3
 
 
-def test_windows_set_the_stratified_stage_counts(run_a):
-    """--windows 0.25,0.25,0.5 with 8 images per step: every step trains exactly 2, 2 and 4 images at
-    the three stages (B w_k), where equal windows would give 3, 3, 2 in rotation. Catches the windows
-    ignored; with stratified sampling (the default) it also catches i.i.d. sampling used instead."""
+def test_windows_and_stage_sampling_set_the_stage_counts(run_a, run_b):
+    """Stratified --windows 0.25,0.25,0.5 with 8 images: 2, 2, 4 every step (equal windows: 3, 3, 2 rotating);
+    --stage-sampling iid: the counts of Alg. 1's i.i.d. draws from the step's seeds, not the quotas."""
     assert [step["counts"] for step in run_a["steps"]] == [[2, 2, 4], [2, 2, 4]]
-
-
-def test_stage_sampling_iid_draws_the_stage_mix_per_sample(run_b):
-    """--stage-sampling iid: every step's stage counts are those of Alg. 1's i.i.d. draws from that
-    step's seeds, which differ from the stratified quotas of the same seeds at some step. Catches the
-    flag ignored (stratified quotas used)."""
     iid = [recompute(step, CDC_B, 0.0, "mean", "iid")["stage_count"] for step in run_b["steps"]]
     stratified = [recompute(step, CDC_B, 0.0, "mean", "stratified")["stage_count"] for step in run_b["steps"]]
-    assert [step["counts"] for step in run_b["steps"]] == iid
-    assert iid != stratified, (iid, stratified)
+    assert [step["counts"] for step in run_b["steps"]] == iid != stratified, (iid, stratified)
 
 
 @pytest.mark.parametrize("recorded", ["a", "b"], indirect=True)
 def test_loss_reduction_is_the_per_sample_loss_the_run_trained_on(recorded):
-    """--loss-reduction: every per-sample loss of the run is the sum (run A: --loss-reduction sum) or the
-    mean (run B: the default) of its squared errors over C x H x W, and so is the first step's loss.
-    Catches the flag ignored (mean instead of sum) or inverted."""
+    """--loss-reduction: every per-sample loss is the sum (run A) or the mean (run B, the default) of its
+    squared errors over C x H x W, and so is the first step's loss."""
     s = SETTINGS[recorded["name"]]
     reduction = s["reduction"]
     # one call per stage that got samples, both steps (an i.i.d. draw may leave a stage empty)
@@ -273,23 +216,14 @@ def test_loss_reduction_is_the_per_sample_loss_the_run_trained_on(recorded):
     assert first["loss"] != pytest.approx(loss[{"sum": "mean", "mean": "sum"}[reduction]], rel=1e-3)
 
 
-def test_class_dropout_replaces_labels_by_the_null_class(run_a, run_b):
-    """--class-dropout: at 1 the network sees only the null class in training (run A), at 0 only the
-    data's labels (run B). Catches the flag ignored (the default 0.1 drops ~1 label in 10)."""
+def test_class_dropout_fusion_and_precision_flags(run_a, run_b):
+    """Run A / run B: --class-dropout 1 / 0: the network saw only the null class / only the data's labels;
+    --fusion add / xattn: the saved network adds (Table 4), without / with cross-attention maps; --precision
+    bf16 / fp32: every training forward's output has that dtype, whatever the device's default."""
     for step in run_a["steps"]:
         assert len(step["labels_seen"]) == 8 and torch.all(step["labels_seen"] == NULL), step["labels_seen"]
     for step in run_b["steps"]:
         assert torch.equal(step["labels_seen"].sort().values, step["y"].sort().values)
-        assert torch.all(step["labels_seen"] < NULL)
-
-
-# --- the network ---------------------------------------------------------------------------------
-
-
-def test_fusion_add_builds_the_addition_model(run_a, run_b):
-    """--fusion add: the network train.py trains and saves fuses c = gamma_t + e_k (Table 4 ablation),
-    with no cross-attention maps W_q, W_k, W_v, W_o; the default is xattn with them. Catches train.build
-    ignoring args.fusion."""
     for c in run_a["ckpts"]:
         assert c["config"]["model"]["fusion"] == "add" and not any(".W_" in k for k in c["model"])
     for c in run_b["ckpts"]:
@@ -297,15 +231,8 @@ def test_fusion_add_builds_the_addition_model(run_a, run_b):
         assert {"fusion.W_q.weight", "fusion.W_k.weight", "fusion.W_v.weight", "fusion.W_o.weight"} <= set(c["model"])
     args = train.get_parser().parse_args([*TINY, "--fusion", "add"])
     train.resolve_args(args, demo=True)
-    model = train.build(args, 4)[1]
     g, e = torch.randn(3, 32), torch.randn(1, 32)
-    torch.testing.assert_close(model.fusion(g, e), g + e, rtol=0, atol=0)
-
-
-def test_precision_flag_sets_the_training_autocast(run_a, run_b):
-    """--precision: the network's output in every training forward is bfloat16 under --precision bf16
-    (run A) and float32 under --precision fp32 (run B), whatever the device's default. Catches train()
-    replacing the flag by the device default (CPU: fp32, CUDA: bf16) or train_step ignoring it."""
+    torch.testing.assert_close(train.build(args, 4)[1].fusion(g, e), g + e, rtol=0, atol=0)
     assert {call["dtype"] for call in run_a["losses"]} == {torch.bfloat16}
     assert {call["dtype"] for call in run_b["losses"]} == {torch.float32}
 
@@ -313,18 +240,16 @@ def test_precision_flag_sets_the_training_autocast(run_a, run_b):
 # --- train.py's sample grids ---------------------------------------------------------------------
 
 
-def woken_model(seed, num_classes=4):
-    """A tiny network with random weights where adaLN-Zero put zeros: its samples depend on its weights,
-    labels and guidance."""
+def woken_model(seed):
+    """A tiny network whose samples depend on its weights, labels and guidance."""
     torch.manual_seed(seed)
-    return wake(cdc.create_model("test", num_classes=num_classes, resolutions=RES)).eval()
+    return wake(cdc.create_model("test", num_classes=4, resolutions=RES)).eval()
 
 
 @pytest.mark.parametrize("flags, scale", [(["--cfg-scale", "1"], 1.0), (["--cfg-scale", "2"], 2.0)])
 def test_train_sample_grid_uses_cfg_scale(monkeypatch, flags, scale):
-    """train.py --cfg-scale: the EMA grid train.py draws is cdc.sample of the field b_null + S (b_c - b_null)
-    (S = 1: the conditional field itself) with SAMPLE_STEPS steps per stage, and differs from the grid of
-    the default S = 3. Catches sample_grid ignoring the flag or the constant."""
+    """train.py's EMA grid is cdc.sample of b_null + S (b_c - b_null) (S = 1: b_c itself) with SAMPLE_STEPS
+    steps per stage, not the grid of the default S = 3. Catches the flag or the constant ignored."""
     args = train.get_parser().parse_args([*flags, "--precision", "fp32"])
     train.resolve_args(args, demo=True)
     ema, config = woken_model(3), cdc.CDCConfig(resolutions=RES)
@@ -346,9 +271,7 @@ def test_train_sample_grid_uses_cfg_scale(monkeypatch, flags, scale):
     assert (got - default_scale).abs().max() > 1e-2 and (got - draw(field, 2)).abs().max() > 1e-2
 
 
-# ------------------------------------------------------------------------------------------------
-#                                   sample.py on a known checkpoint
-# ------------------------------------------------------------------------------------------------
+# --- sample.py on a known checkpoint --------------------------------------------------------------
 
 # Non-default sigma, gamma and interpolant: sample.py must sample with the checkpoint's CDCConfig.
 CKPT_CDC = cdc.CDCConfig(resolutions=RES, sigma=0.8, gamma=3.0, interpolant="trigonometric")
@@ -366,18 +289,14 @@ def checkpoint(tmp_path_factory):
 
 
 def by_hand(ckpt, entry="ema", scale=3.0, steps=2, solver="euler", sde_scale=1.0, precision="fp32", seed=0, labels=None):
-    """The 4 images of global batch 0 drawn here from the checkpoint's `entry` (sample.py's batch noise
-    and labels), as uint8 NHWC. scale 1 is the conditional field itself, not guided_field."""
+    """Global batch 0's 4 images drawn here from the checkpoint's `entry`, uint8 NHWC (scale 1: b_c itself)."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     model = cdc.DiT(cdc.DiTConfig(**state["config"]["model"]))
     model.load_state_dict(state[entry])
     model.eval().to(DEVICE)
     gen = sample.batch_generator(seed, 0, DEVICE)
     y = sample.batch_labels(0, 4, 4, labels, gen).to(DEVICE)
-    if scale == 1:
-        field = lambda x, t, s: model(x, t, y).float()  # noqa: E731
-    else:
-        field = cdc.guided_field(model, y, scale)
+    field = (lambda x, t, s: model(x, t, y).float()) if scale == 1 else cdc.guided_field(model, y, scale)
     with torch.no_grad(), torch.autocast(DEVICE.type, torch.bfloat16, enabled=precision == "bf16"):
         out = cdc.sample(field, CKPT_CDC, 4, steps=steps, solver=solver, sde_scale=sde_scale, generator=gen, device=DEVICE)
     return data.to_uint8(out).numpy()
@@ -407,13 +326,8 @@ def sampled(ckpt, tmp_path, *flags):
     (["--seed", "5", "--class-labels", "2"], dict(seed=5, labels=[2]), [dict(), dict(seed=5)]),
 ], ids=["ema", "no-ema", "cfg1", "cfg2", "heun", "sde", "steps-list", "steps-int", "bf16", "fp32", "seed-labels"])
 def test_sample_flags_give_the_images_drawn_by_hand(checkpoint, tmp_path, flags, want, others):
-    """sample.py --no-ema (default: EMA), --cfg-scale, --solver, --sde-scale, --steps-per-stage,
-    --precision, --seed, --class-labels: the images sample.py writes are exactly those drawn here from
-    the checkpoint's weights entry ('ema', or 'model' under --no-ema) with these settings (--cfg-scale 1:
-    the conditional field alone; bf16 within rounding), and differ from those of the default of the flag
-    under test (precision: fp32 here, whatever the device's default). Catches
-    each flag ignored (or --no-ema inverted), and sample.py sampling with another CDCConfig than the
-    checkpoint's."""
+    """sample.py writes exactly the images drawn here with these settings from the checkpoint's 'ema' (or
+    'model' under --no-ema) and CDCConfig (bf16: within rounding), not those of the flag's default."""
     got = sampled(checkpoint, tmp_path, *flags)
     assert got.shape == (4, 16, 16, 3)
     if want.get("precision") == "bf16":  # sample.py may round the weights to bf16 once, autocast per use:

@@ -1,8 +1,5 @@
-"""Tests of train.py, runs.py, data.py and sample.py on the CPU: tiny networks, 16 px images, a few steps each.
-
-A script's main() runs in this process (`inproc`: the same exit codes and output, without the seconds of a
-Python + torch start-up); real processes (`run`) where the process itself is checked: an error line and
-exit code, and two processes under torchrun."""
+"""train.py, runs.py, data.py and sample.py end to end on the CPU: tiny networks, 16 px, a few steps each; main()
+in this process (`inproc`) unless the process itself is checked (`run`: an exit code, torchrun)."""
 
 import glob
 import math
@@ -22,15 +19,14 @@ import cdc
 import data
 import runs
 import train
-from conftest import HERE, TINY, ckpts, inproc, make_checkpoint, ok, one_line_error, run, wake
+from conftest import HERE, TINY, ckpts, inf_backward, inproc, make_checkpoint, ok, one_line_error, run, wake
 
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-# ------------------------------------------------------------------------------------------------
-# data
+# --- data -----------------------------------------------------------------------------------------
 
 
 def test_procedural_shapes_deterministic_and_in_range():
@@ -41,14 +37,13 @@ def test_procedural_shapes_deterministic_and_in_range():
     assert v.dtype == torch.float32 and -1 <= v.min() and v.max() <= 1 and v.std() > 0.05  # not a blank image
     torch.testing.assert_close(v, x.double().mul(2 / 255).sub(1).float())
     assert 0 <= y < 5 and isinstance(y, int)
-    x2, y2 = data.ProceduralShapes(size=20, image_size=24, num_classes=5, seed=3)[7]
-    assert torch.equal(x, x2) and y == y2
+    assert torch.equal(x, data.ProceduralShapes(size=20, image_size=24, num_classes=5, seed=3)[7][0])
     assert not torch.equal(x, data.ProceduralShapes(size=20, image_size=24, num_classes=5, seed=4)[7][0])
     assert {ds[i][1] for i in range(20)} == set(range(5))  # every class appears
     assert ds.num_classes == 5 and data.build_dataset(None, 8, num_classes=2).num_classes == 2
 
 
-def make_folder(root, corrupt=True):
+def make_folder(root):
     rng = np.random.default_rng(0)
     for c in ("cats", "dogs"):
         os.makedirs(os.path.join(root, c))
@@ -56,20 +51,9 @@ def make_folder(root, corrupt=True):
             Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)).save(os.path.join(root, c, f"{i}.png"))
     Image.fromarray(rng.integers(0, 256, (25, 25), dtype=np.uint8)).save(os.path.join(root, "cats", "gray.png"))
     Image.fromarray(rng.integers(0, 256, (25, 25, 4), dtype=np.uint8)).save(os.path.join(root, "dogs", "rgba.png"))
-    if corrupt:
-        data = open(os.path.join(root, "cats", "0.png"), "rb").read()
-        open(os.path.join(root, "cats", "broken.png"), "wb").write(data[: len(data) // 2])  # truncated
-        open(os.path.join(root, "dogs", "junk.jpg"), "wb").write(b"not an image")
-
-
-def test_image_folder_labels_modes_and_skips(tmp_path):
-    make_folder(tmp_path / "data")
-    ds = data.build_dataset(str(tmp_path / "data"), 16)
-    assert len(ds) == 16 and ds.num_classes == 2
-    items = [ds[i] for i in range(len(ds))]
-    assert all(x.shape == (3, 16, 16) and x.dtype == torch.uint8 for x, _ in items)
-    assert [y for _, y in items] == [0] * 8 + [1] * 8  # labels from the sorted class names
-    assert ds.num_skipped == 2  # the truncated png and the junk jpg, each replaced by a readable image
+    png = open(os.path.join(root, "cats", "0.png"), "rb").read()
+    open(os.path.join(root, "cats", "broken.png"), "wb").write(png[: len(png) // 2])  # truncated
+    open(os.path.join(root, "dogs", "junk.jpg"), "wb").write(b"not an image")
 
 
 def test_npz_dataset_and_errors(tmp_path):
@@ -89,42 +73,6 @@ def test_npz_dataset_and_errors(tmp_path):
             data.build_dataset(str(tmp_path / bad), 16)
 
 
-def load_by_index(ds, order, workers):
-    """{index: image} for the indices in `order`, loaded by a DataLoader with `workers` processes."""
-    loader = torch.utils.data.DataLoader(ds, batch_size=1, sampler=order, num_workers=workers)
-    return {i: x[0] for i, (x, _) in zip(order, loader)}
-
-
-def test_augmentation_is_a_function_of_seed_epoch_and_index_in_any_worker(tmp_path):
-    """What bit-exact resume with loader workers relies on: the random crop and flip of item i depend
-    on (seed, epoch, i) only, not on which worker loads it nor in what order. Every stored image is the
-    same picture, so any difference between items is the augmentation's."""
-    pic = np.random.default_rng(0).integers(0, 256, (24, 30, 3), dtype=np.uint8)
-    np.savez(tmp_path / "d.npz", arr_0=np.stack([pic] * 12))
-    ds = data.build_dataset(str(tmp_path / "d.npz"), 16, seed=5)
-    order = list(range(12))
-    base = load_by_index(ds, order, 0)
-    for workers, perm in ((2, order[::-1]), (2, [5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6])):
-        other = load_by_index(ds, perm, workers)
-        assert all(torch.equal(base[i], other[i]) for i in order), workers
-    distinct = {x.numpy().tobytes() for x in base.values()}
-    assert len(distinct) >= 6                                   # crops and flips vary with the index
-    flipped = [i for i in order if torch.equal(base[i], base[i].flip(-1))]
-    assert not flipped                                          # (the picture itself is not symmetric)
-    ds.set_epoch(1)                                             # a new epoch: new crops and flips
-    epoch1 = load_by_index(ds, order, 2)
-    assert sum(not torch.equal(base[i], epoch1[i]) for i in order) >= 9
-    ds.set_epoch(0)
-    assert all(torch.equal(base[i], x) for i, x in load_by_index(ds, order, 2).items())
-    reseeded = data.build_dataset(str(tmp_path / "d.npz"), 16, seed=6)
-    assert sum(not torch.equal(base[i], reseeded[i][0]) for i in order) >= 9
-    # the evaluation view takes no random draw: identical across epochs
-    ev = data.build_dataset(str(tmp_path / "d.npz"), 16, train=False)
-    first = ev[3][0]
-    ev.set_epoch(7)
-    assert torch.equal(first, ev[3][0]) and torch.equal(first, ev[4][0])
-
-
 def crop_positions(out, full, size):
     """The (x, y) at which `out` (size x size, HWC uint8) sits in `full`, and whether it is mirrored."""
     h, w = full.shape[:2]
@@ -134,35 +82,45 @@ def crop_positions(out, full, size):
     return hits[0]
 
 
-def test_table7_crop_and_flip_through_the_training_data(tmp_path):
-    """Table 7's transform as train.py builds the data set: shorter side -> round(1.125 size) (LANCZOS), a
-    uniformly random size x size crop (every window position occurs), mirrored with probability 1/2, and
-    never with --no-hflip; the evaluation view is the resized centre."""
+def test_table7_crop_and_flip_are_a_function_of_seed_epoch_and_index(tmp_path):
+    """Table 7's transform as train.py builds it: shorter side -> round(1.125 size), a uniform random crop
+    (every position occurs), mirrored with probability 1/2 (never with --no-hflip), drawn from (seed, epoch,
+    index) alone, in any loader worker and order (bit-exact resume); evaluation: the centre, no draw."""
     pic = np.random.default_rng(1).integers(0, 256, (36, 44, 3), dtype=np.uint8)
     resized = np.asarray(Image.fromarray(pic).resize((22, 18), Image.LANCZOS))     # 36 -> round(1.125 * 16) = 18
+    where = lambda x: crop_positions(x.permute(1, 2, 0).numpy(), resized, 16)  # noqa: E731
     np.savez(tmp_path / "d.npz", arr_0=np.stack([pic] * 300))
     hits = {}
-    for flag in ([], ["--no-hflip"]):
+    for flag in (["--no-hflip"], []):
         args = train.get_parser().parse_args(["--data-path", str(tmp_path / "d.npz"), "--resolutions", "8,16",
                                               "--global-batch-size", "4", *flag])
         train.resolve_args(args, demo=False)
         ds = train.build_data(args, 1, 0)[0]
-        hits[bool(flag)] = [crop_positions(ds[i][0].permute(1, 2, 0).numpy(), resized, 16) for i in range(300)]
+        hits[bool(flag)] = [where(ds[i][0]) for i in range(300)]
     assert {(x, y) for x, y, _ in hits[False]} == {(x, y) for x in range(7) for y in range(3)}
-    flips = sum(f for _, _, f in hits[False])
-    assert abs(flips - 150) < 4 * math.sqrt(300 / 4), flips                        # Binomial(300, 1/2), 4 sd
+    assert abs(sum(f for _, _, f in hits[False]) - 150) < 4 * math.sqrt(300 / 4)  # Binomial(300, 1/2), 4 sd
     assert not any(f for _, _, f in hits[True])
+    order = [5, 0, 11, 3, 8, 1, 10, 2, 7, 4, 9, 6, 23, 12, 22, 13, 21, 14, 20, 15, 19, 16, 18, 17]
+
+    def loaded():  # by 2 worker processes, in another order
+        loader = torch.utils.data.DataLoader(ds, batch_size=1, sampler=order, num_workers=2)
+        return {i: where(x[0]) for i, (x, _) in zip(order, loader)}
+    ds.set_epoch(1)                                                                # a new epoch: new crops and flips
+    assert sum(p != hits[False][i] for i, p in loaded().items()) >= 18
+    ds.set_epoch(0)
+    assert loaded() == {i: hits[False][i] for i in order}
+    reseeded = data.build_dataset(str(tmp_path / "d.npz"), 16, seed=1)             # train.py's --global-seed is 0
+    assert sum(where(reseeded[i][0]) != hits[False][i] for i in order) >= 18
     ev = data.build_dataset(str(tmp_path / "d.npz"), 16, train=False)              # evaluation: the resized centre
-    assert crop_positions(ev[0][0].permute(1, 2, 0).numpy(),
-                          np.asarray(Image.fromarray(pic).resize((20, 16), Image.LANCZOS)), 16) == (2, 0, False)
+    centre = np.asarray(Image.fromarray(pic).resize((20, 16), Image.LANCZOS))
+    ev.set_epoch(7)
+    assert crop_positions(ev[0][0].permute(1, 2, 0).numpy(), centre, 16) == (2, 0, False) and torch.equal(ev[0][0], ev[4][0])
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_data_order_splits_every_global_batch_and_continues_on_any_world_size(world):
-    """Rank r's step-i batch (the DataLoader cuts rank r's stream into G / world blocks) holds a share of
-    global batch i of the one-process order: disjoint shares, together the whole global batch. An order
-    resumed after 3 global batches (set_position), on this number of processes, continues with global
-    batches 3, 4, ... of the one-process order; a new epoch is a new permutation."""
+    """Rank r's step-i batch is a share of global batch i of the one-process order (disjoint, together the
+    batch), also resumed after 3 global batches on any world size; a new epoch is a new permutation."""
     size, G, seed = 50, 8, 3
     ref = {e: list(data.DataOrder(size, 1, 0, G, seed=seed)) for e in (0, 2)}
     one = data.DataOrder(size, 1, 0, G, seed=seed)
@@ -183,75 +141,36 @@ def test_data_order_splits_every_global_batch_and_continues_on_any_world_size(wo
         assert len(set(sum(streams, []))) == 48 - pos                                # no index on two ranks
 
 
-def test_step_seeds_differ_per_rank_step_and_stream():
-    """step_seed is a pure function of (seed, rank, step, stream) (resume relies on it), different for each.
-    train.py seeds the global RNG (label coins, zeta) with stream 0 and the iid timesteps' CPU generator
-    with stream 1: with one seed for both, t would be the coins' own uniforms on the CPU."""
-    seeds = {(g, r, s): train.step_seed(g, r, s) for g in (0, 1) for r in range(4) for s in range(50)}
-    assert len(set(seeds.values())) == len(seeds) and all(0 <= v < 2 ** 63 for v in seeds.values())
-    assert train.step_seed(0, 1, 7) == seeds[0, 1, 7] == train.step_seed(0, 1, 7, stream=0)
-    seed, gseed = train.step_seed(0, 0, 5), train.step_seed(0, 0, 5, stream=1)
-    assert gseed != seed
-    torch.manual_seed(seed)
-    coins = torch.rand(64)
-    t = torch.rand(64, generator=torch.Generator().manual_seed(gseed))
-    assert abs(float(torch.corrcoef(torch.stack([coins, t]))[0, 1])) < 0.4
-
-
-# ------------------------------------------------------------------------------------------------
-# training step, EMA, precision
-
-
-def test_update_ema_is_the_formula_and_apply_false_keeps_it():
-    torch.manual_seed(0)
-    model, ema = torch.nn.Linear(5, 3).double(), torch.nn.Linear(5, 3).double()
-    before = [e.detach().clone() for e in ema.parameters()]
-    train.update_ema(ema, model, 0.9, torch.tensor(True))
-    for e, old, p in zip(ema.parameters(), before, model.parameters()):
-        torch.testing.assert_close(e.detach(), 0.9 * old + 0.1 * p.detach(), rtol=0, atol=1e-15)
-    for apply, moves in ((torch.tensor(True), True), (torch.tensor(False), False)):
-        e2 = deepcopy(ema)
-        train.update_ema(e2, model, 0.75, apply)
-        for e, old, p in zip(e2.parameters(), ema.parameters(), model.parameters()):
-            want = 0.75 * old + 0.25 * p if moves else old
-            torch.testing.assert_close(e.detach(), want.detach(), rtol=0, atol=1e-15)
+# --- training step, EMA, precision ----------------------------------------------------------------
 
 
 def test_ema_decay_warmup_schedule():
-    """decay_t = min(decay, (1 + t) / (10 + t)): 0.1 at step 0, 0.5 at step 8, the cap from step 89,990."""
-    assert train.ema_decay_at(0, 0.9999, True) == pytest.approx(0.1, abs=1e-15)
+    """decay_t = min(decay, (1 + t) / (10 + t)): 0.5 at step 8, the cap from step 89,990 (and early for 0.5)."""
     assert train.ema_decay_at(8, 0.9999, True) == pytest.approx(0.5, abs=1e-15)
     assert train.ema_decay_at(1000, 0.9999, True) == pytest.approx(1001 / 1010, abs=1e-15)
     assert train.ema_decay_at(89_988, 0.9999, True) < 0.9999 == train.ema_decay_at(89_990, 0.9999, True)
-    assert train.ema_decay_at(10 ** 6, 0.9999, True) == 0.9999
-    assert train.ema_decay_at(50, 0.5, True) == 0.5                     # the cap also binds early
+    assert train.ema_decay_at(50, 0.5, True) == 0.5
     assert train.ema_decay_at(0, 0.9999, False) == train.ema_decay_at(7, 0.9999, False) == 0.9999
 
 
 def test_bf16_autocast_training_step_and_sampler_match_fp32():
-    """--precision bf16 (CPU autocast here, CUDA on GPUs): one train_step and one cdc.sample give the
-    same shapes, finite values and results close to fp32 (bf16 has 8 mantissa bits), and differ from
-    fp32 at all (autocast took effect)."""
+    """--precision bf16 (CPU autocast): one train_step and one cdc.sample are finite, close to fp32 and not
+    equal to it (autocast took effect); fp32 is the plain computation bit for bit."""
     config = cdc.CDCConfig(resolutions=(4, 8, 16))
     torch.manual_seed(0)
     model = wake(cdc.create_model("tiny", depth=2, width=64, heads=2, num_classes=4, resolutions=config.resolutions))
     x, y = torch.randn(12, 3, 16, 16).clamp(-1, 1), torch.randint(0, 4, (12,))
     res = {}
     for precision in ("fp32", "bf16"):
-        args = Namespace(precision=precision, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True, lr=1e-3, beta1=0.9,
-                         beta2=0.95, eps=1e-6, weight_decay=0.0)
-        m = deepcopy(model)
-        ema, opt = deepcopy(m).requires_grad_(False), train.make_optimizer(m, args)
+        args, m = Namespace(precision=precision, lr=1e-3, **train.TABLE7), deepcopy(model)
         torch.manual_seed(1)
-        out, gnorm, ok = train.train_step(train.Objective(m, config, 0.1, "mean", "stratified"), m, ema, opt, x, y,
-                                          torch.Generator().manual_seed(1), 0, args)
-        assert bool(ok) and out["loss"].dtype == torch.float32 and out["stage_loss"].shape == (3,)
-        assert torch.isfinite(out["stage_loss"]).all() and out["stage_count"] == [4, 4, 4]
+        out, gnorm, ok = train.train_step(train.Objective(m, config, 0.1, "mean", "stratified"), m, deepcopy(m).requires_grad_(False),
+                                          train.make_optimizer(m, args), x, y, torch.Generator().manual_seed(1), 0, args)
         grad = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
-        assert all(torch.isfinite(p).all() for p in m.parameters()) and torch.isfinite(grad).all()
+        assert bool(ok) and out["loss"].dtype == torch.float32 and torch.isfinite(out["stage_loss"]).all() and torch.isfinite(grad).all()
         res[precision] = out["loss"].item(), gnorm.item(), grad, torch.cat([p.detach().flatten() for p in m.parameters()])
     (l32, g32, d32, w32), (l16, g16, d16, w16) = res["fp32"], res["bf16"]
-    torch.manual_seed(1)  # fp32 is the plain computation, bit for bit; bf16 is not
+    torch.manual_seed(1)
     plain = cdc.training_losses(deepcopy(model), x, y, config, class_dropout=0.1, generator=torch.Generator().manual_seed(1),
                                 step=0)["loss"].item()
     assert l32 == plain and l16 != l32 and l16 == pytest.approx(l32, rel=2e-2)
@@ -269,41 +188,66 @@ def test_bf16_autocast_training_step_and_sampler_match_fp32():
     assert 0 < err < 0.05 * s32.std().item(), err
 
 
+# --- training runs, checkpoints, resume -----------------------------------------------------------
 
 
-# ------------------------------------------------------------------------------------------------
-# training runs, checkpoints, resume
-
-
-@pytest.mark.parametrize("accum", [1, 2])
-def test_train_runs_and_resume_is_bit_exact(tmp_path, accum):
-    """2N steps straight == N steps, resume, N steps: every model and EMA tensor bit-identical
-    (the run crosses an epoch boundary: 48 images / 8 = 6 steps per epoch), also with 2 micro-batches."""
-    flags = [*TINY, "--grad-accum", accum, "--ckpt-every", 4]
+@pytest.mark.parametrize("accum, res", [(1, "4,8,16"), (2, "4,16")])
+def test_train_runs_and_resume_is_bit_exact(tmp_path, accum, res):
+    """8 steps straight == 4, resume, 4: model and EMA bit-identical across an epoch boundary, also with 2
+    micro-batches on a 4x path (Table 6); every checkpoint has its grid and stage sheet."""
+    flags = [*TINY, "--resolutions", res, "--grad-accum", accum, "--ckpt-every", 4]
     ok(inproc("train.py", *flags, "--max-steps", 8, "--results-dir", "a", cwd=tmp_path))
     ok(inproc("train.py", *flags, "--max-steps", 4, "--results-dir", "b", cwd=tmp_path))
     p = ok(inproc("train.py", *flags, "--max-steps", 8, "--results-dir", "b", "--resume", "auto", cwd=tmp_path))
     assert "resumed from" in p.stdout and f"{accum} micro-batch(es) of {8 // accum} per process" in p.stdout
     a, b = load(ckpts(tmp_path / "a")[-1]), load(ckpts(tmp_path / "b")[-1])
     assert a["step"] == b["step"] == 8 and a["data"] == b["data"] == {"epoch": 1, "pos": 16}
+    assert ",".join(map(str, a["config"]["cdc"]["resolutions"])) == res
     for part in ("model", "ema"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
-    assert a["opt"]["state"][0]["step"] == 8
-    # the EMA moved away from the weights, and every checkpoint has its sample grid and stage sheet
-    assert any(not torch.equal(a["model"][k], a["ema"][k]) for k in a["model"])
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert a["opt"]["state"][0]["step"] == 8 and any(not torch.equal(a["model"][k], a["ema"][k]) for k in a["model"])
     assert len(glob.glob(str(tmp_path / "a" / "*" / "samples" / "000000[48]*.png"))) == 4
     log = open(glob.glob(str(tmp_path / "a" / "*" / "log.txt"))[0]).read()
     assert "step 0000008 loss" in log and "img/s" in log and "4px" in log
 
 
+def test_a_run_with_an_inf_gradient_stops_before_saving(tmp_path, monkeypatch, capsys):
+    """Step 3's gradient is inf (its loss finite): the run stops at the next check with one line naming
+    the last good checkpoint, and none after step 2 exists."""
+    real, calls = cdc.velocity_loss, []
+
+    def loss(b, t, *a):
+        calls.append(1)
+        return inf_backward(real(b, t, *a)) if len(calls) > 2 * 3 else real(b, t, *a)  # 3 stages per step
+
+    monkeypatch.setattr(cdc, "velocity_loss", loss)
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--max-steps", "8", "--ckpt-every", "2", "--results-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "not finite" in err[0] and "0000002.pt" in err[0], err
+    assert [os.path.basename(p) for p in ckpts(tmp_path / "r")] == ["0000002.pt"]
+    assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in load(ckpts(tmp_path / "r")[0])[part].values())
+
+
+def test_time_limit_stops_between_log_steps_and_saves(tmp_path):
+    """The limit is checked every step in one process, not only at log steps; the stop saves a checkpoint
+    and the sample grid (the CPU demo's under-10-minutes guarantee)."""
+    p = ok(inproc("train.py", *TINY, "--log-every", 1000, "--ckpt-every", 1000, "--max-steps", 300,
+                  "--time-limit", 0.002, "--results-dir", "r", cwd=tmp_path))
+    stopped = int(p.stdout.split("stopping at step ")[1].split()[0])
+    assert 0 < stopped < 300
+    assert [os.path.basename(c) for c in ckpts(tmp_path / "r")] == [f"{stopped:07d}.pt"]
+    assert glob.glob(str(tmp_path / "r" / "*" / "samples" / f"{stopped:07d}_stages.png"))
+
+
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """A save killed half-way leaves the previous checkpoint and no partial file; a leftover temporary or
+    damaged newest file is skipped by --resume auto (with a warning), never a silent fresh start."""
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     good = str(tmp_path / "run" / "checkpoints" / "0000004.pt")
     runs.save_checkpoint({"step": 4, "w": torch.ones(3)}, good)
 
-    def dying_save(obj, f):  # the process is killed half-way through writing
+    def dying_save(obj, f):
         f.write(b"PK\x03\x04 partial")
         raise KeyboardInterrupt
 
@@ -311,26 +255,21 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch, capsy
     with pytest.raises(KeyboardInterrupt):
         runs.save_checkpoint({"step": 8}, str(tmp_path / "run" / "checkpoints" / "0000008.pt"))
     monkeypatch.undo()
-    assert runs.list_checkpoints(str(tmp_path / "run")) == [good]
-    assert os.listdir(tmp_path / "run" / "checkpoints") == ["0000004.pt"]  # the partial file was removed
-    assert load(good)["step"] == 4
-    # A SIGKILL leaves the temporary file behind (no finally runs): it is never taken for a checkpoint.
-    (tmp_path / "run" / "checkpoints" / "0000012.pt.tmp999").write_bytes(b"partial")
-    # A damaged newest checkpoint (e.g. full disk) is skipped by --resume auto, with a warning.
-    (tmp_path / "run" / "checkpoints" / "0000016.pt").write_bytes(b"PK\x03\x04 partial")
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["0000004.pt"] and load(good)["step"] == 4
+    (tmp_path / "run" / "checkpoints" / "0000012.pt.tmp999").write_bytes(b"partial")  # left by a SIGKILL
+    (tmp_path / "run" / "checkpoints" / "0000016.pt").write_bytes(b"PK\x03\x04 partial")  # e.g. a full disk
     os.rename(tmp_path / "run", tmp_path / "000-test-16")
     run_dir = str(tmp_path / "000-test-16")
     assert [os.path.basename(p) for p in runs.list_checkpoints(run_dir)] == ["0000016.pt", "0000004.pt"]  # newest first
     assert choose(tmp_path, "auto") == (run_dir, os.path.join(run_dir, "checkpoints", "0000004.pt"), None)
     assert "warning: skipping unreadable checkpoint" in capsys.readouterr().err
     (tmp_path / "000-test-16" / "checkpoints" / "0000004.pt").write_bytes(b"PK\x03\x04 partial")
-    with pytest.raises(runs.ConfigError, match="no loadable checkpoint among 2"):   # never a silent fresh start
+    with pytest.raises(runs.ConfigError, match="no loadable checkpoint among 2"):
         choose(tmp_path, "auto")
 
 
 def test_save_checkpoint_is_durable_before_and_after_the_rename(tmp_path, monkeypatch):
-    """The order that makes a save survive a power cut: every byte written and fsync'ed to the temporary
-    file, then os.replace, then the directory fsync'ed (so the rename itself persists)."""
+    """Survives a power cut: the temporary file written and fsync'ed, then os.replace, then the directory fsync'ed."""
     events, real_fsync, real_replace = [], os.fsync, os.replace
 
     def fsync(fd):
@@ -375,7 +314,6 @@ def test_choose_run_and_check_compatible(tmp_path):
     for bad in (tmp_path / "003-XL-256", tmp_path / "nope"):
         with pytest.raises(runs.ConfigError, match="no such checkpoint file"):
             choose(tmp_path, str(bad))
-
     config = {"model": {"width": 32, "resolutions": (4, 8)}, "cdc": {"sigma": 1.0, "windows": None}}
     train.check_compatible({"config": config}, config, "c.pt")
     for old, words in (({"model": {"width": 64, "resolutions": (4, 8)}, "cdc": {"sigma": 1.0, "windows": None}}, "width=64"),
@@ -391,8 +329,7 @@ class NotATensor:
 
 
 def test_resume_refuses_what_it_cannot_load_or_that_does_not_match(tmp_path):
-    """Resuming a checkpoint of another network, or a file weights_only loading refuses, stops with one
-    line and touches nothing saved."""
+    """Resuming another network's checkpoint, or a file weights_only refuses: one line, nothing saved touched."""
     ok(inproc("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
     before = {p: os.path.getmtime(p) for p in ckpts(tmp_path / "r")}
     p = inproc("train.py", *TINY, "--patch-size", "4", "--max-steps", 4, "--results-dir", "r", "--resume", "auto", cwd=tmp_path)
@@ -403,9 +340,8 @@ def test_resume_refuses_what_it_cannot_load_or_that_does_not_match(tmp_path):
 
 
 def test_keep_last_keeps_the_newest_the_marked_and_never_a_newer_one(tmp_path):
-    """--keep-last N after saving step s: of the checkpoints up to s, the newest N and those marked with
-    NNNNNNN.keep stay; a checkpoint newer than s (another timeline of the run, perhaps the one --resume
-    auto would take) is never deleted; N = 0 keeps all."""
+    """--keep-last N after saving step s: of the checkpoints up to s the newest N and those marked
+    NNNNNNN.keep stay, a newer one (another timeline, perhaps --resume auto's) is never deleted; 0 keeps all."""
     d = tmp_path / "run" / "checkpoints"
     d.mkdir(parents=True)
     names = lambda: sorted(os.listdir(d))  # noqa: E731
@@ -415,7 +351,7 @@ def test_keep_last_keeps_the_newest_the_marked_and_never_a_newer_one(tmp_path):
         runs.prune_checkpoints(str(tmp_path / "run"), keep, str(d / f"{step:07d}.pt"))
     for step in (2, 4, 6, 20):
         save(step, 0)
-    assert names() == ["0000002.pt", "0000004.pt", "0000006.pt", "0000020.pt"]           # 0: all kept
+    assert names() == ["0000002.pt", "0000004.pt", "0000006.pt", "0000020.pt"]
     (d / "0000002.keep").touch()
     save(8, 2)
     assert names() == ["0000002.keep", "0000002.pt", "0000006.pt", "0000008.pt", "0000020.pt"]
@@ -423,10 +359,23 @@ def test_keep_last_keeps_the_newest_the_marked_and_never_a_newer_one(tmp_path):
     assert names() == ["0000002.keep", "0000002.pt", "0000010.pt", "0000020.pt"]
 
 
+def test_resume_auto_before_the_first_checkpoint_reuses_the_empty_run(tmp_path):
+    """--resume auto reuses a run directory left without checkpoints (killed before its first save); train.py
+    prunes with --keep-last 2, keeping the step the user marked (0000001.keep)."""
+    (tmp_path / "r" / "000-test-16" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "r" / "000-test-16" / "checkpoints" / "0000001.keep").touch()
+    out = ok(inproc("train.py", *TINY, "--max-steps", 5, "--ckpt-every", 1, "--keep-last", 2, "--results-dir", "r",
+                    "--resume", "auto", cwd=tmp_path)).stdout
+    assert "reusing the empty run" in out and os.listdir(tmp_path / "r") == ["000-test-16"]
+    assert sorted(os.listdir(tmp_path / "r" / "000-test-16" / "checkpoints")) == [
+        "0000001.keep", "0000001.pt", "0000004.pt", "0000005.pt"]
+    ok(inproc("train.py", *TINY, "--max-steps", 2, "--ckpt-every", 2, "--results-dir", "r", cwd=tmp_path))
+    assert sorted(os.listdir(tmp_path / "r")) == ["000-test-16", "001-test-16"]
+
+
 def test_bad_inputs_give_one_error_line(tmp_path):
-    one_line_error(run("train.py", *TINY, "--data-path", tmp_path / "nope", cwd=tmp_path), "does not exist")
+    one_line_error(run("train.py", *TINY, "--data-path", tmp_path / "nope", cwd=tmp_path), "does not exist")  # a real process
     (tmp_path / "bad.npz").write_bytes(b"garbage")
-    # the process's exit code and stderr are checked above and below; the other cases in this process
     one_line_error(inproc("train.py", *TINY, "--data-path", tmp_path / "bad.npz", cwd=tmp_path), "npz")
     one_line_error(inproc("train.py", *TINY, "--resolutions", "4,9,16", cwd=tmp_path), "power-of-two")
     one_line_error(inproc("train.py", *TINY, "--patch-size", "3", cwd=tmp_path), "patch size")
@@ -439,9 +388,13 @@ def test_bad_inputs_give_one_error_line(tmp_path):
 
 
 def test_image_folder_with_corrupt_files_trains_and_unconditional_ignores_labels(tmp_path):
-    """A folder of 2 classes with unreadable files trains a 2-class model and logs the skipped files;
-    --unconditional on labelled data trains a model without classes (only the null class)."""
+    """A folder of 2 classes (labels from the sorted names, grey and RGBA made RGB) with 2 unreadable files
+    trains a 2-class model and logs the skips; --unconditional on labelled data: a model without classes."""
     make_folder(tmp_path / "data")
+    ds = data.build_dataset(str(tmp_path / "data"), 16)
+    items = [ds[i] for i in range(len(ds))]
+    assert len(ds) == 16 and ds.classes == ["cats", "dogs"] and [y for _, y in items] == [0] * 8 + [1] * 8
+    assert all(x.shape == (3, 16, 16) and x.dtype == torch.uint8 for x, _ in items) and ds.num_skipped == 2
     p = ok(inproc("train.py", *TINY, "--data-path", tmp_path / "data", "--max-steps", 2, "--ckpt-every", 2,
                   "--results-dir", "c", cwd=tmp_path))
     assert "2 classes" in p.stdout and "skipped_images" in p.stdout
@@ -453,34 +406,26 @@ def test_image_folder_with_corrupt_files_trains_and_unconditional_ignores_labels
     assert load(ckpts(tmp_path / "u")[-1])["config"]["model"]["num_classes"] == 0
 
 
-# What each rank of a torchrun run did, recorded around train.main by wrapping (in the launched
-# processes only) the data set's __getitem__, cdc.randn (the coupling noise) and train.train_step.
+# What each rank of a torchrun run did, recorded (in the launched processes only) by wrapping the data
+# set's __getitem__, cdc.randn (the coupling noise) and train.train_step.
 DDP_DRIVER = """
 import os, sys
 import torch
 sys.path.insert(0, {here!r})
 import conftest, cdc, data, train  # conftest: the test size
 rec = {{"indices": [], "noise": [], "weights": [], "seeds": []}}
-noise = None
-get, randn, step = data.ProceduralShapes.__getitem__, cdc.randn, train.train_step
+get, randn, step, end = data.ProceduralShapes.__getitem__, cdc.randn, train.train_step, train.end_distributed
 def getitem(self, i):
     rec["indices"].append(int(i))
     return get(self, i)
 def recording_randn(*a, **k):
-    z = randn(*a, **k)
-    if noise is not None:
-        noise.append(z.clone())
-    return z
+    rec["noise"].append(randn(*a, **k))
+    return rec["noise"][-1].clone()
 def recording_step(objective, model, ema, opt, x, y, gen, s, args):
-    global noise
-    noise = []
     rec["seeds"].append((torch.initial_seed(), gen.initial_seed()))
     out = step(objective, model, ema, opt, x, y, gen, s, args)
-    rec["noise"].append(noise)
-    noise = None
     rec["weights"].append({{k: v.detach().clone() for k, v in model.state_dict().items()}})
     return out
-end = train.end_distributed
 def save_then_end():  # train() ends a distributed run with os._exit: save what was recorded first
     torch.save(rec, "rank%s.pt" % os.environ["RANK"])
     end()
@@ -491,60 +436,58 @@ train.main(sys.argv[1:])
 
 
 def test_torchrun_two_processes_gloo_ranks_agree_and_split_the_data(tmp_path):
-    """2 processes (gloo), 4 steps: after every step both ranks hold bit-identical weights (DDP averages
-    the gradients), rank r read exactly its share of each global batch (disjoint, together the batch of
-    a 1-process order), the ranks drew different coupling noise, and rank 0 alone logs and saves."""
+    """4 steps in 1 process, then 4 more resumed under torchrun (2 gloo processes): after every step both
+    ranks hold identical weights, rank r read its share of each global batch of the 1-process order, the
+    ranks drew different noise from their own seeds, and rank 0 alone logs and saves."""
+    ok(inproc("train.py", *TINY, "--max-steps", 4, "--ckpt-every", 4, "--results-dir", "r", cwd=tmp_path))
     (tmp_path / "driver.py").write_text(DDP_DRIVER.format(here=HERE))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           tmp_path / "driver.py", *map(str, TINY), "--max-steps", "4", "--ckpt-every", "4", "--results-dir", "r"],
-                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600))
-    assert "2 process(es)" in p.stdout and p.stdout.count("step 0000004 loss") == 1  # only rank 0 logs
-    saved = ckpts(tmp_path / "r")
-    assert len(saved) == 1 and load(saved[0])["step"] == 4
-    assert len(glob.glob(str(tmp_path / "r" / "*"))) == 1  # one run directory, chosen by rank 0
+                           tmp_path / "driver.py", *map(str, TINY), "--max-steps", "8", "--ckpt-every", "4",
+                           "--results-dir", "r", "--resume", "auto"],
+                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600))
+    assert "2 process(es)" in p.stdout and p.stdout.count("step 0000008 loss") == 1  # only rank 0 logs
+    assert "(epoch 0, image 32 of the epoch)" in p.stdout and "bit-exact resume needs the same world size" in p.stdout
+    saved = ckpts(tmp_path / "r")                     # one run directory, chosen by rank 0
+    last = load(saved[-1])
+    assert len(saved) == 2 and last["step"] == 8 and last["data"] == {"epoch": 1, "pos": 16} and last["world_size"] == 2
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert len(r0["weights"]) == len(r1["weights"]) == 4
     for s, (w0, w1) in enumerate(zip(r0["weights"], r1["weights"])):
-        assert all(torch.equal(w0[k], w1[k]) for k in w0), f"ranks disagree after step {s + 1}"
+        assert all(torch.equal(w0[k], w1[k]) for k in w0), f"ranks disagree after step {s + 5}"
     assert any(not torch.equal(r0["weights"][0][k], r0["weights"][-1][k]) for k in w0)  # and they trained
-    assert all(torch.equal(load(saved[0])["model"][k], r1["weights"][-1][k]) for k in w0)
-    # data: per step, 4 images per rank, disjoint, together global batch s of the 1-process order
-    ref = list(data.DataOrder(48, 1, 0, 8, seed=0))
+    assert all(torch.equal(last["model"][k], r1["weights"][-1][k]) for k in w0)
+    epoch1 = data.DataOrder(48, 1, 0, 8, seed=0)
+    epoch1.set_position(1, 0)
+    ref = list(data.DataOrder(48, 1, 0, 8, seed=0))[32:] + list(epoch1)    # global batches 4-7 of 1 process
+    assert len(r0["indices"]) == len(r1["indices"]) == 16
     for s in range(4):
         a, b = r0["indices"][4 * s:4 * s + 4], r1["indices"][4 * s:4 * s + 4]
         assert not set(a) & set(b) and sorted(a + b) == sorted(ref[8 * s:8 * s + 8]), s
-    assert len(r0["indices"]) == len(r1["indices"]) == 16
-    # noise: every step draws per-rank coupling noise, and the ranks' draws differ
-    for s, (n0, n1) in enumerate(zip(r0["noise"], r1["noise"])):
-        assert len(n0) == len(n1) > 0 and all(u.shape == v.shape and not torch.equal(u, v) for u, v in zip(n0, n1)), s
-    # (rank, step) -> own seeds, and the timestep generator's differs from the global RNG's (one seed for both
-    # would make the iid t replay the label coins' uniforms on the CPU)
-    assert len({seed for r in (r0, r1) for pair in r["seeds"] for seed in pair}) == 16
+    assert len(r1["noise"]) > 0 and all(not torch.equal(u, v) for u, v in zip(r0["noise"], r1["noise"]))  # rank 0 also samples
+    assert len({seed for r in (r0, r1) for pair in r["seeds"] for seed in pair}) == 16  # (rank, step, stream)
 
 
 def test_sample_npz_is_the_same_for_one_and_two_processes(tmp_path):
-    """sample.py: the noise and labels of global batch b depend on (seed, b) only, so 1 process and 2
-    (torchrun, gloo; batches 0 and 2 on rank 0, batch 1 on rank 1) write identical .npz files."""
-    make_checkpoint(str(tmp_path / "000-tiny-16" / "checkpoints" / "0000000.pt"))
+    """sample.py on a 4x path: global batch b's noise and labels depend on (seed, b) only, so 1 process and
+    2 (torchrun, gloo; batches 0 and 2 on rank 0, 1 on rank 1) write the same .npz and stage sheets."""
+    make_checkpoint(str(tmp_path / "000-tiny-16" / "checkpoints" / "0000000.pt"), cdc.CDCConfig(resolutions=(4, 16)))
     flags = ["--ckpt", tmp_path / "000-tiny-16", "--num-fid-samples", 10, "--per-proc-batch-size", 4,
-             "--steps-per-stage", 2, "--solver", "sde", "--seed", 3]
+             "--steps-per-stage", 2, "--solver", "sde", "--seed", 3, "--save-stages"]
     ok(inproc("sample.py", *flags, "--sample-dir", "one", cwd=tmp_path))
     ok(run("sample.py", *flags, "--sample-dir", "two", cwd=tmp_path, torchrun=True))
     (one,), (two,) = glob.glob(str(tmp_path / "one" / "*.npz")), glob.glob(str(tmp_path / "two" / "*.npz"))
+    assert glob.glob(str(tmp_path / "one" / "*_stages.png"))
     with np.load(one) as a, np.load(two) as b:
         assert a["arr_0"].shape == (10, 16, 16, 3) and np.array_equal(a["arr_0"], b["arr_0"])
         assert np.array_equal(a["labels"], b["labels"]) and len(set(a["labels"].tolist())) > 1
         assert len({x.tobytes() for x in a["arr_0"]}) == 10  # ten different images, not one repeated
 
 
-# ------------------------------------------------------------------------------------------------
-# presets and automatic settings
+# --- presets and automatic settings ---------------------------------------------------------------
 
 
 def test_presets_fill_the_flags_not_given_and_help_shows_their_values():
-    """--preset is one layer of defaults: it fills what the user left out, never what was given, and
-    --help prints every preset's value (never 'None')."""
+    """--preset fills what the user left out, never what was given; --help prints every preset's value."""
     args = train.get_parser().parse_args(["--preset", "imagenet512", "--data-path", "x", "--lr", "3e-4"])
     note = train.resolve_args(args, demo=False)
     assert (args.model, args.patch_size, args.resolutions, args.lr) == ("XL", 8, (32, 64, 128, 256, 512), 3e-4)
@@ -554,12 +497,8 @@ def test_presets_fill_the_flags_not_given_and_help_shows_their_values():
 
 
 def test_with_data_every_default_is_table7():
-    """train.py --data-path DIR and nothing else trains the paper's recipe (Table 7, the README's promise):
-    built by the functions train() itself calls, the network is XL at patch 4 (676,846,128 parameters with
-    1000 classes: Table 1's 677M), the interpolant has stages 32-256 with sigma = 1, gamma = 2, linear, equal
-    windows, and the network accepts exactly those sides; AdamW has lr 1e-4, betas (0.9, 0.95), eps 1e-6, no
-    weight decay; 256 images per step, clip 1, EMA 0.9999 once the warm-up has passed, class dropout 0.1,
-    xattn fusion, 200 epochs; bf16 and compile where train() finds CUDA. The sample grids use S_cfg = 3."""
+    """train.py --data-path DIR alone is Table 7's recipe, read off what train() builds: XL/4 (Table 1's 677M),
+    the CDCConfig, the AdamW, the EMA, batch, clip, dropout, fusion, epochs, the grids' S_cfg = 3."""
     args = train.get_parser().parse_args(["--data-path", "x"])
     train.resolve_args(args, demo=False)
     with torch.device("meta"):
@@ -572,14 +511,12 @@ def test_with_data_every_default_is_table7():
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-4, (0.9, 0.95), 1e-6, 0.0)
     assert train.ema_decay_at(10 ** 6, args.ema_decay, args.ema_warmup) == 0.9999
     assert (args.global_batch_size, args.grad_clip, args.class_dropout, args.fusion, args.epochs) == (256, 1.0, 0.1, "xattn", 200)
-    assert args.precision is None and args.compile is None           # per device in train(): bf16, compiled on CUDA
-    assert args.cfg_scale == 3.0
+    assert args.precision is None and args.compile is None and args.cfg_scale == 3.0  # precision, compile: per device
 
 
 @pytest.mark.parametrize("cores, local_world, workers", [(64, 1, 8), (16, 8, 1), (4, 1, 3), (2, 2, 0)])
 def test_default_loader_workers_share_the_cores(monkeypatch, cores, local_world, workers):
-    """Loader workers with --data-path: one per core of this process's share of the machine (torchrun's
-    LOCAL_WORLD_SIZE processes share it), one core left for the training process, at most 8."""
+    """One loader worker per core of this process's share (LOCAL_WORLD_SIZE), one core left, at most 8."""
     monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
     assert train.default_workers() == workers
@@ -587,14 +524,9 @@ def test_default_loader_workers_share_the_cores(monkeypatch, cores, local_world,
 
 @pytest.mark.parametrize("faster", [1, 2])
 def test_cpu_threads_are_the_faster_measured(monkeypatch, faster):
-    """pick_threads times a throwaway copy at 1 thread and at one per core and keeps the faster (a fake
-    clock makes `faster` the fast one); the model itself is not touched."""
-    clock = [0.0]
-
-    def perf_counter():
-        clock[0] += 1.0 if torch.get_num_threads() == faster else 5.0
-        return clock[0]
-    monkeypatch.setattr(train.time, "perf_counter", perf_counter)
+    """pick_threads keeps the faster of 1 thread and one per core (a fake clock), on a copy of the model."""
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock) * (1 if torch.get_num_threads() == faster else 5))
     torch.set_num_threads(2)
     try:
         args = train.get_parser().parse_args(["--lr", "1e-3", "--precision", "fp32"])

@@ -1,12 +1,7 @@
-"""
-Train CDC-FM (cdc.py) on one CPU, one GPU, or many GPUs on many nodes.
+"""Train CDC-FM (cdc.py) on one CPU, one GPU, or many GPUs on many nodes (docs/training.md).
 
     python train.py                                             # CPU demo: tiny DiT on built-in shapes
     torchrun --nnodes 4 --nproc_per_node 8 train.py --data-path /imagenet/train --resume auto   # Table 7
-
-Reads top to bottom like DiT's train.py: the training step and EMA, the flags and presets, data, the
-run directory (resume), then train(): one loop. Every default is the paper's (Table 7) except where the
-CPU demo has to differ (--preset demo). Data sets live in data.py; processes and checkpoint files in runs.py.
 """
 
 import argparse
@@ -37,9 +32,7 @@ SHAPES_IMAGES = 20_000  # the built-in shapes (no --data-path): images per epoch
 SHAPES_CLASSES = 4
 PEAK_FLOPS = 989e12   # the MFU denominator: H100/H200 SXM dense bf16 (other GPUs: read TFLOP/s against theirs)
 
-# ------------------------------------------------------------------------------------------------
-#                                  Training step, EMA, seeding
-# ------------------------------------------------------------------------------------------------
+# --- Training step, EMA, seeding ------------------------------------------------------------------
 
 
 class Objective(nn.Module):
@@ -63,25 +56,20 @@ def make_optimizer(model, args):
 
 @torch.no_grad()
 def update_ema(ema, model, decay, apply):
-    """ema = decay * ema + (1 - decay) * param; where the 0-dim bool tensor `apply` is False, unchanged."""
+    """ema = decay * ema + (1 - decay) * param where the 0-dim bool tensor `apply` is True."""
     ema_params, params = list(ema.parameters()), list(model.parameters())
-    # A 0-dim tensor weight would take the Scalar overload, which reads it on the host (a sync per step);
-    # one weight tensor per parameter stays on the device.
+    # a 0-dim tensor weight would take the Scalar overload, a host read per step; a weight list does not
     w = (1.0 - decay) * apply.to(ema_params[0].dtype)
     torch._foreach_lerp_(ema_params, params, [w] * len(ema_params))
 
 
 def ema_decay_at(step, decay, warmup):
-    """Table 7's EMA is 0.9999. Departure (on by default): decay_t = min(decay, (1 + t) / (10 + t)), the
-    usual warm-up, so that a short run (the CPU demo: ~2000 steps, where a 0.9999 EMA would still be 90%
-    initial weights) has a usable EMA. It reaches 0.9999 at step 90k and changes nothing after, so a
-    1M-step ImageNet run is the paper's recipe."""
+    """Table 7's 0.9999, after the usual warm-up min(decay, (1 + t) / (10 + t)) (a departure: docs/training.md)."""
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
 def stage_sums(out):
-    """(K,) per-stage loss sums of one training_losses result (0 where a stage got no sample). Python
-    ints times device scalars: nothing is copied from the host."""
+    """(K,) per-stage loss sums (0 for an empty stage): Python ints times device scalars, no host copy."""
     sl = out["stage_loss"]
     return torch.stack([sl[s] * n if n else sl.new_zeros(()) for s, n in enumerate(out["stage_count"])])
 
@@ -98,14 +86,9 @@ def merge_micro_batches(outs):
 
 
 def train_step(objective, model, ema, opt, x, y, gen, step, args):
-    """One update from args.grad_accum equal micro-batches of this rank's batch x. Returns (losses, grad
-    norm, ok). The gradient is that of the mean loss over the whole (global) batch: each micro-batch's
-    mean is divided by their number, DDP averages over ranks, and it all-reduces only in the last
-    micro-batch (no_sync before). Micro-batch i of step s takes the stage quotas of quota step
-    s * N + i, so shapes stay static and the long-run stage mix stays exact. ok (a device bool) is False
-    when the loss or the gradient norm is not finite; then the weights, the optimiser state and the EMA
-    do not move: fused AdamW skips the update on the device when found_inf = 1 (as under GradScaler).
-    Nothing here reads a device value on the host (test_hotpath.py runs it under fake tensors)."""
+    """One update from args.grad_accum equal micro-batches (all-reduced in the last one only; micro-batch i
+    of step s takes the quotas of quota step s * N + i) -> (losses, grad norm, ok). Where ok (a device bool)
+    is False, fused AdamW skips the step on the device (found_inf) and the EMA does not move. No host sync."""
     n = getattr(args, "grad_accum", 1)
     opt.zero_grad(set_to_none=True)
     outs = []
@@ -126,27 +109,21 @@ def train_step(objective, model, ema, opt, x, y, gen, step, args):
 
 
 def step_seed(global_seed, rank, step, stream=0):
-    """Seed of every random draw of one rank at one step (timesteps, coupling noise, label dropout).
-
-    Re-seeding each step from (seed, rank, step) instead of carrying RNG state makes a resumed run
-    bit-identical to an uninterrupted one by construction: nothing random depends on history."""
+    """Seed of every random draw of one rank at one step: a resumed run is bit-identical by construction."""
     key = (global_seed, rank, step) if stream == 0 else (global_seed, rank, step, stream)  # stream 0: as before
     return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1)
 
 
 def compile_model(model, **kw):
-    """torch.compile with static shapes: each stage (one token count, one per-stage batch under stratified
-    sampling) compiles once, train and no-grad separately, and never again. The default recompile limit
-    (8) would silently fall back to eager beyond 2 stages x 2 modes x 2 batch sizes. kw: torch.compile's."""
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    """Static shapes: one graph per (stage, per-stage batch, grad mode), never rebuilt. The default recompile
+    limit (8) would silently fall back to eager beyond 2 stages x 2 modes x 2 batch sizes."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(model, dynamic=False, **kw)
 
 
 def pick_threads(model, cdc_cfg, args, batch):
-    """CPU: time three training steps (after one to warm up) of a throwaway copy at 1 thread and at one per
-    core, keep the faster. On an idle 2-core machine 2 threads were 1.5x faster than 1; with the other core
-    busy, 2 OpenMP threads fighting for one core were 3-6x slower. Returns (threads, what was measured)."""
+    """CPU: time three steps (after a warm-up) of a copy at 1 thread and at one per core, keep the faster
+    (docs/training.md). Returns (threads, what was measured)."""
     m, R, seconds = deepcopy(model), cdc_cfg.resolutions[-1], {}
     ema, opt = deepcopy(m).requires_grad_(False), make_optimizer(m, args)
     objective = Objective(m, cdc_cfg, args.class_dropout, args.loss_reduction, args.stage_sampling)
@@ -165,10 +142,8 @@ def pick_threads(model, cdc_cfg, args, batch):
 
 
 class Meter:
-    """The log's running sums, all-reduced once per log line. What the device computed (loss, grad norm,
-    non-finite steps, per-stage loss sums) stays there; what the host knows (steps, stage counts, training
-    FLOPs = 3 x the analytic forward FLOPs of the stages drawn) is counted in Python: add() neither reads
-    the device nor copies to it."""
+    """The log's running sums, all-reduced once per log line: device values stay on the device, what the host
+    knows (steps, stage counts, FLOPs = 3 x the forward's) is counted in Python. add() never syncs."""
 
     def __init__(self, model, cdc_cfg, device):
         self.res, self.device = cdc_cfg.resolutions, device
@@ -206,14 +181,10 @@ class Meter:
                 + (f" skipped_images {s['skipped']}" if s["skipped"] else ""))
 
 
-# ------------------------------------------------------------------------------------------------
-#                                             Flags
-# ------------------------------------------------------------------------------------------------
+# --- Flags -----------------------------------------------------------------------------------------
 
-# One layer of defaults: --preset fills every flag below that the user did not give (printed at start and
-# in --help). Without --data-path the preset is the CPU demo, with it Table 7's ImageNet 256 recipe (XL,
-# patch 4, 256 images per step, lr 1e-4). Why the demo's values, and the 512 and 64 recipes (this
-# repository's choices; the paper gives none): docs/training.md.
+# --preset fills every flag below that the user did not give: the CPU demo without --data-path, else Table 7's
+# ImageNet 256 recipe. The demo's values and the 512 / 64 recipes (this repository's): docs/training.md.
 _RECIPE = dict(model="XL", global_batch_size=256, lr=1e-4, log_every=100, ckpt_every=50_000)
 TRAIN_PRESETS = {
     "demo": dict(model="tiny", patch_size=2, resolutions="8,16", global_batch_size=16, lr=2e-3, log_every=100,
@@ -290,8 +261,7 @@ def parse_list(text, name, kind=int):
 
 
 def resolve_args(args, demo):
-    """Fill the flags left at None from --preset (default: demo, or imagenet256 with data) and the values
-    of TABLE7; parse and check. Returns what the preset filled, for the log."""
+    """Fill the flags left at None from --preset and TABLE7; parse and check. Returns the log's note."""
     args.preset = args.preset or ("demo" if demo else "imagenet256")
     filled = []
     for k, v in TRAIN_PRESETS[args.preset].items():
@@ -323,21 +293,17 @@ def build(args, num_classes):
         raise ConfigError(str(e)) from None
 
 
-# ------------------------------------------------------------------------------------------------
-#                                        Data and the run
-# ------------------------------------------------------------------------------------------------
+# --- Data and the run ------------------------------------------------------------------------------
 
 
 def default_workers():
-    """One loader worker per core of this process's share of the machine (torchrun's local processes
-    share it), one core left for the training process itself, at most 8."""
+    """One loader worker per core of this process's share (LOCAL_WORLD_SIZE), one core left, at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
 def build_data(args, world, rank):
-    """(data set, classes of the model, this rank's DataOrder, loader). The built-in shapes are drawn in
-    the training process (about a millisecond an image: the CPU demo has no core to spare for workers)."""
+    """(data set, classes, this rank's DataOrder, loader). The built-in shapes need no workers (~1 ms an image)."""
     shapes = args.data_path is None
     kw = dict(size=SHAPES_IMAGES, num_classes=SHAPES_CLASSES) if shapes else dict(hflip=not args.no_hflip)
     dataset = build_dataset(args.data_path, args.resolutions[-1], seed=args.global_seed, **kw)
@@ -352,10 +318,8 @@ def build_data(args, world, rank):
 
 
 def choose_run(args):
-    """Rank 0's decision: (run directory, checkpoint to resume or None, note). --resume auto takes the
-    newest loadable checkpoint of the newest run of this model and size (a damaged newest file falls back
-    to the one before, with a warning); with none yet it reuses the newest run if that has no checkpoint
-    either (a run killed before its first save) instead of leaving empty runs behind."""
+    """Rank 0's (run directory, checkpoint or None, note). --resume auto: the newest loadable checkpoint of
+    the newest run of this model and size; with none, the newest run if it is empty, else a new run."""
     suffix = f"{args.model}-{args.resolutions[-1]}"
     mine = sorted(glob.glob(os.path.join(args.results_dir, f"[0-9][0-9][0-9]-{glob.escape(suffix)}")))
     run_of = lambda path: os.path.dirname(os.path.dirname(os.path.abspath(path)))  # noqa: E731
@@ -391,12 +355,8 @@ def check_compatible(ckpt, config, path):
 
 
 def open_run(args, config, model, ema, opt, rank, world):
-    """The run directory, and the state resumed into model, ema and opt: (run_dir, step, epoch, pos, notes).
-
-    Rank 0 alone decides (which checkpoint, which directory) and every rank follows: ranks that looked
-    for themselves could see different newest files (a results directory that is not shared, a file
-    that fails to read on one node) and would silently train from different steps and Adam states. A
-    rank that cannot read rank 0's choice stops the whole job with one line."""
+    """(run_dir, step, epoch, pos, notes), the state resumed into model, ema and opt. Rank 0 decides and every
+    rank follows (ranks could see different newest files); a rank that cannot read the file stops the job."""
     decision = [None, None, None, None]  # run_dir, checkpoint, note, error
     if rank == 0:
         try:
@@ -438,9 +398,7 @@ def open_run(args, config, model, ema, opt, rank, world):
 
 
 def sampling_copy(ema, precision):
-    """The network sampling runs: under bf16, a bf16 copy of the EMA made once. Autocast would otherwise
-    re-cast every fp32 weight at every network evaluation: its weight cache serves only weights that
-    require grad, and the EMA does not."""
+    """Under bf16 a bf16 copy of the EMA, made once (autocast caches casts only of weights that require grad)."""
     if precision != "bf16":
         return ema
     net = deepcopy(ema)
@@ -451,8 +409,8 @@ def sampling_copy(ema, precision):
 
 @torch.no_grad()
 def sample_grid(ema, cdc_cfg, args, device, path):
-    """EMA samples, one row per class (ImageNet: DiT's favourite classes), the same noise every time so
-    grids compare across steps, and the Fig. 9 stage sheet of the first two rows (PATH_stages.png)."""
+    """EMA samples, a row per class (ImageNet: DiT's classes), the same noise every time, and the Fig. 9 stage
+    sheet of the first two rows (PATH_stages.png)."""
     nc, per = ema.config.num_classes, 8
     classes = [207, 360, 387, 974, 88, 979, 417, 279] if nc == 1000 else list(range(min(nc, 8)))
     y = torch.tensor([c for c in classes for _ in range(per)], device=device) if nc else None
@@ -466,9 +424,7 @@ def sample_grid(ema, cdc_cfg, args, device, path):
     save_stage_sheet([s[::per // 2][:8] for s in stages], path[:-4] + "_stages.png")
 
 
-# ------------------------------------------------------------------------------------------------
-#                                            Training
-# ------------------------------------------------------------------------------------------------
+# --- Training ----------------------------------------------------------------------------------------
 
 
 def train(args):
@@ -485,15 +441,12 @@ def train(args):
     torch.manual_seed(args.global_seed)  # identical initial weights on every rank
     cdc_cfg, model = build(args, num_classes)
     config = {"model": dataclasses.asdict(model.config), "cdc": cdc_cfg.to_dict()}
-    model.to(device)
-    ema = deepcopy(model).requires_grad_(False).eval()
-    opt = make_optimizer(model, args)
+    ema, opt = deepcopy(model.to(device)).requires_grad_(False).eval(), make_optimizer(model, args)
     run_dir, step, epoch, pos, notes = open_run(args, config, model, ema, opt, rank, world)
 
     def log(msg):
         if rank == 0:
-            line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
-            print(line, flush=True)
+            print(line := f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
             with open(os.path.join(run_dir, "log.txt"), "a") as f:
                 f.write(line + "\n")
 
@@ -521,10 +474,8 @@ def train(args):
         order.set_position(epoch, pos)
         dataset.set_epoch(epoch)
         for x, y in loader:
-            torch.manual_seed(step_seed(args.global_seed, rank, step))  # coupling noise (global RNG, on the device)
-            # the iid timesteps' CPU generator: another seed, else it would replay the global RNG's first
-            # uniforms (on the CPU, t would then equal the label coins and correlate with zeta)
-            gen.manual_seed(step_seed(args.global_seed, rank, step, stream=1))
+            torch.manual_seed(step_seed(args.global_seed, rank, step))  # coupling noise, label coins (device)
+            gen.manual_seed(step_seed(args.global_seed, rank, step, stream=1))  # iid t: another stream, else t = the coins
             x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)  # uint8 over the bus
             out, gnorm, ok = train_step(objective, model, ema, opt, x, y if num_classes else torch.zeros_like(y),
                                         gen, step, args)
@@ -533,12 +484,10 @@ def train(args):
 
             # rank 0's clock decides for everyone: every step alone, at log steps under DDP (a broadcast)
             if args.time_limit and (step % args.log_every == 0 or not distributed) and step < total_steps:
-                stop = time.time() - t_start > 60 * args.time_limit
+                stop = [time.time() - t_start > 60 * args.time_limit]
                 if distributed:
-                    flag = torch.tensor([float(stop)], device=device)
-                    dist.broadcast(flag, src=0)
-                    stop = bool(flag.item())
-                if stop:
+                    dist.broadcast_object_list(stop, src=0)
+                if stop[0]:
                     log(f"--time-limit {args.time_limit} min reached: stopping at step {step} of {total_steps}")
                     total_steps = step
             is_log = step % args.log_every == 0 or step == total_steps
