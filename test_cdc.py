@@ -93,7 +93,6 @@ window_lists = st.lists(st.floats(0.05, 1.0), min_size=1, max_size=5).map(lambda
 
 
 @given(window_lists, st.lists(st.floats(0.0, 1.0), min_size=1, max_size=64))
-@example((0.25,) * 4, [0.25, 0.5, 0.75, 0.2499, 0.9999])       # a boundary belongs to the next stage
 def test_time_map_windows_cover_unit_interval(windows, ts):
     config = cdc.CDCConfig(resolutions=tuple(4 * 2 ** s for s in range(len(windows))), windows=windows)
     b = config.boundaries()
@@ -110,6 +109,12 @@ def test_time_map_windows_cover_unit_interval(windows, ts):
     assert stage[-1] == config.K - 1 and tau[-1] == 1                            # t = 1: end of stage K
 
 
+def test_stage_boundaries_belong_to_the_next_stage():
+    config = cdc.CDCConfig(resolutions=(8, 16, 32, 64))
+    stage, tau = config.stage_and_tau(torch.tensor([0.25, 0.5, 0.75, 0.2499, 0.9999]))
+    assert stage.tolist() == [1, 2, 3, 0, 3] and tau.tolist() == pytest.approx([0, 0, 0, 0.9996, 0.9996], abs=1e-6)
+
+
 @pytest.mark.parametrize("kind", cdc.INTERPOLANTS)
 @given(tau=st.floats(0.01, 0.99), seed=st.integers(0, 2 ** 16))
 def test_interpolant_ends_and_derivative(kind, tau, seed):
@@ -123,9 +128,11 @@ def test_interpolant_ends_and_derivative(kind, tau, seed):
     _, I_dot = config.interpolate(x0, x1, t(tau))
     fd = (config.interpolate(x0, x1, t(tau + h))[0] - config.interpolate(x0, x1, t(tau - h))[0]) / (2 * h)
     torch.testing.assert_close(I_dot, fd, rtol=1e-5, atol=1e-6)
-    if kind == "score":                                        # bounded derivative at tau -> 1
-        a, b, da, db = cdc.INTERPOLANTS[kind].coefficients(torch.tensor([1.0, 1 - 1e-9], dtype=f64))
-        assert torch.all(torch.isfinite(da)) and da.abs().max() <= 71 and a[0] == 0 and b[0] == 1
+
+
+def test_score_interpolant_derivative_is_bounded_near_one():
+    a, b, da, db = cdc.INTERPOLANTS["score"].coefficients(torch.tensor([1.0, 1 - 1e-9], dtype=f64))
+    assert torch.all(torch.isfinite(da)) and da.abs().max() <= 71 and a[0] == 0 and b[0] == 1
 
 
 def test_config_normalises_its_fields_and_counts_levels():
