@@ -220,6 +220,7 @@ def test_model_config_edge_values_are_allowed():
     assert (c.depth, c.width, c.num_classes, c.resolutions) == (1, 4, 0, (1, 2))
     model = cdc.DiT(cdc.DiTConfig(depth=1, width=8, heads=2, patch_size=1, in_channels=1, num_classes=0, resolutions=(2,)))
     assert model(torch.zeros(3, 1, 2, 2), torch.rand(3)).shape == (3, 1, 2, 2) and model.null_class == 0
+    assert all(getattr(model.fusion, n).bias is None for n in ("W_q", "W_k", "W_v", "W_o"))  # eqs. 41-43
 
 
 # ---- 4. Model (App. F) ----
