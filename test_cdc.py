@@ -214,18 +214,20 @@ def test_bad_arguments_raise_one_clear_error(build, error, words):
         build()
 
 
-def test_model_config_edge_values_are_allowed():
+def test_model_config_edge_values_are_allowed_and_a_new_model_is_zero_with_parameters_only():
     c = cdc.DiTConfig(depth=1, width=4, heads=2, patch_size=1, in_channels=1, num_classes=0, freq_dim=1,
                       resolutions=(1, 2))
     assert (c.depth, c.width, c.num_classes, c.resolutions) == (1, 4, 0, (1, 2))
     model = cdc.DiT(cdc.DiTConfig(depth=1, width=8, heads=2, patch_size=1, in_channels=1, num_classes=0, resolutions=(2,)))
-    assert model(torch.zeros(3, 1, 2, 2), torch.rand(3)).shape == (3, 1, 2, 2) and model.null_class == 0
+    assert torch.equal(model(torch.randn(3, 1, 2, 2), torch.rand(3)), torch.zeros(3, 1, 2, 2))  # adaLN-Zero
+    assert model.null_class == 0 and model.y_embedder.num_embeddings == 1              # the labels and a null class
     assert all(getattr(model.fusion, n).bias is None for n in ("W_q", "W_k", "W_v", "W_o"))  # eqs. 41-43
+    assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}  # position tables are recomputed
 
 
 # ---- 4. Model (App. F) ----
 
-def test_xl_preset_counts_677M_parameters_and_a_checkpoint_holds_parameters_only():
+def test_xl_preset_counts_677M_parameters():
     with torch.device("meta"):
         model = cdc.create_model("XL", patch_size=4, num_classes=1000)
     n = sum(p.numel() for p in model.parameters())
@@ -235,7 +237,6 @@ def test_xl_preset_counts_677M_parameters_and_a_checkpoint_holds_parameters_only
     io = (C * p * p * D + D) + (D * p * p * C + p * p * C) + (2 * D * D + 2 * D)  # patchify, final layer
     assert n == 28 * block + embedders + io == 676_846_128    # the count stated in README (paper Table 1: 677M)
     assert model.config.width // model.config.heads == 72     # Table 7: head dim
-    assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}  # position tables are recomputed
 
 
 @pytest.mark.parametrize("fusion", cdc.FUSIONS)
