@@ -1,10 +1,5 @@
-"""
-The paper's claims, checked numerically at small scale through theory/'s own functions (which use cdc.py's
-operators, coupling and samplers). Identities are asserted to float64 round-off, inequalities exactly,
-Monte-Carlo agreement in standard errors or through p-values of statistics with a known null. Every
-random draw is seeded, so each assertion is deterministic. No timed assertions: theory/inference_time.py
-is a benchmark, tested here only for what it computes, not for how fast.
-"""
+"""The paper's claims checked at small scale through theory/'s scripts (which use cdc.py): identities to float64
+round-off, Monte-Carlo agreement in standard errors or p-values; every draw seeded; nothing timed."""
 
 import gzip
 import json
@@ -24,27 +19,18 @@ TOL = 1e-12  # float64 round-off, relative
 
 @pytest.fixture(scope="module")
 def shapes16():
-    """48 built-in images at 16 px (float64, [-1, 1]), via data.build_dataset."""
     return common.load_images(None, 16, 48, seed=0)
 
 
-# ------------------------------------------------------------------------------------------------
-#                                   operators.py (§3.1, G.1.2)
-# ------------------------------------------------------------------------------------------------
+# ---- operators.py (§3.1, G.1.2) ----
 
 IDENTITIES = ("transitivity", "DU_identity", "UD_idempotent", "UD_self_adjoint", "UD_residual_orthogonal",
               "detail_max_abs_cosine", "detail_gram_offdiag_rel", "lemma1_max_rel_error", "telescoping")
 
 
 def test_operator_checks_report_what_they_measure(monkeypatch, shapes16):
-    """The script reports what it measures, not zeros. With cdc's operators on real images every identity
-    holds to round-off (real images have detail at every level, and the levels are orthogonal). With D
-    replaced by a 2x2 subsampling (one pixel per block: still D o U = id, so U o D is an idempotent but
-    oblique projection) it reports transitivity, D U = id and idempotence as holding and everything that
-    needs an orthogonal projection (self-adjoint, orthogonal residual, Assumption 1, Lemma 1) as failing;
-    with a one-pass D that is not the nested average it reports transitivity as failing; with U scaled by
-    1.5, D U = id and idempotence. (That cdc's operators satisfy every identity for any image is
-    test_cdc.py's: this file checks the script, which uses them.)"""
+    """The script reports what it measures: all identities hold with cdc's operators; a subsampling D (oblique
+    projection) fails only the orthogonal ones, a one-pass D transitivity, a scaled U D U = id and idempotence."""
     r = operators.operator_checks(shapes16, 4)
     for key in IDENTITIES:
         assert r[key] < TOL, (key, r[key])
@@ -68,9 +54,7 @@ def test_operator_checks_report_what_they_measure(monkeypatch, shapes16):
     assert r["DU_identity"] > 1e-3 and r["UD_idempotent"] > 1e-3
 
 
-# ------------------------------------------------------------------------------------------------
-#                               transport_cost.py (Theorem 2, G.1)
-# ------------------------------------------------------------------------------------------------
+# ---- transport_cost.py (Theorem 2, G.1) ----
 
 
 def test_transport_closed_form_matches_monte_carlo(shapes16):
@@ -89,9 +73,8 @@ def test_transport_closed_form_matches_monte_carlo(shapes16):
 @example(K=3, gamma=1.0, sigma=1.0, seed=0)      # below it: the noise alone does not
 @example(K=1, gamma=2.0, sigma=1.0, seed=0)      # one stage: no threshold
 def test_transport_exact_accounting(K, gamma, sigma, seed):
-    """Every identity of the exact accounting, for any data: the lift factor 4^(K-k) between stage and
-    full-resolution detail energies, Lemma 1, the noise sums, and L_A - L_B = signal gap + noise gap; the
-    noise part alone guarantees L_A > L_B exactly above gamma_threshold (and then L_A > L_B)."""
+    """The exact accounting for any data: lift factor 4^(K-k), Lemma 1, noise sums, L_A - L_B = signal gap + noise
+    gap; the noise part alone guarantees L_A > L_B exactly above gamma_threshold."""
     g = torch.Generator().manual_seed(seed)
     R = 2 ** K
     x = torch.randn(6, 3, R, R, generator=g, dtype=torch.float64) + 0.5
@@ -124,35 +107,24 @@ def test_gamma_threshold_is_where_the_noise_parts_cross(K):
     assert tc.gamma_threshold(1) is None
 
 
-def test_gamma_one_noise_part_fails_but_signal_saves_the_inequality(shapes16):
-    """With gamma = 1 (no diminishing) the multi-stage noise part exceeds d_K sigma^2, so the paper's
-    argument does not apply; L_A > L_B then rests on the signal part being measured at lower resolution,
-    which outweighs the noise deficit only for a small enough source: sigma < sigma* with
-    sigma*^2 = signal gap / ((noise_B - noise_A) / sigma^2). The built-in shapes (plain backgrounds, little
-    signal) sit near sigma* = 1 (0.98 for these 16 px images, 1.005 at 32 px): test well below it."""
+def test_without_diminishing_noise_theorem2_holds_only_for_a_small_source(shapes16):
+    """gamma = 1: the noise part alone fails; the signal gap saves L_A > L_B only for sigma < sigma* (~1 for the
+    built-in shapes); at sigma = 2 L_A < L_B (Theorem 2 is stated for gamma >= 1 but proved for gamma = 2)."""
     sigma = 0.5
     r = tc.transport_costs(shapes16, cdc.CDCConfig(resolutions=(2, 4, 8, 16), sigma=sigma, gamma=1.0), draws=1)
     assert not r["noise_alone_guarantees"] and r["noise_B"] > r["noise_A"]
     assert r["signal_A"] - r["signal_B"] > r["noise_B"] - r["noise_A"]
     assert r["L_A"] > r["L_B"]
     sigma_star = math.sqrt((r["signal_A"] - r["signal_B"]) / ((r["noise_B"] - r["noise_A"]) / sigma ** 2))
-    assert sigma < sigma_star < 2.0  # sigma = 2 lies beyond it: the next test's counterexample
-
-
-def test_theorem2_fails_without_diminishing_noise(shapes16):
-    """Theorem 2 is stated for every gamma >= 1 (eq. 20) but proved for gamma = 2. At gamma = 1 with a
-    larger source (sigma = 2) the noise deficit outweighs the signal gap: L_A < L_B on real images."""
+    assert sigma < sigma_star < 2.0
     r = tc.transport_costs(shapes16, cdc.CDCConfig(resolutions=(2, 4, 8, 16), sigma=2.0, gamma=1.0), draws=4)
     assert r["L_A"] < r["L_B"] and r["L_A_mc"] < r["L_B_mc"]
 
 
-# ------------------------------------------------------------------------------------------------
-#                      prior_equivalence.py (App. E.2 and the oracle, eq. 16)
-# ------------------------------------------------------------------------------------------------
+# ---- prior_equivalence.py (App. E.2 and the oracle, eq. 16) ----
 
 
 def test_source_equivalence_script_finds_equal_sources_and_has_power(shapes16):
-    """The script's App. E.2 check (the identity itself, on 2x and 4x steps: test_cdc.py)."""
     x = torch.cat([shapes16, common.load_images(None, 16, 400, seed=1)])
     rows = pe.source_equivalence(x, cdc.CDCConfig(resolutions=(4, 8, 16), gamma=2.0), n_proj=8, seed=0)
     for row in rows:
@@ -167,8 +139,8 @@ def small_oracle():
     return pe.GaussianOracle(mu, Sigma, cdc.CDCConfig(resolutions=(1, 2, 4), sigma=1.0, gamma=2.0))
 
 
-def test_oracle_test_has_power(small_oracle):
-    """The same statistics reject a chain run with the wrong stage noise (gamma 1 instead of 2)."""
+def test_moment_test_is_calibrated_and_has_power(small_oracle):
+    """p ~ U(0, 1) on exact Gaussian draws; a chain run with the wrong stage noise (gamma 1, not 2) is rejected."""
     wrong = pe.GaussianOracle(small_oracle.mu.view(small_oracle.shape), small_oracle.Sigma,
                               cdc.CDCConfig(resolutions=(1, 2, 4), gamma=2.0))
     outs = cdc.sample(wrong, cdc.CDCConfig(resolutions=(1, 2, 4), gamma=1.0), 3000, channels=3, steps=10,
@@ -176,10 +148,6 @@ def test_oracle_test_has_power(small_oracle):
     m, S = small_oracle.marginal(2)
     t = pe.moment_test(outs[2].reshape(3000, -1), m, S)
     assert min(t["mean_p"], t["cov_p"]) < 1e-6
-
-
-def test_moment_test_calibrated_on_exact_gaussian_draws(small_oracle):
-    m, S = small_oracle.marginal(2)
     L = torch.linalg.cholesky(S)
     p = []
     for seed in range(20):
@@ -192,8 +160,7 @@ def test_moment_test_calibrated_on_exact_gaussian_draws(small_oracle):
 
 @pytest.mark.parametrize("interpolant", ["linear", "trigonometric"])
 def test_exact_discretisation_error_orders(small_oracle, interpolant):
-    """Pushed exactly through cdc.integrate_stage: Euler is first order, Heun second order (that the chain
-    converges to the true marginals, eq. 16, is test_cdc.py's)."""
+    """Pushed exactly through cdc.integrate_stage: Euler is first order, Heun second order."""
     o = pe.GaussianOracle(small_oracle.mu.view(small_oracle.shape), small_oracle.Sigma,
                           cdc.CDCConfig(resolutions=(1, 2, 4), interpolant=interpolant))
     m, S = o.marginal(2)
@@ -205,22 +172,10 @@ def test_exact_discretisation_error_orders(small_oracle, interpolant):
         assert torch.allclose(pe.exact_chain_moments(o, 3, "euler")[-1][0], m, atol=1e-9)
 
 
-def test_one_euler_step_affine_map_is_the_oracle_field(small_oracle):
-    """stage_affine_map read off cdc.integrate_stage, against the closed form: one Euler step of size 1
-    from tau = 0 is x + b_0(x) = c_0 + (1 + B_0) x with (c_0, B_0) the oracle's field at tau = 0."""
-    for stage in range(3):
-        c, A = pe.stage_affine_map(small_oracle, stage, 1, "euler")
-        c0, B0 = small_oracle.affine(stage, 0.0)
-        assert torch.allclose(c, c0, atol=1e-12)
-        assert torch.allclose(A, torch.eye(len(c0), dtype=torch.float64) + B0, atol=1e-12)
-
-
 @pytest.mark.parametrize("solver, steps", [("euler", 2), ("heun", 1)])
 def test_exact_chain_moments_are_the_moments_of_cdc_sample(small_oracle, solver, steps):
-    """exact_chain_moments (which test_cdc.py uses for eq. 16, and this file for the solver orders) against the real
-    chain: 4000 runs of cdc.sample with the same solver and so few steps that the discretisation error
-    is large. Every stage's sample moments agree with the exact ones (chi2 and Bonferroni p-values),
-    and the same test rejects the true marginal (so agreement is not the test being blind)."""
+    """4000 runs of cdc.sample with so few steps that the discretisation error is large agree with
+    exact_chain_moments at every stage, and the same test rejects the true marginal."""
     exact = pe.exact_chain_moments(small_oracle, steps, solver)
     outs = cdc.sample(small_oracle, small_oracle.cdc, 4000, channels=3, steps=steps, solver=solver,
                       generator=torch.Generator().manual_seed(1), return_stages=True)
@@ -230,14 +185,7 @@ def test_exact_chain_moments_are_the_moments_of_cdc_sample(small_oracle, solver,
         assert pe.moment_test(out.reshape(4000, -1), *small_oracle.marginal(s))["cov_p"] < 1e-6, s
 
 
-# ------------------------------------------------------------------------------------------------
-#                                 inference_time.py (Theorem 3)
-# ------------------------------------------------------------------------------------------------
-
-
-def test_fit_exponent_recovers_a_power_law():
-    px = [64 ** 2, 128 ** 2, 256 ** 2, 512 ** 2]
-    assert inference_time.fit_exponent(px, [3e-7 * p ** 1.3 for p in px]) == pytest.approx(1.3)
+# ---- inference_time.py (Theorem 3) ----
 
 
 def test_speedup_bookkeeping():
@@ -252,28 +200,24 @@ def test_speedup_bookkeeping():
 
 
 def test_flop_count_grows_faster_than_linear_at_large_sizes():
-    """Theorem 3's cost model (time per evaluation proportional to d) drops attention's n^2 term:
-    the analytic FLOP exponent over 64..512 px exceeds 1 and grows with the token count."""
+    """Theorem 3's cost model (time proportional to d) drops attention's n^2: the FLOP exponent exceeds 1."""
     r = inference_time.scaling("tiny", (8, 16), stages=2, steps=1, patch_size=2, warmup=0, repeats=1)
     assert math.isfinite(r["exponent"]) and r["rows"][0]["flops"] < r["rows"][1]["flops"]
     m = inference_time.make_model("S", (64, 128, 256, 512), 8)
     px = [q * q for q in (64, 128, 256, 512)]
+    assert inference_time.fit_exponent(px, [3e-7 * p ** 1.3 for p in px]) == pytest.approx(1.3)
     flops = [m.flops_per_sample(q) for q in (64, 128, 256, 512)]
     assert inference_time.fit_exponent(px, flops) > 1
     assert flops[3] / flops[2] > flops[1] / flops[0]
 
 
-# ------------------------------------------------------------------------------------------------
-#                                   The scripts, end to end
-# ------------------------------------------------------------------------------------------------
-
-
-def _run_json(module, argv, capsys):
-    module.main(argv + ["--json"])
-    return json.loads(capsys.readouterr().out)
+# ---- The scripts, end to end ----
 
 
 def test_scripts_json_and_tables(capsys):
+    def _run_json(module, argv, capsys):
+        module.main(argv + ["--json"])
+        return json.loads(capsys.readouterr().out)
     r = _run_json(operators, ["--resolutions", "2,4,8", "--n-images", "8"], capsys)
     assert r["lemma1_max_rel_error"] < TOL
     r = _run_json(tc, ["--resolutions", "2,4,8", "--n-images", "16", "--gamma", "2"], capsys)
