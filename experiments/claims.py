@@ -836,11 +836,38 @@ def run_one(name, s, data, ev, a):
     if a.dry_run:
         log(f"to run (to the mark {labels[n_target - 1]:g} PFLOP): {path}")
         return
-    log(f"run {path} (to {stop:g} PFLOP)")
-    r = train_loop(s, data, ev, path, max_pflop=a.max_pflop, ckpt_path=ckpt_path)
-    log(f"wrote {path}: {m_label(r)}")
-    if name in FINAL_SETS and r["complete"]:
-        final_eval(name, s, data, ev)
+    if not claim(ckpt_path + ".lock"):
+        log(f"skip {path}: another process is running it")
+        return
+    try:
+        log(f"run {path} (to {stop:g} PFLOP)")
+        r = train_loop(s, data, ev, path, max_pflop=a.max_pflop, ckpt_path=ckpt_path)
+        log(f"wrote {path}: {m_label(r)}")
+        if name in FINAL_SETS and r["complete"]:
+            final_eval(name, s, data, ev)
+    finally:
+        os.remove(ckpt_path + ".lock")
+
+
+def claim(lock):
+    """Take a run for this process (two processes share a set's runs this way, one thread each): a lock file
+    holding the owner's pid; a lock whose process is gone is taken over."""
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    for _ in range(2):
+        try:
+            with open(lock, "x") as f:
+                f.write(str(os.getpid()))
+            return True
+        except FileExistsError:
+            pid = open(lock).read().strip()
+            try:
+                if pid.isdigit() and int(pid) > 0:
+                    os.kill(int(pid), 0)
+                    return False
+            except ProcessLookupError:
+                pass
+            os.remove(lock)  # stale: its process died
+    return False
 
 
 def cmd_run(a):
