@@ -628,7 +628,7 @@ def table_final():
     Inception FID needs no classifier and pools over machines; cfd and acc are on the scale of the classifier
     named in the row."""
     name = lambda r: f"{method(r['spec'])}, lr {r['spec']['lr']:g}"  # noqa: E731
-    runs = sorted((r for r in load("curves_final") if r.get("kind") == "final"),
+    runs = sorted((r for r in load("curves_final") if r.get("kind") == "final" and "guidance_grid" not in r),
                   key=lambda r: (name(r), r["spec"]["seed"]))
     if not runs:
         return ""
@@ -663,6 +663,77 @@ def table_final():
         cells = [f"{v['cfd']:.1f} / {v['acc']:.3f}" for v in r["steps_sweep"]]
         rows.append(f"| {name(r)} | {r['spec']['seed']} | {model(r)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def best_runs():
+    """The final models measured at their best guidance (sets weighting and atbest; 'final_split' is a final
+    evaluation made over several processes), grouped by method and lr, seeds in order."""
+    g = defaultdict(list)
+    for r in sorted((r for r in load("curves_final") if "guidance_grid" in r), key=lambda r: r["spec"]["seed"]):
+        g[f"{method(r['spec'])}, lr {r['spec']['lr']:g}"].append(r)
+    return dict(sorted(g.items()))
+
+
+def table_atbest():
+    """Each final model at S_cfg 3 / 8 steps (the curves' protocol), at its lowest-cfd guidance point and at
+    S_cfg 1: cfd (classifier) and the Inception FID, n = 1,000 against the 2,000 held-out digits; each stage's
+    share of the gradient; mean ± sd over seeds per method; the teacher-forced diagnosis at the best point."""
+    g = best_runs()
+    if not g:
+        return ""
+    pt = lambda p: f"S {p['cfg']:g}, {p['steps_per_stage']} steps: {p['cfd']:.1f} / {p['inception_fid']:.1f}"  # noqa: E731
+    rows = ["| method | seed | S 3, 8 steps: cfd / FID | best point: cfd / FID | S 1: cfd / FID | "
+            "gradient share 8 / 16 / 32 px (its weighting) |", "|---|---|---|---|---|---|"]
+    for m, runs in g.items():
+        for r in runs:
+            share = r["gradient"]["share"][r["spec"].get("reduction", "mean")]
+            rows.append(f"| {m} | {r['spec']['seed']} | {r['cfd']:.1f} / {r['inception_fid']:.1f} | {pt(r['at_best'])} | "
+                        f"{pt(r['at_cfg1'])} | {' / '.join(f'{100 * v:.0f} %' for v in share)} |")
+    rows += ["", "Inception FID (n = 1,000), mean ± sd over seeds:", "",
+             "| method | seeds | S 3, 8 steps | its best point | S 1 |", "|---|---|---|---|---|"]
+    for m, runs in g.items():
+        rows.append(f"| {m} | {len(runs)} | {fmt([r['inception_fid'] for r in runs])} | "
+                    f"{fmt([r['at_best']['inception_fid'] for r in runs])} | {fmt([r['at_cfg1']['inception_fid'] for r in runs])} |")
+    rows += ["", "Teacher-forced at the best point (200 held-out digits, cfd per stage side): the chained sampler, "
+             "each stage started from the real coarser image ('alone'), that start run on to 32 px ('to end'), "
+             "real digits ('floor'):", "", "| method | seed | stage | chained | alone | to end | floor |",
+             "|---|---|---|---|---|---|---|"]
+    for m, runs in g.items():
+        for r in runs:
+            tf = r["at_best"]["teacher_forced"]
+            for k, c in enumerate(tf["chained"]):
+                f = lambda e: f"{e['cfd']:.1f}" if e else "-"  # noqa: E731
+                rows.append(f"| {m} | {r['spec']['seed']} | {c['side']} px | {c['cfd']:.1f} | {f(tf['alone'][k])} | "
+                            f"{f(tf['to_end'][k])} | {tf['floor'][k]['cfd']:.1f} |")
+    return "\n".join(rows)
+
+
+def fig_guidance(plt):
+    """cfd (200 samples) against S_cfg at 8 and 24 steps per stage, mean ± sd over seeds, one line per
+    method; and the Inception FID (1,000 samples) at the points where it was measured."""
+    g = best_runs()
+    if not g:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (m, runs) in enumerate(g.items()):
+        for steps, ls in ((8, "--"), (24, "-")):
+            cells = [[c for c in r["guidance_grid"] if c["steps_per_stage"] == steps] for r in runs]
+            S = [c["cfg"] for c in cells[0]]
+            bars(a, S, [[cs[j]["cfd"] for cs in cells] for j in range(len(S))], color=f"C{i}", ls=ls,
+                 label=f"{m} ({len(runs)} seed{'s' * (len(runs) > 1)}), {steps} steps")
+        pts = [(r[k]["cfg"], r[k]["inception_fid"]) for r in runs for k in ("at_best", "at_cfg1")]
+        pts += [(r["spec"]["cfg"], r["inception_fid"]) for r in runs]
+        b.scatter(*zip(*pts), color=f"C{i}", label=m)
+    fl = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(RESULTS, "curves_final", "*floor.json")))]
+    a.axhline(np.mean([v["cfd"] for v in floor("weighting")["per_side"]["32"]]), color="k", lw=0.8, ls=":",
+              label="200 held-out digits")
+    b.axhline(fl[-1]["inception_fid"], color="k", lw=0.8, ls=":", label="1,000 training digits")
+    a.set(xlabel="S_cfg", ylabel="cfd (n = 200; lower is better)", yscale="log", title="classifier Fréchet distance")
+    b.set(xlabel="S_cfg", ylabel="Inception FID (n = 1,000 vs 2,000 held-out)", title="Inception FID where measured")
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
+    fig.suptitle(f"The final models (0.128 PFLOP) against guidance; {MACHINE}; {CMD} rechecks", fontsize=8)
+    return os.path.relpath(save_figure(fig, plt, "guidance.png"), EXP)
 
 
 RERUN_MARKS = (0.004, 0.016, 0.032, 0.064, 0.128)
@@ -749,8 +820,12 @@ def report_rechecks(plt=None):
                      ("the curves re-run on a second CPU", table_rerun()),
                      ("K = 3 at its long-budget lr", table_curveslr(plt)),
                      ("lr of the paper's weighting, scaled-sum (lrweight)", table_ladder("lrweight")),
-                     ("lr of the paper's weighting, sum (lrsum)", table_ladder("lrsum"))):
+                     ("lr of the paper's weighting, sum (lrsum)", table_ladder("lrsum")),
+                     ("each final model at its best guidance (weighting, atbest)", table_atbest())):
         print(f"\n## {title}\n\n{t or '(no results yet)'}")
+    f = fig_guidance(plt) if plt else None
+    if f:
+        print(f"\nfigure: {f}")
 
 
 def report(sections=None):
