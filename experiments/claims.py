@@ -980,7 +980,7 @@ def final_eval(set_name, s, data, ev):
     r.update(steps_sweep=sweep, set=set_name, cpu=CPU, classifier_sha1=ev.clf_sha1,
              detector_sha1=det.sha1, machine=MACHINE, torch=torch.__version__)
     if set_name not in ("curves", "curves_rerun", "curveslr"):  # each model at its best
-        r.update(best_guidance(s, cfg, ema, data, ev, det, ref))
+        r.update(best_guidance(s, cfg, ema, data, ev, det, ref, final=r))
     write_json(out, r)
     save_digits(x.view(10, -1, *x.shape[1:])[:, :10].reshape(-1, *x.shape[1:]), os.path.splitext(out)[0] + ".png")
     save_sheet(ema, cfg, s, sheet_path(set_name, name))
@@ -1039,10 +1039,11 @@ def gradient_shares(ema, cfg, data, n_per_stage=64, seed=0):
     return {"grad_norm_mean": norms, "share": shares, "n_per_stage": n_per_stage}
 
 
-def best_guidance(s, cfg, ema, data, ev, det, ref):
+def best_guidance(s, cfg, ema, data, ev, det, ref, final=None):
     """Each model at its best: classifier metrics over CFG_SWEEP x STEPS_OF_CFG_SWEEP (200 samples, the curves'
     noise); the Inception FID (FINAL_N samples, FINAL_SEED) at the lowest-cfd point and at S_cfg = 1 (its best
-    steps); the teacher-forced diagnosis at both points; each stage's gradient share."""
+    steps); the teacher-forced diagnosis at both points; each stage's gradient share; the Inception FID against
+    S_cfg (fid_grid; final: the final evaluation's point, at the spec's S_cfg and steps)."""
     t0 = time.time()
     grid = []
     for S in CFG_SWEEP:
@@ -1059,8 +1060,51 @@ def best_guidance(s, cfg, ema, data, ev, det, ref):
                        "teacher_forced": teacher_forced(ema, cfg, s, data, ev, g["cfg"], g["steps_per_stage"])})
         log(f"  at S_cfg {g['cfg']:g}, {g['steps_per_stage']} steps: cfd {points[-1]['cfd']:.2f} "
             f"Inception FID {points[-1]['inception_fid']:.2f} (n {len(x)})")
+    known = points + ([final_point(s, final)] if final else [])
     return {"guidance_grid": grid, "at_best": points[0], "at_cfg1": points[-1], "gradient": gradient_shares(ema, cfg, data),
-            "best_guidance_seconds": time.time() - t0}
+            "fid_grid": fid_grid(s, cfg, ema, ev, det, ref, known), "best_guidance_seconds": time.time() - t0}
+
+
+FID_STEPS = 8  # the curves' sampler
+
+
+def final_point(s, r):
+    """The final evaluation's point (the spec's S_cfg and steps) in the form of best_guidance's points."""
+    return {"cfg": s["cfg"], "steps_per_stage": s["steps"], **{k: r[k] for k in ("n", "cfd", "acc", "inception_fid")}}
+
+
+def fid_grid(s, cfg, ema, ev, det, ref, known=()):
+    """The Inception FID (FINAL_N samples, FINAL_SEED) at every S_cfg of CFG_SWEEP and FID_STEPS steps per stage
+    (points already measured with the same noise are taken from `known`): the classifier's features and
+    Inception's can disagree on a model's best guidance."""
+    out = []
+    for S in CFG_SWEEP:
+        p = next((k for k in known if k["cfg"] == S and k["steps_per_stage"] == FID_STEPS), None)
+        if p is None:
+            x, y, _ = draw(ema, cfg, FINAL_N // 10, s, seed=FINAL_SEED, cfg_scale=S, steps=FID_STEPS)
+            p = {"n": len(x), **ev.metrics(x, y), "inception_fid": fid_of(det, x, ref)}
+            log(f"  S_cfg {S:g}, {FID_STEPS} steps: cfd {p['cfd']:.2f} Inception FID {p['inception_fid']:.2f} (n {len(x)})")
+        out.append({"cfg": S, "steps_per_stage": FID_STEPS, **{k: p[k] for k in ("n", "cfd", "acc", "inception_fid")}})
+    return out
+
+
+def cmd_fidgrid(a):
+    """fid_grid for the final models evaluated before it existed (their final JSON lacks it), from the cached EMA."""
+    import fid
+    data, ev = evaluator(a)
+    det = fid.load_detector(None, "cpu")
+    ref = inception_ref(det, data, N_HELDOUT, f"inception_heldout{N_HELDOUT}_{det.sha1[:12]}")
+    for set_name in FINAL_SETS[3:]:
+        for p in sorted(glob.glob(os.path.join(FINAL, f"{set_name}__*.json"))):
+            r = read_json(p)
+            if "guidance_grid" not in r or "fid_grid" in r or not os.path.exists(ck := ema_path(set_name, r["spec"])):
+                continue
+            s, cfg, ema = load_ema(ck)
+            assert json.loads(json.dumps(s)) == r["spec"], f"{ck} is not the model of {p}"
+            known = [final_point(s, r), r["at_best"], r["at_cfg1"]]
+            log(f"fid_grid of {p}")
+            r["fid_grid"] = fid_grid(s, cfg, ema, ev, det, ref, known)
+            write_json(p, r)
 
 
 INCEPTION_N, INCEPTION_REF = 100, 500
@@ -1114,7 +1158,8 @@ def main(argv=None):
     r = sub.add_parser("run", help="run named sets in order (finished runs are skipped, partial ones resumed)")
     f = sub.add_parser("final", help="final evaluation of the complete runs of " + ", ".join(FINAL_SETS))
     i = sub.add_parser("inception", help="standard Inception FID of the claim-1 models (needs their cached EMA)")
-    for q in (r, f, i):
+    fg = sub.add_parser("fidgrid", help="the Inception FID against S_cfg of final models evaluated without it")
+    for q in (r, f, i, fg):
         q.add_argument("--mnist", default=mnist, help="folder with mnist-t10k-{images-idx3,labels-idx1}-ubyte.gz")
         q.add_argument("--threads", type=int, default=1)
     r.add_argument("sets", nargs="+", choices=list(SETS) + list(SAMPLING_SETS))
@@ -1140,6 +1185,8 @@ def main(argv=None):
                 final_eval(set_name, s, data, ev)
     elif a.cmd == "inception":
         cmd_inception(a)
+    elif a.cmd == "fidgrid":
+        cmd_fidgrid(a)
     elif a.cmd == "sheet":
         cmd_sheet(a)
     else:
