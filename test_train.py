@@ -512,6 +512,7 @@ def test_with_data_every_default_is_table7():
     assert train.ema_decay_at(10 ** 6, args.ema_decay, args.ema_warmup) == 0.9999
     assert (args.global_batch_size, args.grad_clip, args.class_dropout, args.fusion, args.epochs) == (256, 1.0, 0.1, "xattn", 200)
     assert args.precision is None and args.compile is None and args.cfg_scale == 3.0  # precision, compile: per device
+    assert args.loss_reduction == "scaled-sum"  # Alg. 1's stage weights d_k, divided by d_K
 
 
 @pytest.mark.parametrize("cores, local_world, workers", [(64, 1, 8), (16, 8, 1), (4, 1, 3), (2, 2, 0)])
