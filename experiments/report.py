@@ -733,9 +733,10 @@ def fig_guidance(plt):
             bars(b, [c["cfg"] for c in grids[0]], [[gr[j]["inception_fid"] for gr in grids] for j in range(len(grids[0]))],
                  color=f"C{i}", label=f"{m} ({len(grids)} seed{'s' * (len(grids) > 1)}), {grids[0][0]['steps_per_stage']} steps")
         pts = [(r[k]["cfg"], r[k]["inception_fid"]) for r in runs for k in ("at_best", "at_cfg1")
-               if r[k]["steps_per_stage"] != FID_STEPS]
+               if r[k]["steps_per_stage"] != FID_STEPS or "fid_grid" not in r]
+        pts += [(r["spec"]["cfg"], r["inception_fid"]) for r in runs if "fid_grid" not in r]
         if pts:
-            b.scatter(*zip(*pts), color=f"C{i}", marker="x", label=f"{m}, 24 or 4 steps")
+            b.scatter(*zip(*pts), color=f"C{i}", marker="x", label=f"{m}, other points")
     fl = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(RESULTS, "curves_final", "*floor.json")))]
     a.axhline(np.mean([v["cfd"] for v in floor("weighting")["per_side"]["32"]]), color="k", lw=0.8, ls=":",
               label="200 held-out digits")
