@@ -440,8 +440,9 @@ def velocity_loss(b: torch.Tensor, I_dot: torch.Tensor, reduction: str = "mean",
                   top_pixels: Optional[int] = None) -> torch.Tensor:
     """Per-sample loss of eq. 13 in MSE form ||b - I_dot||^2 (eq. 13 plus ||I_dot||^2, no theta: the same gradient
     without cancelling two large terms), over the d_k = C*H*W values of a stage-k sample: 'sum' is Alg. 1 line 17
-    / eq. 75 read literally (a stage-k sample weighs d_k); 'scaled-sum' is that sum / d_K (top_pixels): the
-    paper's stage weights at a per-pixel mean's gradient scale; 'mean' weighs every stage alike (a departure).
+    / eq. 75 read literally (a stage-k sample weighs d_k); 'scaled-sum' (training_losses' default) is that sum /
+    d_K (top_pixels): the paper's stage weights at a per-pixel mean's gradient scale; 'mean' weighs every stage
+    alike (a departure, the CPU demo's: it learns sooner early, README#the-loss-weighting-of-alg-1).
     Derivation: docs/method.md#loss-in-mse-form"""
     sq = (b.float() - I_dot.float()).pow(2).flatten(1)
     if reduction == "mean":
@@ -475,7 +476,7 @@ def stage_quotas(cfg: CDCConfig, batch: int, step: int = 0) -> list:
 
 
 def stage_loss(model: nn.Module, x1: torch.Tensor, y: Optional[torch.Tensor], tau: torch.Tensor, stage: int,
-               cfg: CDCConfig, reduction: str = "mean") -> torch.Tensor:
+               cfg: CDCConfig, reduction: str = "scaled-sum") -> torch.Tensor:
     """Per-sample loss of one stage (Alg. 1 lines 6-18) for images x1 = x1^(k) at the stage's side."""
     x0 = coupling_source(x1, stage, cfg)                        # lines 6-12 (eq. 8, 9)
     I, I_dot = cfg.interpolate(x0, x1, tau)                     # lines 13-14
@@ -490,7 +491,7 @@ def forward_order(K: int):
 
 
 def training_losses(model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor], cfg: CDCConfig,
-                    class_dropout: float = 0.1, reduction: str = "mean", generator=None,
+                    class_dropout: float = 0.1, reduction: str = "scaled-sum", generator=None,
                     stage_sampling: str = "stratified", step: int = 0) -> dict:
     """One step of Alg. 1 / Alg. 3 for full-resolution images x^(K) and labels y, one model call per non-empty
     stage in `forward_order`. 'iid' is Alg. 1 lines 3-4 (t from the CPU `generator`, samples grouped by stage);

@@ -398,7 +398,7 @@ def test_training_step_feeds_each_stage_once_largest_first_and_labels_only_when_
 
 
 @pytest.mark.parametrize("kind", cdc.INTERPOLANTS)
-@pytest.mark.parametrize("reduction", cdc.REDUCTIONS)
+@pytest.mark.parametrize("reduction", [*cdc.REDUCTIONS, None])  # None: the default, Alg. 1's weights / d_K
 @pytest.mark.parametrize("sampling", cdc.STAGE_SAMPLINGS)
 def test_training_step_equals_alg1_rebuilt_by_hand_per_sample(kind, reduction, sampling):
     """Alg. 1/3 per sample from what the model was fed: stage assignment (stratified: quotas in batch order; iid:
@@ -409,7 +409,7 @@ def test_training_step_equals_alg1_rebuilt_by_hand_per_sample(kind, reduction, s
     config = cdc.CDCConfig(resolutions=RES, sigma=0.8, gamma=3.0, interpolant=kind)
     x, y = torch.randn(B, 3, 32, 32) + 1, torch.randint(0, 5, (B,))
     model = Recorder()
-    got = cdc.training_losses(model, x, y, config, class_dropout=0.0, reduction=reduction,
+    got = cdc.training_losses(model, x, y, config, class_dropout=0.0, **({} if reduction is None else {"reduction": reduction}),
                               generator=torch.Generator().manual_seed(11), stage_sampling=sampling, step=step)
     if sampling == "iid":
         stage, tau_iid = config.stage_and_tau(torch.rand(B, generator=torch.Generator().manual_seed(11)))
@@ -435,7 +435,7 @@ def test_training_step_equals_alg1_rebuilt_by_hand_per_sample(kind, reduction, s
         b_out = model.w * I + tau.view(-1, 1, 1, 1) + 0.1 * labels.view(-1, 1, 1, 1)
         err = (b_out - (da * x0 + db * x1)).pow(2).flatten(1)
         per_sample = per_sample.index_put((idx,), {"mean": err.mean(1), "sum": err.sum(1),
-                                                   "scaled-sum": err.sum(1) / (3 * 32 * 32)}[reduction])
+                                                   "scaled-sum": err.sum(1) / (3 * 32 * 32)}[reduction or "scaled-sum"])
     torch.testing.assert_close(got["loss"].detach(), per_sample.detach().mean(), rtol=1e-4, atol=1e-5)
     grads = [torch.autograd.grad(v, model.w)[0] for v in (got["loss"], per_sample.mean())]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)       # every stage reaches the weights

@@ -218,7 +218,8 @@ def test_two_micro_batches_of_b_give_the_gradient_of_one_batch_of_2b():
     torch.manual_seed(7)
     out, _, _ = train.train_step(train.Objective(model, CONFIG, 0.1, "mean", "stratified"), model, ema, opt, x, y, None, step, args)
     torch.manual_seed(7)
-    parts = [cdc.training_losses(ref_model, x[i * B:(i + 1) * B], y[i * B:(i + 1) * B], CONFIG, step=2 * step + i) for i in range(2)]
+    parts = [cdc.training_losses(ref_model, x[i * B:(i + 1) * B], y[i * B:(i + 1) * B], CONFIG, reduction="mean",
+                               step=2 * step + i) for i in range(2)]
     per_stage = [sum(p["stage_loss"][s] * p["stage_count"][s] for p in parts) / sum(p["stage_count"][s] for p in parts) for s in range(3)]
     (sum(p["loss"] * B for p in parts) / (2 * B)).backward()
     assert [a + b for a, b in zip(*(p["stage_count"] for p in parts))] == out["stage_count"]
