@@ -1097,7 +1097,8 @@ def cmd_fidgrid(a):
     for set_name in FINAL_SETS[3:]:
         for p in sorted(glob.glob(os.path.join(FINAL, f"{set_name}__*.json"))):
             r = read_json(p)
-            if "guidance_grid" not in r or "fid_grid" in r or not os.path.exists(ck := ema_path(set_name, r["spec"])):
+            if ("guidance_grid" not in r or "fid_grid" in r or not os.path.exists(ck := ema_path(set_name, r["spec"]))
+                    or (a.only and a.only not in p)):
                 continue
             s, cfg, ema = load_ema(ck)
             assert json.loads(json.dumps(s)) == r["spec"], f"{ck} is not the model of {p}"
@@ -1159,6 +1160,7 @@ def main(argv=None):
     f = sub.add_parser("final", help="final evaluation of the complete runs of " + ", ".join(FINAL_SETS))
     i = sub.add_parser("inception", help="standard Inception FID of the claim-1 models (needs their cached EMA)")
     fg = sub.add_parser("fidgrid", help="the Inception FID against S_cfg of final models evaluated without it")
+    fg.add_argument("--only", help="only the final models whose JSON path contains this")
     for q in (r, f, i, fg):
         q.add_argument("--mnist", default=mnist, help="folder with mnist-t10k-{images-idx3,labels-idx1}-ubyte.gz")
         q.add_argument("--threads", type=int, default=1)
