@@ -1094,7 +1094,7 @@ def cmd_fidgrid(a):
     data, ev = evaluator(a)
     det = fid.load_detector(None, "cpu")
     ref = inception_ref(det, data, N_HELDOUT, f"inception_heldout{N_HELDOUT}_{det.sha1[:12]}")
-    for set_name in FINAL_SETS[3:]:
+    for set_name in FINAL_SETS:  # only the finals with a guidance_grid qualify
         for p in sorted(glob.glob(os.path.join(FINAL, f"{set_name}__*.json"))):
             r = read_json(p)
             if ("guidance_grid" not in r or "fid_grid" in r or not os.path.exists(ck := ema_path(set_name, r["spec"]))
