@@ -438,15 +438,16 @@ def curve_levels(set_name="curves"):
             ("cfd", 4 * f, True, f"cfd ≤ 4 × floor ({4 * f:.1f})"), ("cfd", 2 * f, True, f"cfd ≤ 2 × floor ({2 * f:.1f})")]
 
 
-def table_curves(g, set_name="curves"):
-    """Compute each method needs to reach fixed quality levels, per seed, and the ratio K = 1 / K = 3."""
+def table_curves(g, set_name="curves", names=(K1_NAME, K3_NAME)):
+    """Compute each method needs to reach fixed quality levels, per seed, and the ratio of the first method's
+    (single-stage, K = 1) to the second's (CDC)."""
     if not g:
         return ""
     lines = []
     fcfd, facc, n = floor32(set_name)
     levels = curve_levels(set_name)
-    a, b = g.get(K1_NAME, []), g.get(K3_NAME, [])
-    for m, runs in ((K1_NAME, a), (K3_NAME, b)):
+    a, b = g.get(names[0], []), g.get(names[1], [])
+    for m, runs in zip(names, (a, b)):
         if runs:
             lines.append(f"- {m}: {len(runs)} seed{'s' * (len(runs) > 1)} "
                          f"({', '.join(str(r['spec']['seed']) for r in runs)}), measured to "
@@ -456,7 +457,7 @@ def table_curves(g, set_name="curves"):
     lines.append("| method | seed | evals | PFLOP reached | lowest cfd (at PFLOP) | "
                  + " | ".join(l[3] for l in levels) + " |")
     lines.append("|---|---|---|---|---|" + "---|" * len(levels))
-    for m, runs in ((K1_NAME, a), (K3_NAME, b)):
+    for m, runs in zip(names, (a, b)):
         for r in runs:
             cells = [cell(compute_to_reach(r["evals"], k, lv, lb)) for k, lv, lb, _ in levels]
             last = r["evals"][-1]["pflop"] if r["evals"] else 0.0
@@ -466,16 +467,16 @@ def table_curves(g, set_name="curves"):
                          f"({best['pflop']:.4f}) | " + " | ".join(cells) + " |")
     seeds = sorted(set(r["spec"]["seed"] for r in a) & set(r["spec"]["seed"] for r in b))
     if seeds:
-        lines += ["", "Compute ratio K = 1 / K = 3 (how many times the training FLOPs single-stage flow matching "
-                  "needs to reach the level CDC reaches), per seed; mean ± sd over the seeds where both reached it:",
+        lines += ["", f"Compute ratio {names[0]} / {names[1]} (how many times the training FLOPs single-stage flow "
+                  "matching needs to reach the level CDC reaches), per seed; mean ± sd over the seeds where both reached it:",
                   "", "| level | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
                   "|---|" + "---|" * (len(seeds) + 1)]
-        by_seed = {(method(r["spec"]), r["spec"]["seed"]): r for r in a + b}
+        by_seed = {(i, r["spec"]["seed"]): r for i, runs in enumerate((a, b)) for r in runs}
         for k, lv, lb, label in levels:
             cells, vals = [], []
             for s in seeds:
-                c, v = ratio_cell(compute_to_reach(by_seed[(K1_NAME, s)]["evals"], k, lv, lb),
-                                  compute_to_reach(by_seed[(K3_NAME, s)]["evals"], k, lv, lb))
+                c, v = ratio_cell(compute_to_reach(by_seed[(0, s)]["evals"], k, lv, lb),
+                                  compute_to_reach(by_seed[(1, s)]["evals"], k, lv, lb))
                 cells.append(c)
                 if v is not None:
                     vals.append(v)
@@ -775,6 +776,30 @@ def table_curveslr(plt=None):
                       + ([f"\nfigure: {fig}"] if fig else []))
 
 
+def table_weighting_curves(plt=None):
+    """Through convergence under the curves' protocol (S_cfg 3, 8 steps, n = 200 per mark): K = 1 and K = 3
+    'mean' (atbest) and K = 3 under Alg. 1's weights (weighting), per seed at a few marks; the compute tables of
+    single-stage FM against each CDC objective; the figure."""
+    w = [r for runs in curve_runs("weighting").values() for r in runs]
+    if not w:
+        return ""
+    ab = curve_runs("atbest")
+    named = {f"{m}{', mean' * (m != K1_NAME)}, lr {runs[0]['spec']['lr']:g}": runs for m, runs in sorted(ab.items())}
+    named[f"{method(w[0]['spec'])}, lr {w[0]['spec']['lr']:g}"] = w
+    rows = ["| method | seed | " + " | ".join(f"cfd / acc at {m:g}" for m in RERUN_MARKS) + " |",
+            "|---|---|" + "---|" * len(RERUN_MARKS)]
+    for m, runs in named.items():
+        for r in runs:
+            cells = [(lambda e: f"{e['cfd']:.1f} / {e['acc']:.2f}" if e else "-")(at_mark(r, mk)) for mk in RERUN_MARKS]
+            rows.append(f"| {m} | {r['spec']['seed']} | " + " | ".join(cells) + " |")
+    k1, *k3s = named  # K = 1 first (sorted), then K = 3 'mean', then K = 3 under Alg. 1's weights
+    for k3 in reversed(k3s):
+        rows += ["", f"{k1} against {k3}:", "", table_curves(named, "weighting", (k1, k3))]
+    fig = (fig_curves(named, plt, "weighting", "curves_weighting.png", "Loss weightings",
+                      f"{CMD} rechecks") if plt else None)
+    return "\n".join(rows + ([f"\nfigure: {os.path.relpath(fig, EXP)}"] if fig else []))
+
+
 def table_rerun():
     """The curves' runs trained again on a second CPU (another rounding, a retrained classifier): the record
     against the re-run at a few marks, and the re-runs' own compute-to-quality table."""
@@ -834,6 +859,7 @@ def report_rechecks(plt=None):
                      ("K = 3 at its long-budget lr", table_curveslr(plt)),
                      ("lr of the paper's weighting, scaled-sum (lrweight)", table_ladder("lrweight")),
                      ("lr of the paper's weighting, sum (lrsum)", table_ladder("lrsum")),
+                     ("through convergence: the weightings against single-stage FM (S_cfg 3)", table_weighting_curves(plt)),
                      ("each final model at its best guidance (weighting, atbest)", table_atbest())):
         print(f"\n## {title}\n\n{t or '(no results yet)'}")
     f = fig_guidance(plt) if plt else None
