@@ -944,6 +944,24 @@ def inception_ref(det, data, n, name):
         return f["mu"], f["sigma"]
 
 
+class Pieces:
+    """A final evaluation's finished pieces, kept beside the run's EMA (cache/ema/<run>.pieces.json) as each one
+    ends, so an evaluation that is stopped (an hour for K = 3 on one core) resumes where it stopped; every
+    piece draws its own seeded noise, so which pieces ran before does not change any. Without a path: no memo."""
+
+    def __init__(self, path=None):
+        self.path, self.done = path, (read_json(path) if path and os.path.exists(path) else {})
+        if self.done:
+            log(f"  resuming from {len(self.done)} finished pieces of {path}")
+
+    def __call__(self, key, fn):
+        if key not in self.done:
+            self.done[key] = json.loads(json.dumps(fn()))  # as it will be read back
+            if self.path:
+                write_json(self.path, self.done)
+        return self.done[key]
+
+
 def final_eval(set_name, s, data, ev):
     """FINAL_N samples of a complete run's final EMA (cache/ema): classifier cfd / acc, the Inception FID
     against the 2,000 held-out digits, the steps-per-stage sweep, the stage sheet; for the later sets also
@@ -968,20 +986,24 @@ def final_eval(set_name, s, data, ev):
         write_json(floor_path, fl)
         log(f"  final floor: {json.dumps(fl)}")
     s, cfg, ema = load_ema(ck)
-    x, y, sample_s = draw(ema, cfg, FINAL_N // 10, s, seed=FINAL_SEED)
+    pieces = Pieces(os.path.splitext(ck)[0] + ".pieces.json")
+    x, y, sample_s = draw(ema, cfg, FINAL_N // 10, s, seed=FINAL_SEED)  # drawn again on a resume: kept for the PNG
     t0 = time.time()
     r = {"kind": "final", "spec": s, "n": len(x), "seed": FINAL_SEED, "sample_seconds": sample_s, **ev.metrics(x, y),
-         "inception_fid": fid_of(det, x, ref), "inception_ref_n": N_HELDOUT}
+         "inception_fid": pieces("final_fid", lambda: fid_of(det, x, ref)), "inception_ref_n": N_HELDOUT}
     r["inception_seconds"] = time.time() - t0
-    sweep = []
-    for n in STEPS_SWEEP:
+
+    def sweep_point(n):
         xs, ys, secs = draw(ema, cfg, s["eval_n"] // 10, s, seed=1234, steps=n)
-        sweep.append({"steps_per_stage": n, "n": len(xs), "sample_seconds": secs, **ev.metrics(xs, ys)})
+        return {"steps_per_stage": n, "n": len(xs), "sample_seconds": secs, **ev.metrics(xs, ys)}
+    sweep = [pieces(f"steps {n}", lambda: sweep_point(n)) for n in STEPS_SWEEP]
     r.update(steps_sweep=sweep, set=set_name, cpu=CPU, classifier_sha1=ev.clf_sha1,
              detector_sha1=det.sha1, machine=MACHINE, torch=torch.__version__)
     if set_name not in ("curves", "curves_rerun", "curveslr"):  # each model at its best
-        r.update(best_guidance(s, cfg, ema, data, ev, det, ref, final=r))
+        r.update(best_guidance(s, cfg, ema, data, ev, det, ref, final=r, pieces=pieces))
     write_json(out, r)
+    if os.path.exists(pieces.path):
+        os.remove(pieces.path)
     save_digits(x.view(10, -1, *x.shape[1:])[:, :10].reshape(-1, *x.shape[1:]), os.path.splitext(out)[0] + ".png")
     save_sheet(ema, cfg, s, sheet_path(set_name, name))
     log(f"  final {name}: cfd {r['cfd']:.2f} acc {r['acc']:.3f} Inception FID {r['inception_fid']:.2f} (n {len(x)}); "
@@ -1039,30 +1061,33 @@ def gradient_shares(ema, cfg, data, n_per_stage=64, seed=0):
     return {"grad_norm_mean": norms, "share": shares, "n_per_stage": n_per_stage}
 
 
-def best_guidance(s, cfg, ema, data, ev, det, ref, final=None):
+def best_guidance(s, cfg, ema, data, ev, det, ref, final=None, pieces=None):
     """Each model at its best: classifier metrics over CFG_SWEEP x STEPS_OF_CFG_SWEEP (200 samples, the curves'
     noise); the Inception FID (FINAL_N samples, FINAL_SEED) at the lowest-cfd point and at S_cfg = 1 (its best
     steps); the teacher-forced diagnosis at both points; each stage's gradient share; the Inception FID against
-    S_cfg (fid_grid; final: the final evaluation's point, at the spec's S_cfg and steps)."""
-    t0 = time.time()
-    grid = []
-    for S in CFG_SWEEP:
-        for n in STEPS_OF_CFG_SWEEP:
-            xs, ys, secs = draw(ema, cfg, s["eval_n"] // 10, s, seed=1234, cfg_scale=S, steps=n)
-            grid.append({"cfg": S, "steps_per_stage": n, "n": len(xs), "sample_seconds": secs, **ev.metrics(xs, ys)})
+    S_cfg (fid_grid; final: the final evaluation's point, at the spec's S_cfg and steps). pieces: Pieces."""
+    t0, pieces = time.time(), pieces or Pieces()
+
+    def grid_point(S, n):
+        xs, ys, secs = draw(ema, cfg, s["eval_n"] // 10, s, seed=1234, cfg_scale=S, steps=n)
+        return {"cfg": S, "steps_per_stage": n, "n": len(xs), "sample_seconds": secs, **ev.metrics(xs, ys)}
+
+    def point(S, n):
+        x, y, _ = draw(ema, cfg, FINAL_N // 10, s, seed=FINAL_SEED, cfg_scale=S, steps=n)
+        p = {"cfg": S, "steps_per_stage": n, "n": len(x), **ev.metrics(x, y), "inception_fid": fid_of(det, x, ref),
+             "teacher_forced": teacher_forced(ema, cfg, s, data, ev, S, n)}
+        log(f"  at S_cfg {S:g}, {n} steps: cfd {p['cfd']:.2f} Inception FID {p['inception_fid']:.2f} (n {len(x)})")
+        return p
+
+    grid = [pieces(f"grid {S:g} {n}", lambda: grid_point(S, n)) for S in CFG_SWEEP for n in STEPS_OF_CFG_SWEEP]
     best = min(grid, key=lambda g: g["cfd"])
     best1 = min((g for g in grid if g["cfg"] == 1.0), key=lambda g: g["cfd"])
-    points = []
-    for g in (best, best1) if best is not best1 else (best,):
-        x, y, _ = draw(ema, cfg, FINAL_N // 10, s, seed=FINAL_SEED, cfg_scale=g["cfg"], steps=g["steps_per_stage"])
-        points.append({"cfg": g["cfg"], "steps_per_stage": g["steps_per_stage"], "n": len(x), **ev.metrics(x, y),
-                       "inception_fid": fid_of(det, x, ref),
-                       "teacher_forced": teacher_forced(ema, cfg, s, data, ev, g["cfg"], g["steps_per_stage"])})
-        log(f"  at S_cfg {g['cfg']:g}, {g['steps_per_stage']} steps: cfd {points[-1]['cfd']:.2f} "
-            f"Inception FID {points[-1]['inception_fid']:.2f} (n {len(x)})")
+    points = [pieces(f"point {g['cfg']:g} {g['steps_per_stage']}", lambda: point(g["cfg"], g["steps_per_stage"]))
+              for g in ((best, best1) if best is not best1 else (best,))]
     known = points + ([final_point(s, final)] if final else [])
-    return {"guidance_grid": grid, "at_best": points[0], "at_cfg1": points[-1], "gradient": gradient_shares(ema, cfg, data),
-            "fid_grid": fid_grid(s, cfg, ema, ev, det, ref, known), "best_guidance_seconds": time.time() - t0}
+    return {"guidance_grid": grid, "at_best": points[0], "at_cfg1": points[-1],
+            "gradient": pieces("gradient", lambda: gradient_shares(ema, cfg, data)),
+            "fid_grid": fid_grid(s, cfg, ema, ev, det, ref, known, pieces), "best_guidance_seconds": time.time() - t0}
 
 
 FID_STEPS = 8  # the curves' sampler
@@ -1073,17 +1098,20 @@ def final_point(s, r):
     return {"cfg": s["cfg"], "steps_per_stage": s["steps"], **{k: r[k] for k in ("n", "cfd", "acc", "inception_fid")}}
 
 
-def fid_grid(s, cfg, ema, ev, det, ref, known=()):
+def fid_grid(s, cfg, ema, ev, det, ref, known=(), pieces=None):
     """The Inception FID (FINAL_N samples, FINAL_SEED) at every S_cfg of CFG_SWEEP and FID_STEPS steps per stage
     (points already measured with the same noise are taken from `known`): the classifier's features and
     Inception's can disagree on a model's best guidance."""
-    out = []
+    def fid_point(S):
+        x, y, _ = draw(ema, cfg, FINAL_N // 10, s, seed=FINAL_SEED, cfg_scale=S, steps=FID_STEPS)
+        p = {"n": len(x), **ev.metrics(x, y), "inception_fid": fid_of(det, x, ref)}
+        log(f"  S_cfg {S:g}, {FID_STEPS} steps: cfd {p['cfd']:.2f} Inception FID {p['inception_fid']:.2f} (n {len(x)})")
+        return p
+
+    out, pieces = [], pieces or Pieces()
     for S in CFG_SWEEP:
         p = next((k for k in known if k["cfg"] == S and k["steps_per_stage"] == FID_STEPS), None)
-        if p is None:
-            x, y, _ = draw(ema, cfg, FINAL_N // 10, s, seed=FINAL_SEED, cfg_scale=S, steps=FID_STEPS)
-            p = {"n": len(x), **ev.metrics(x, y), "inception_fid": fid_of(det, x, ref)}
-            log(f"  S_cfg {S:g}, {FID_STEPS} steps: cfd {p['cfd']:.2f} Inception FID {p['inception_fid']:.2f} (n {len(x)})")
+        p = p or pieces(f"fid {S:g}", lambda: fid_point(S))
         out.append({"cfg": S, "steps_per_stage": FID_STEPS, **{k: p[k] for k in ("n", "cfd", "acc", "inception_fid")}})
     return out
 
