@@ -753,6 +753,17 @@ def fig_guidance(plt):
 RERUN_MARKS = (0.004, 0.016, 0.032, 0.064, 0.128)
 
 
+def rows_at_marks(named):
+    """cfd / acc of every run at RERUN_MARKS, a row per (method, seed)."""
+    rows = ["| method | seed | " + " | ".join(f"cfd / acc at {m:g}" for m in RERUN_MARKS) + " |",
+            "|---|---|" + "---|" * len(RERUN_MARKS)]
+    for m, runs in named.items():
+        for r in runs:
+            cells = [(lambda e: f"{e['cfd']:.1f} / {e['acc']:.2f}" if e else "-")(at_mark(r, mk)) for mk in RERUN_MARKS]
+            rows.append(f"| {m} | {r['spec']['seed']} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def table_curveslr(plt=None):
     """K = 3 at its long-budget lr (curveslr) against the runs of the same machine and classifier (the
     re-runs): per seed at a few marks, the compute table with K = 1's re-runs, and their figure."""
@@ -763,12 +774,7 @@ def table_curveslr(plt=None):
     lr = lr_runs[0]["spec"]["lr"]
     named = {f"{m}, lr {runs[0]['spec']['lr']:g}": runs for m, runs in sorted(rr.items())}
     named[f"{K3_NAME}, lr {lr:g}"] = lr_runs
-    rows = ["| method | seed | " + " | ".join(f"cfd / acc at {m:g}" for m in RERUN_MARKS) + " |",
-            "|---|---|" + "---|" * len(RERUN_MARKS)]
-    for m, runs in named.items():
-        for r in runs:
-            cells = [(lambda e: f"{e['cfd']:.1f} / {e['acc']:.2f}" if e else "-")(at_mark(r, mk)) for mk in RERUN_MARKS]
-            rows.append(f"| {m} | {r['spec']['seed']} | " + " | ".join(cells) + " |")
+    rows = rows_at_marks(named)
     fig = (fig_curves(named, plt, "curveslr", "curves_lr.png", f"K = 3 at lr {lr:g} beside the re-runs (second CPU)",
                       f"{CMD} rechecks") if plt else None)
     return "\n".join(rows + ["", f"K = 1 (its re-runs) against K = 3 at lr {lr:g}:", "",
@@ -786,12 +792,7 @@ def table_weighting_curves(plt=None):
     ab = curve_runs("atbest")
     named = {f"{m}{', mean' * (m != K1_NAME)}, lr {runs[0]['spec']['lr']:g}": runs for m, runs in sorted(ab.items())}
     named[f"{method(w[0]['spec'])}, lr {w[0]['spec']['lr']:g}"] = w
-    rows = ["| method | seed | " + " | ".join(f"cfd / acc at {m:g}" for m in RERUN_MARKS) + " |",
-            "|---|---|" + "---|" * len(RERUN_MARKS)]
-    for m, runs in named.items():
-        for r in runs:
-            cells = [(lambda e: f"{e['cfd']:.1f} / {e['acc']:.2f}" if e else "-")(at_mark(r, mk)) for mk in RERUN_MARKS]
-            rows.append(f"| {m} | {r['spec']['seed']} | " + " | ".join(cells) + " |")
+    rows = rows_at_marks(named)
     k1, *k3s = named  # K = 1 first (sorted), then K = 3 'mean', then K = 3 under Alg. 1's weights
     for k3 in reversed(k3s):
         rows += ["", f"{k1} against {k3}:", "", table_curves(named, "weighting", (k1, k3))]
