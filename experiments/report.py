@@ -51,6 +51,11 @@ def method(spec):
     return f"K = {len(res)} ({', '.join(str(r) for r in res)}){red}"
 
 
+def weighted(spec):
+    """method() naming the loss weighting of every K > 1 model, 'mean' included (the weighting sets)."""
+    return method(spec) + (", mean" if len(spec["resolutions"]) > 1 and spec.get("reduction", "mean") == "mean" else "")
+
+
 def floor(set_name=None):
     """The floor (held-out real digits) a set is scored against: results/floor.json for claims 1-9,
     results/curves_floor.json for the curves (and lrlong, claim3long), results/<set>/floor.json for the later
@@ -672,7 +677,7 @@ def best_runs():
     evaluation made over several processes), grouped by method and lr, seeds in order."""
     g = defaultdict(list)
     for r in sorted((r for r in load("curves_final") if "guidance_grid" in r), key=lambda r: r["spec"]["seed"]):
-        g[f"{method(r['spec'])}, lr {r['spec']['lr']:g}"].append(r)
+        g[f"{weighted(r['spec'])}, lr {r['spec']['lr']:g}"].append(r)
     return dict(sorted(g.items()))
 
 
@@ -789,9 +794,8 @@ def table_weighting_curves(plt=None):
     w = [r for runs in curve_runs("weighting").values() for r in runs]
     if not w:
         return ""
-    ab = curve_runs("atbest")
-    named = {f"{m}{', mean' * (m != K1_NAME)}, lr {runs[0]['spec']['lr']:g}": runs for m, runs in sorted(ab.items())}
-    named[f"{method(w[0]['spec'])}, lr {w[0]['spec']['lr']:g}"] = w
+    named = {f"{weighted(runs[0]['spec'])}, lr {runs[0]['spec']['lr']:g}": runs
+             for runs in [runs for _, runs in sorted(curve_runs("atbest").items())] + [w]}
     rows = rows_at_marks(named)
     k1, *k3s = named  # K = 1 first (sorted), then K = 3 'mean', then K = 3 under Alg. 1's weights
     for k3 in reversed(k3s):
