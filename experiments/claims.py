@@ -947,12 +947,15 @@ def inception_ref(det, data, n, name):
 class Pieces:
     """A final evaluation's finished pieces, kept beside the run's EMA (cache/ema/<run>.pieces.json) as each one
     ends, so an evaluation that is stopped (an hour for K = 3 on one core) resumes where it stopped; every
-    piece draws its own seeded noise, so which pieces ran before does not change any. Without a path: no memo."""
+    piece draws its own seeded noise, so which pieces ran before does not change any. Pieces of other weights
+    (another `ema` sha1: the run was trained again) are dropped. Without a path: no memo."""
 
-    def __init__(self, path=None):
+    def __init__(self, path=None, ema=None):
         self.path, self.done = path, (read_json(path) if path and os.path.exists(path) else {})
-        if self.done:
-            log(f"  resuming from {len(self.done)} finished pieces of {path}")
+        if self.done.get("ema_sha1") != ema:
+            self.done = {"ema_sha1": ema}
+        elif len(self.done) > 1:
+            log(f"  resuming from {len(self.done) - 1} finished pieces of {path}")
 
     def __call__(self, key, fn):
         if key not in self.done:
@@ -986,7 +989,8 @@ def final_eval(set_name, s, data, ev):
         write_json(floor_path, fl)
         log(f"  final floor: {json.dumps(fl)}")
     s, cfg, ema = load_ema(ck)
-    pieces = Pieces(os.path.splitext(ck)[0] + ".pieces.json")
+    with open(ck, "rb") as f:
+        pieces = Pieces(os.path.splitext(ck)[0] + ".pieces.json", hashlib.sha1(f.read()).hexdigest())
     x, y, sample_s = draw(ema, cfg, FINAL_N // 10, s, seed=FINAL_SEED)  # drawn again on a resume: kept for the PNG
     t0 = time.time()
     r = {"kind": "final", "spec": s, "n": len(x), "seed": FINAL_SEED, "sample_seconds": sample_s, **ev.metrics(x, y),
