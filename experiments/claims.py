@@ -1161,7 +1161,8 @@ def cmd_fidcheck(a):
         S = min(CFG_SWEEP, key=lambda S: np.mean([c["inception_fid"] for _, r in runs for c in r["fid_grid"]
                                                   if c["cfg"] == S]))
         for p, r in runs:
-            if r.get("fid_check", {}).get("cfg") == S or not os.path.exists(ck := ema_path(r["set"], r["spec"])):
+            if (r.get("fid_check", {}).get("cfg") == S or not os.path.exists(ck := ema_path(r["set"], r["spec"]))
+                    or (a.only and a.only not in p)):
                 continue
             s, cfg, ema = load_ema(ck)
             x, y, _ = draw(ema, cfg, FINAL_N // 10, s, seed=CHECK_SEED, cfg_scale=S, steps=FID_STEPS)
@@ -1223,9 +1224,9 @@ def main(argv=None):
     f = sub.add_parser("final", help="final evaluation of the complete runs of " + ", ".join(FINAL_SETS))
     i = sub.add_parser("inception", help="standard Inception FID of the claim-1 models (needs their cached EMA)")
     fg = sub.add_parser("fidgrid", help="the Inception FID against S_cfg of final models evaluated without it")
-    for q in (f, fg):
-        q.add_argument("--only", help="only the final models whose JSON path contains this")
     fc = sub.add_parser("fidcheck", help="each final model's Inception FID at its method's best S_cfg, other noise")
+    for q in (f, fg, fc):
+        q.add_argument("--only", help="only the final models whose JSON path contains this")
     for q in (r, f, i, fg, fc):
         q.add_argument("--mnist", default=mnist, help="folder with mnist-t10k-{images-idx3,labels-idx1}-ubyte.gz")
         q.add_argument("--threads", type=int, default=1)
