@@ -932,6 +932,13 @@ def fid_of(det, x, ref):
     return frechet_distance(*inception_stats(det, x), *ref)
 
 
+def heldout_inception(data):
+    """The Inception detector and its statistics of the N_HELDOUT held-out digits: what every final FID is against."""
+    import fid
+    det = fid.load_detector(None, "cpu")
+    return det, inception_ref(det, data, N_HELDOUT, f"inception_heldout{N_HELDOUT}_{det.sha1[:12]}")
+
+
 def inception_ref(det, data, n, name):
     """Inception statistics of the first n held-out digits, cached in cache/<name>.npz."""
     path = os.path.join(CACHE, name + ".npz")
@@ -970,13 +977,11 @@ def final_eval(set_name, s, data, ev):
     """FINAL_N samples of a complete run's final EMA (cache/ema): classifier cfd / acc, the Inception FID
     against the 2,000 held-out digits, the steps-per-stage sweep, the stage sheet; for the later sets also
     each model at its best guidance (best_guidance). Skipped when done or when the EMA is not cached."""
-    import fid
     name = run_name(s)
     out, ck = final_path(set_name, name), ema_path(set_name, s)
-    if os.path.exists(out) or os.path.exists(os.path.splitext(out)[0] + "_split.json") or not os.path.exists(ck):
-        return  # done (_split: a final evaluation made over several processes), or no weights
-    det = fid.load_detector(None, "cpu")
-    ref = inception_ref(det, data, N_HELDOUT, f"inception_heldout{N_HELDOUT}_{det.sha1[:12]}")
+    if os.path.exists(out) or not os.path.exists(ck):
+        return
+    det, ref = heldout_inception(data)
     floor_path = final_path(set_name, "floor")
     if os.path.exists(floor_path) and read_json(floor_path)["classifier_sha1"] != ev.clf_sha1:
         raise SystemExit(f"error: {floor_path} was measured with another classifier than cache/classifier.pt")
@@ -1123,10 +1128,8 @@ def fid_grid(s, cfg, ema, ev, det, ref, known=(), pieces=None):
 
 def cmd_fidgrid(a):
     """fid_grid for the final models evaluated before it existed (their final JSON lacks it), from the cached EMA."""
-    import fid
     data, ev = evaluator(a)
-    det = fid.load_detector(None, "cpu")
-    ref = inception_ref(det, data, N_HELDOUT, f"inception_heldout{N_HELDOUT}_{det.sha1[:12]}")
+    det, ref = heldout_inception(data)
     for set_name in FINAL_SETS:  # only the finals with a guidance_grid qualify
         for p in sorted(glob.glob(os.path.join(FINAL, f"{set_name}__*.json"))):
             r = read_json(p)
@@ -1148,10 +1151,8 @@ def cmd_fidcheck(a):
     """Each method's lowest Inception FID over S_cfg, without the selection bias: the lowest of a model's
     fid_grid is picked on the noise that measures it. Here each method's S_cfg is the one with the lowest FID
     averaged over its seeds' fid_grid, and every model is drawn again there with other noise (CHECK_SEED)."""
-    import fid
     data, ev = evaluator(a)
-    det = fid.load_detector(None, "cpu")
-    ref = inception_ref(det, data, N_HELDOUT, f"inception_heldout{N_HELDOUT}_{det.sha1[:12]}")
+    det, ref = heldout_inception(data)
     groups = {}
     for p in sorted(glob.glob(os.path.join(FINAL, "*__*.json"))):
         if "fid_grid" in (r := read_json(p)):

@@ -673,8 +673,8 @@ def table_final():
 
 
 def best_runs():
-    """The final models measured at their best guidance (sets weighting and atbest; 'final_split' is a final
-    evaluation made over several processes), grouped by method and lr, seeds in order."""
+    """The final models measured at their best guidance (sets weighting and atbest; a JSON with 'how' was
+    evaluated over several processes), grouped by method and lr, seeds in order."""
     g = defaultdict(list)
     for r in sorted((r for r in load("curves_final") if "guidance_grid" in r), key=lambda r: r["spec"]["seed"]):
         g[f"{weighted(r['spec'])}, lr {r['spec']['lr']:g}"].append(r)
